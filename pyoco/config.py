@@ -1,0 +1,343 @@
+"""Typed configuration for every pyoco step, validated once at entry.
+
+One YAML file describes a whole workflow; each step reads its own section. Every model forbids unknown
+keys, so a typo (``trian:``) is an error that names the field instead of a silently ignored setting.
+
+    cfg = load_config("pipelines/configs/demo.yaml", overrides={"preprocess.input": "s3://b/raw"})
+
+Errors are raised as :class:`ConfigError` whose message names the file and the dotted field path, e.g.
+``demo.yaml: train.zero_stage: Input should be 0, 1, 2 or 3 (got 5)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SECRET_KEY_MARKERS = ("secret", "password", "token", "credential", "access_key", "api_key")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------------- noise
+class NoiseConfig(_Section):
+    """The PYoCo prior (Ge et al. 2023). ``alpha`` is the paper's α; see pyoco.noise for ρ."""
+
+    kind: Literal["iid", "mixed", "progressive"] = "progressive"
+    alpha: float = 1.0
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_ok(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"alpha must be a finite number >= 0 (got {v})")
+        return v
+
+
+# ----------------------------------------------------------------------------------------------------- synth
+class SynthConfig(_Section):
+    """``pyoco data synth``: moving coloured shapes as WebDataset shards."""
+
+    out: str
+    videos: int = Field(64, ge=1)
+    shards: int = Field(4, ge=1)
+    seed: int = 0
+    frames: int = Field(24, ge=1)
+    size: int = Field(64, ge=8)
+    fps: int = Field(8, ge=1)
+
+
+# ------------------------------------------------------------------------------------------------ preprocess
+class CaptionFilterConfig(_Section):
+    min_words: int = Field(2, ge=0)
+    max_words: int = Field(77, ge=1)
+    max_chars: int = Field(1000, ge=1)
+    min_letter_fraction: float = Field(0.5, ge=0, le=1)
+    blocklist: list[str] = Field(default_factory=list)
+    dedupe: Literal["none", "exact", "normalized"] = "normalized"
+
+
+class PreprocessConfig(_Section):
+    input: str
+    output: str
+    format: Literal["auto", "webdataset", "folder", "ucf101"] = "auto"
+    num_frames: int = Field(8, ge=1)
+    frame_stride: int = Field(1, ge=1)
+    target_fps: float | None = Field(None, gt=0)
+    size: int = Field(32, ge=8)
+    max_clips_per_video: int = Field(1, ge=1)
+    seed: int = 0
+    rows_per_file: int = Field(256, ge=1)
+    captions: CaptionFilterConfig = Field(default_factory=CaptionFilterConfig)
+    text_encoder: str = "minilm"
+    text_max_length: int = Field(32, ge=1)
+    embed_actors: int = Field(1, ge=1)
+    embed_batch_size: int = Field(64, ge=1)
+    decode_threads: int = Field(1, ge=0)
+    # Custom Ray resource that decode tasks request, to keep them on CPU nodes; when no node in the cluster
+    # offers it, tasks fall back to plain CPU scheduling.
+    resource: str | None = "preprocess"
+    num_cpus_per_task: float = Field(1.0, gt=0)
+    s3_endpoint_url: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------------- model
+class TinyUNetSettings(_Section):
+    sample_size: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    cross_attention_dim: int = 384
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+
+
+class ModelConfig(_Section):
+    # A diffusers folder (pipeline folder with unet/ [+ vae/, scheduler/, text_encoder/] or a bare unet
+    # folder), local or s3://. None: build the tiny UNet below from ``seed``.
+    pretrained: str | None = None
+    tiny: TinyUNetSettings = Field(default_factory=TinyUNetSettings)
+    seed: int = 0
+    vae: str | None = None
+    text_encoder: str = "minilm"
+    text_max_length: int = Field(32, ge=1)
+    train_layers: Literal["temporal", "all"] = "temporal"
+    gradient_checkpointing: bool = False
+    motion_max_seq_length: int = Field(32, ge=1)
+    cache_dir: str | None = None
+
+
+# -------------------------------------------------------------------------------------------------- training
+class TrainConfig(_Section):
+    data: str | None = None  # clips folder (preprocess output); default: preprocess.output
+    output: str | None = None  # where consolidated weights go; default: {workflow output}/model
+    storage_path: str | None = None  # Ray Train storage (local or s3://); default: {workflow output}/ray
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    batch_size_per_worker: int = Field(2, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    max_steps: int | None = Field(20, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    ema_decay: float | None = Field(0.999, gt=0, lt=1)
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    min_snr_gamma: float | None = Field(None, gt=0)
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: from the scheduler config
+    num_train_timesteps: int = Field(1000, ge=1)
+    shuffle_buffer: int = Field(64, ge=0)
+    checkpoint_every: int = Field(10, ge=1)
+    num_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    log_every: int = Field(1, ge=1)
+    sample_every: int | None = Field(None, ge=1)
+    sample_prompts: list[str] = Field(default_factory=lambda: ["a red circle moves to the left"])
+    sample_seeds: list[int] = Field(default_factory=lambda: [0])
+    sample_steps: int = Field(10, ge=1)
+    seed: int = 0
+    # Fault injection for tests: rank 1 exits with os._exit at this step, once (marker in storage).
+    fail_at_step: int | None = Field(None, ge=1)
+    image_pretrain: bool = False  # T = 1, iid prior, 2-D UNet (``pyoco pretrain-image``)
+
+    @model_validator(mode="after")
+    def _has_stop(self) -> TrainConfig:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set max_steps or epochs (both are empty)")
+        return self
+
+
+class PretrainConfig(TrainConfig):
+    """``pyoco pretrain-image``: same loop, T = 1, iid prior, 2-D UNet."""
+
+    image_pretrain: bool = True
+    train_layers: Literal["all"] = "all"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    num_workers: int = Field(1, ge=1)
+
+
+# --------------------------------------------------------------------------------------------- evaluate etc.
+class EvaluateConfig(_Section):
+    num_clips: int = Field(16, ge=1)
+    seed: int = 0
+    timesteps: list[int] = Field(default_factory=lambda: [50, 250, 500, 750, 950])
+    prompts: list[str] = Field(
+        default_factory=lambda: ["a red circle moves to the left", "a blue square moves up"]
+    )
+    sample_steps: int = Field(10, ge=1)
+    guidance: float = 3.0
+    fvd_extractor: str | None = None
+    output: str | None = None
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "pyoco"
+    registered_model: str = "pyoco-video"
+    system_metrics: bool = True
+
+
+class PromoteConfig(_Section):
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    min_improvement: float = 0.0
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None: $RAY_ADDRESS, else an embedded local Ray
+
+
+class SampleConfig(_Section):
+    prompt: str = "a red circle moves to the left"
+    num_frames: int = Field(8, ge=1)
+    steps: int = Field(20, ge=1)
+    guidance: float = 3.0
+    seed: int = 0
+    fps: int = Field(8, ge=1)
+
+
+# -------------------------------------------------------------------------------------------------- workflow
+class PyocoConfig(_Section):
+    name: str = "pyoco"
+    output: str = "./pyoco-out"
+    seed: int = 0
+    ray: RayConfig = Field(default_factory=RayConfig)
+    synth: SynthConfig | None = None
+    pretrain: PretrainConfig | None = None
+    preprocess: PreprocessConfig | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    def hash(self) -> str:
+        return config_hash(self.model_dump(mode="json"))
+
+
+# ------------------------------------------------------------------------------------------------- functions
+def config_hash(data: Any) -> str:
+    """Stable short hash of JSON-able data (sorted keys)."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif "input" in e and not isinstance(e["input"], dict | list):
+            msg = f"{msg} (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """``set_dotted(d, "train.lr", 1e-3)`` creating intermediate dicts as needed."""
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[k] = nxt
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_config(data: dict | None, *, source: str = "<config>", model: type[BaseModel] = PyocoConfig):
+    """Validate a dict into ``model``; raise ConfigError naming the source and field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping (got {type(data).__name__})")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    return data if data is not None else {}
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    model: type[BaseModel] = PyocoConfig,
+):
+    """Read YAML (or start from defaults when ``path`` is None), apply dotted overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            set_dotted(data, k, v)
+    return parse_config(data, source=str(path) if path is not None else "<config>", model=model)
+
+
+def is_secret_key(key: str) -> bool:
+    k = key.lower()
+    return any(m in k for m in SECRET_KEY_MARKERS)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts to ``{"train.lr": 1e-4, ...}``; lists become JSON strings."""
+    out: dict[str, Any] = {}
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    if isinstance(data, dict):
+        for k, v in data.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            out.update(flatten(v, key))
+    elif isinstance(data, list | tuple):
+        out[prefix] = json.dumps(list(data), default=str)
+    else:
+        out[prefix] = data
+    return out
+
+
+def redact(data: Any) -> Any:
+    """Copy of nested data with values under secret-looking keys replaced by ``"***"``."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    if isinstance(data, dict):
+        return {k: ("***" if is_secret_key(str(k)) and v is not None else redact(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redact(v) for v in data]
+    return data
