@@ -185,13 +185,13 @@ class NoisePrior:
         if self.kind == "mixed":
             sd_shared = math.sqrt(a2 / (1.0 + a2))
             shared = torch.randn((b, c, 1, h, w), generator=generator, device=device, dtype=torch.float32)
-            # eps * sd_ind + shared * sd_shared, broadcasting the shared draw across frames.
-            return eps.mul_(sd_ind).add_(shared, alpha=sd_shared)
+            # shared * sd_shared + sd_ind * eps in one fused pass, broadcasting the shared draw over frames.
+            return torch.add(shared.mul_(sd_shared), eps, alpha=sd_ind, out=eps)
         # progressive: eps_0 stays N(0, 1); later frames are rho * previous + N(0, 1 / (1 + alpha^2)).
+        # Frame by frame, so each slice is still in cache for its second touch.
         rho = self.rho
-        eps[:, :, 1:].mul_(sd_ind)
         for i in range(1, t):
-            eps[:, :, i].add_(eps[:, :, i - 1], alpha=rho)
+            eps[:, :, i].mul_(sd_ind).add_(eps[:, :, i - 1], alpha=rho)
         return eps
 
     def describe(self) -> dict:
