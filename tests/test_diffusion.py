@@ -1,0 +1,125 @@
+"""The training objective: reference formulas, prior injection, weighting, dropout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyoco.diffusion import DiffusionLoss, alphas_cumprod, make_scheduler_config
+from pyoco.noise import make_prior
+from tests.toy_models import ToyVideoDenoiser
+
+
+class RecordingPrior:
+    """Delegates to a real prior and records every draw (shape and values)."""
+
+    def __init__(self, prior):
+        self.prior = prior
+        self.draws: list[torch.Tensor] = []
+
+    def sample(self, shape, *, generator=None, device=None, dtype=None):
+        x = self.prior.sample(shape, generator=generator, device=device, dtype=dtype)
+        self.draws.append(x.clone())
+        return x
+
+    def sample_like(self, x, *, generator=None):
+        return self.sample(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _batch(b=3, t=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand((b, 3, t, 8, 8), generator=g) * 2 - 1
+    cond = torch.randn((b, 5, 8), generator=g)
+    mask = torch.ones((b, 5), dtype=torch.bool)
+    return x0, cond, mask
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_matches_reference_formula_with_prior_noise(prediction_type):
+    model = ToyVideoDenoiser()
+    x0, cond, mask = _batch()
+    prior = RecordingPrior(make_prior("progressive", 1.0))
+    loss_fn = DiffusionLoss(prediction_type=prediction_type)
+    t = torch.tensor([10, 500, 990])
+    out = loss_fn(model, x0, cond, mask, prior, generator=torch.Generator().manual_seed(1), timesteps=t)
+
+    (eps,) = prior.draws  # exactly one draw, and it is what the loss used
+    abar = alphas_cumprod(make_scheduler_config()).float()[t].reshape(-1, 1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    target = eps if prediction_type == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    expected = ((model(x_t, t, cond, mask) - target) ** 2).mean()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-7)
+    assert out.per_sample.shape == (3,)
+
+
+def test_loss_uses_scheduler_prediction_type_and_pretrained_schedule():
+    sched = {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": 100,
+        "beta_schedule": "linear",
+        "prediction_type": "v_prediction",
+    }
+    loss_fn = DiffusionLoss(sched)
+    assert loss_fn.prediction_type == "v_prediction"
+    assert loss_fn.num_train_timesteps == 100
+    assert DiffusionLoss(sched, prediction_type="epsilon").prediction_type == "epsilon"
+
+
+def test_one_timestep_per_clip_shared_by_frames():
+    """Frames of a clip see one noise level: x_t - sqrt(abar) x0 scaled back gives eps frame by frame."""
+    captured = {}
+
+    class Spy(ToyVideoDenoiser):
+        def forward(self, sample, timesteps, encoder_hidden_states, encoder_attention_mask=None):
+            captured["x_t"], captured["t"] = sample.clone(), timesteps.clone()
+            return super().forward(sample, timesteps, encoder_hidden_states, encoder_attention_mask)
+
+    x0, cond, mask = _batch(b=4, t=6)
+    prior = RecordingPrior(make_prior("mixed", 1.0))
+    DiffusionLoss()(Spy(), x0, cond, mask, prior, generator=torch.Generator().manual_seed(3))
+    assert captured["t"].shape == (4,)
+    abar = alphas_cumprod(make_scheduler_config()).float()[captured["t"]].reshape(-1, 1, 1, 1, 1)
+    eps_back = (captured["x_t"] - abar.sqrt() * x0) / (1 - abar).sqrt()
+    torch.testing.assert_close(eps_back, prior.draws[0], rtol=1e-4, atol=1e-4)
+
+
+def test_min_snr_weighting():
+    loss_fn = DiffusionLoss(min_snr_gamma=5.0)
+    t = torch.tensor([0, 100, 500, 999])
+    abar = loss_fn.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    torch.testing.assert_close(loss_fn.weights(t), (snr.clamp(max=5.0) / snr).float())
+    v = DiffusionLoss(min_snr_gamma=5.0, prediction_type="v_prediction")
+    torch.testing.assert_close(v.weights(t), (snr.clamp(max=5.0) / (snr + 1)).float())
+    assert torch.all(DiffusionLoss().weights(t) == 1)
+
+
+def test_caption_dropout_replaces_with_null_embedding():
+    x0, cond, mask = _batch(b=64)
+    null = torch.full((1, 5, 8), 7.0)
+    null_mask = torch.zeros((1, 5), dtype=torch.bool)
+    null_mask[0, 0] = True
+    loss_fn = DiffusionLoss(caption_dropout=0.5)
+    c2, m2 = loss_fn.drop_captions(cond, mask, null, null_mask, torch.Generator().manual_seed(0))
+    dropped = (c2 == 7.0).all(dim=(1, 2))
+    assert 16 < int(dropped.sum()) < 48  # Binomial(64, 0.5): 32 +- 4 sd; fixed seed
+    assert torch.equal(c2[~dropped], cond[~dropped])
+    assert torch.equal(m2[dropped], null_mask.expand(int(dropped.sum()), 5))
+    assert torch.equal(
+        DiffusionLoss(caption_dropout=0.0).drop_captions(cond, mask, None, None, None)[0], cond
+    )
+    with pytest.raises(ValueError, match="needs null_cond"):
+        loss_fn(ToyVideoDenoiser(), x0, cond, mask, make_prior("iid"))
+
+
+def test_same_generator_same_loss_and_bad_input():
+    model = ToyVideoDenoiser()
+    x0, cond, mask = _batch()
+    prior = make_prior("progressive", 0.5)
+    a = DiffusionLoss()(model, x0, cond, mask, prior, generator=torch.Generator().manual_seed(9)).loss
+    b = DiffusionLoss()(model, x0, cond, mask, prior, generator=torch.Generator().manual_seed(9)).loss
+    assert a.item() == b.item()
+    with pytest.raises(ValueError, match="x0 must be"):
+        DiffusionLoss()(model, x0[:, :, 0], cond, mask, prior)
+    with pytest.raises(ValueError, match="prediction_type"):
+        DiffusionLoss(prediction_type="sample")
