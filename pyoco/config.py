@@ -169,7 +169,6 @@ class PretrainConfig(TrainConfig):
     """``pyoco pretrain-image``: same loop, T = 1, iid prior, 2-D UNet."""
 
     image_pretrain: bool = True
-    train_layers: Literal["all"] = "all"
     zero_stage: Literal[0, 1, 2, 3] = 0
     num_workers: int = Field(1, ge=1)
 
