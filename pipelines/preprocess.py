@@ -1,0 +1,1186 @@
+"""``pyoco preprocess``: raw videos (WebDataset shards, a captioned folder, or UCF-101 class folders, local or
+s3://) → training clips in parquet, with a ledger of every rejected input and a manifest.
+
+Pipeline (Ray Data, streaming; every stage runs in Ray tasks/actors, never on the driver)::
+
+    index (1 task per shard: tar headers + captions, no video bytes) → caption rules (pyoco.captions)
+      → materialise the small index → duplicate captions resolved on the driver (first (source, key) wins)
+      → decode + clip + resize/crop (tasks, pyoco.video; reads each video's bytes by range)
+      → caption embedding (MiniLM, actor pool) → write parquet (tasks, ≤ rows_per_file rows per file)
+      → a small per-row summary streams back to the driver, which writes rejects/ and manifest.json.
+
+Placement: every task and actor requests ``cfg.resource`` (default ``preprocess``, a tiny fraction of one
+unit, so it acts as a node label) when some node offers it, else plain CPU scheduling. Decode and write
+tasks take ``num_cpus_per_task`` CPUs; embedding actors ``embed_num_cpus`` (default 0: MiniLM on short
+captions costs a few % of decoding, and a whole CPU per actor would starve decode on small nodes).
+
+Memory: Ray Data's streaming executor backpressures between stages, so the data in flight is bounded
+by the object store, whatever the dataset size. What grows with the dataset is the index (a few hundred
+bytes per video, in the object store, spillable), the driver's duplicate table (one 32-char hash per
+distinct caption) and the reject ledger. Frames are stored as ``large_binary`` (64-bit offsets), so big
+rows never hit Arrow's 2 GiB ``binary`` offset limit, and a file holds at most ``rows_per_file`` rows and
+about 256 MiB.
+
+Output (ARCHITECTURE.md)::
+
+    OUT/clips/part-<hash>.parquet   one row per clip (schema: CLIP_SCHEMA below)
+    OUT/rejects/part-00000.parquet  one row per rejected input: source, key, stage, reason, detail
+    OUT/manifest.json               counts, rejects by reason, config hash, pyoco version, decode nodes
+
+Clip columns: ``clip_id`` (stable hash of source/key/start), ``source`` (URI of the shard or file), ``key``,
+``clip_index``, ``start_frame``, ``num_frames``, ``fps``, ``height``, ``width``, ``frames`` (uint8
+``(T, H, W, 3)`` C-order bytes; see :func:`frames_array`), ``caption`` (cleaned), ``caption_embedding``
+(float32 ``(L, 384)`` MiniLM token states: fixed-size lists, see :func:`embedding_arrays`),
+``caption_mask`` (bool ``(L,)``, True = real token), ``node_id`` (the Ray node that decoded it).
+We store the token-level ``(L, 384)`` states and the mask rather than a pooled ``(384,)`` vector because
+that is exactly the cross-attention input training needs (so training never runs the text encoder).
+
+Accounting: every input (a sample of a shard, a video of a folder, a damaged shard or tail of a shard)
+is exactly one row of the index. The step fails, without writing a manifest, unless
+``inputs == accepted_videos + sum(rejected.values())``.
+
+Config: ``--config`` takes the workflow YAML (its ``preprocess:`` section is used) or a YAML file whose
+top level is just the preprocess fields (``input:``, ``output:``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from pipelines.common import PyocoError, cli_errors, console
+from pyoco.config import ConfigError, PreprocessConfig, PyocoConfig, config_hash, parse_config, read_yaml
+
+VIDEO_EXTS = ("mp4", "avi", "mkv", "webm", "mov", "m4v", "gif", "mpg", "mpeg", "ogv", "wmv", "flv", "ts")
+CAPTION_EXTS = ("txt", "caption", "cap", "text")
+CAPTION_FILES = ("captions.csv", "captions.jsonl")
+MAX_FILE_BYTES = 256 * 2**20  # target upper bound of one clips parquet file
+RESOURCE_FRACTION = 0.001  # custom-resource request per task: a placement label, not a concurrency cap
+EMBED_DIM = 384
+
+# Stage names in rejects/.
+STAGE_READ, STAGE_CAPTION, STAGE_DEDUPE, STAGE_DECODE = "read", "caption", "dedupe", "decode"
+
+
+# ------------------------------------------------------------------------------------------------- schemas
+def _pa():
+    import pyarrow as pa
+
+    return pa
+
+
+def index_schema():
+    pa = _pa()
+    return pa.schema(
+        [
+            ("source", pa.string()),
+            ("key", pa.string()),
+            ("video_uri", pa.string()),
+            ("offset", pa.int64()),  # -1: the whole object
+            ("size", pa.int64()),
+            ("caption", pa.string()),
+            ("dedupe_key", pa.string()),
+            ("reason", pa.string()),
+            ("stage", pa.string()),
+            ("detail", pa.string()),
+        ]
+    )
+
+
+def decoded_schema():
+    pa = _pa()
+    return pa.schema(
+        [
+            ("clip_id", pa.string()),
+            ("source", pa.string()),
+            ("key", pa.string()),
+            ("clip_index", pa.int32()),
+            ("start_frame", pa.int32()),
+            ("num_frames", pa.int32()),
+            ("fps", pa.float32()),
+            ("height", pa.int32()),
+            ("width", pa.int32()),
+            ("frames", pa.large_binary()),
+            ("caption", pa.string()),
+            ("node_id", pa.string()),
+            ("reason", pa.string()),
+            ("stage", pa.string()),
+            ("detail", pa.string()),
+        ]
+    )
+
+
+def clip_schema(text_len: int):
+    pa = _pa()
+    return pa.schema(
+        [
+            ("clip_id", pa.string()),
+            ("source", pa.string()),
+            ("key", pa.string()),
+            ("clip_index", pa.int32()),
+            ("start_frame", pa.int32()),
+            ("num_frames", pa.int32()),
+            ("fps", pa.float32()),
+            ("height", pa.int32()),
+            ("width", pa.int32()),
+            ("frames", pa.large_binary()),
+            ("caption", pa.string()),
+            ("caption_embedding", pa.list_(pa.list_(pa.float32(), EMBED_DIM), text_len)),
+            ("caption_mask", pa.list_(pa.bool_(), text_len)),
+            ("node_id", pa.string()),
+        ]
+    )
+
+
+def reject_schema():
+    pa = _pa()
+    return pa.schema(
+        [
+            ("source", pa.string()),
+            ("key", pa.string()),
+            ("stage", pa.string()),
+            ("reason", pa.string()),
+            ("detail", pa.string()),
+        ]
+    )
+
+
+def summary_schema():
+    pa = _pa()
+    return pa.schema(
+        [
+            ("source", pa.string()),
+            ("key", pa.string()),
+            ("clip_index", pa.int32()),
+            ("node_id", pa.string()),
+            ("file", pa.string()),
+            ("reason", pa.string()),
+            ("stage", pa.string()),
+            ("detail", pa.string()),
+        ]
+    )
+
+
+def frames_array(row_or_bytes: Any, shape: tuple[int, int, int] | None = None):
+    """uint8 ``(T, H, W, 3)`` from a clip row (dict with frames/num_frames/height/width) or raw bytes."""
+    import numpy as np
+
+    if isinstance(row_or_bytes, dict):
+        shape = (int(row_or_bytes["num_frames"]), int(row_or_bytes["height"]), int(row_or_bytes["width"]))
+        row_or_bytes = row_or_bytes["frames"]
+    if shape is None:
+        raise ValueError("frames_array: pass a row or a (T, H, W) shape")
+    return np.frombuffer(row_or_bytes, dtype=np.uint8).reshape(*shape, 3)
+
+
+def embedding_arrays(table) -> tuple[Any, Any]:
+    """``(B, L, 384)`` float32 and ``(B, L)`` bool numpy arrays from a clips pyarrow table."""
+    import numpy as np
+
+    emb_col = table.column("caption_embedding").combine_chunks()
+    mask_col = table.column("caption_mask").combine_chunks()
+    length = emb_col.type.list_size
+    emb = np.asarray(emb_col.flatten().flatten().to_numpy(zero_copy_only=False), np.float32)
+    mask = np.asarray(mask_col.flatten().to_numpy(zero_copy_only=False), bool)
+    return emb.reshape(len(table), length, EMBED_DIM), mask.reshape(len(table), length)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _row(source: str, key: str, **kw) -> dict:
+    base = {
+        "source": source,
+        "key": key,
+        "video_uri": None,
+        "offset": -1,
+        "size": -1,
+        "caption": None,
+        "dedupe_key": None,
+        "reason": None,
+        "stage": None,
+        "detail": "",
+    }
+    base.update(kw)
+    return base
+
+
+def _reject(source: str, key: str, stage: str, reason: str, detail: str) -> dict:
+    return _row(source, key, reason=reason, stage=stage, detail=detail[:500])
+
+
+def _safe_key_text(name: str) -> str:
+    return name.encode("unicode_escape", "backslashreplace").decode("ascii")[:300]
+
+
+def is_unsafe_member_name(name: str) -> bool:
+    """Absolute paths, ``..`` components, drive letters, NUL bytes: never used as a path, rejected."""
+    if not name or "\x00" in name:
+        return True
+    norm = name.replace("\\", "/")
+    if norm.startswith("/") or re.match(r"^[a-zA-Z]:", norm):
+        return True
+    return any(part == ".." for part in norm.split("/"))
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """WebDataset convention: ``dir/abc.seg.mp4`` → key ``dir/abc``, extension ``seg.mp4``."""
+    m = re.match(r"^((?:.*/|)[^./]+)\.([^/]*)$", name)
+    if m is None:
+        return name, ""
+    return m.group(1), m.group(2)
+
+
+def _last_ext(ext: str) -> str:
+    return ext.lower().rsplit(".", 1)[-1]
+
+
+def clip_id(source: str, key: str, start_frame: int, num_frames: int, step: float) -> str:
+    return hashlib.sha256(f"{source}\0{key}\0{start_frame}\0{num_frames}\0{step:g}".encode()).hexdigest()[:24]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What the Ray stages need from the config, as a small picklable object."""
+
+    num_frames: int
+    frame_stride: int
+    target_fps: float | None
+    size: int
+    max_clips: int
+    seed: int
+    decode_threads: int
+    text_encoder: str
+    text_len: int
+    caption_rules: dict
+    max_caption_bytes: int
+
+    @classmethod
+    def from_config(cls, cfg: PreprocessConfig) -> StepSettings:
+        return cls(
+            num_frames=cfg.num_frames,
+            frame_stride=cfg.frame_stride,
+            target_fps=cfg.target_fps,
+            size=cfg.size,
+            max_clips=cfg.max_clips_per_video,
+            seed=cfg.seed,
+            decode_threads=cfg.decode_threads,
+            text_encoder=cfg.text_encoder,
+            text_len=cfg.text_max_length,
+            caption_rules=cfg.captions.model_dump(),
+            max_caption_bytes=4 * cfg.captions.max_chars + 64,
+        )
+
+    def caption_filter(self):
+        from pyoco.captions import CaptionFilter
+
+        r = self.caption_rules
+        return CaptionFilter(
+            min_words=r["min_words"],
+            max_words=r["max_words"],
+            max_chars=r["max_chars"],
+            min_letter_fraction=r["min_letter_fraction"],
+            blocklist=r["blocklist"],
+            dedupe=r["dedupe"],
+        )
+
+
+def _apply_caption(row: dict, raw: Any, settings: StepSettings, cf) -> dict:
+    from pyoco.captions import dedupe_key
+
+    res = cf.check(raw)
+    if not res.ok:
+        row.update(reason=res.reason, stage=STAGE_CAPTION, detail=res.detail[:500])
+        return row
+    row["caption"] = res.text
+    row["dedupe_key"] = dedupe_key(res.text, settings.caption_rules["dedupe"])
+    return row
+
+
+# ------------------------------------------------------------------------------------------ input discovery
+@dataclasses.dataclass
+class InputPlan:
+    kind: str  # webdataset | folder | ucf101
+    shards: list[str] = dataclasses.field(default_factory=list)  # webdataset
+    rows: list[dict] = dataclasses.field(default_factory=list)  # folder/ucf101: ready index rows
+    ignored: int = 0  # files under the input that are not inputs of this kind
+
+
+def _video_ext(uri: str) -> bool:
+    return (
+        _last_ext(uri.rsplit("/", 1)[-1].rsplit(".", 1)[-1]) in VIDEO_EXTS and "." in uri.rsplit("/", 1)[-1]
+    )
+
+
+def discover_inputs(uri: str, fmt: str, settings: StepSettings, options) -> InputPlan:
+    """Find the inputs (listing only). Folder/UCF-101 captions are read and checked here, on the driver."""
+    from pyoco import storage
+
+    if storage.has_glob(uri):
+        files = storage.glob_uris(uri, options=options)
+        if not files:
+            raise FileNotFoundError(f"{uri}: the glob matches no file")
+        if fmt in ("auto", "webdataset"):
+            return InputPlan("webdataset", shards=files)
+        raise PyocoError(f"--input {uri}: a glob selects WebDataset shards; format {fmt!r} needs a folder")
+    files = storage.list_files(uri, options=options)
+    if not files:
+        raise FileNotFoundError(f"{uri}: no files found")
+    base = uri.rstrip("/")
+    rel = {f: f[len(base) :].lstrip("/") if f.startswith(base) else f.rsplit("/", 1)[-1] for f in files}
+    top = {r: f for f, r in rel.items() if "/" not in r}
+    if fmt == "auto":
+        if len(files) == 1 and files[0].lower().endswith(".tar") and rel[files[0]] in ("", files[0]):
+            fmt = "webdataset"
+        elif any(name in top for name in CAPTION_FILES):
+            fmt = "folder"
+        elif any(f.lower().endswith(".tar") for f in files):
+            fmt = "webdataset"
+        elif any(_video_ext(f) and rel[f].count("/") == 1 for f in files):
+            fmt = "ucf101"
+        else:
+            raise PyocoError(
+                f"--input {uri}: can't tell the format (no .tar shards, no captions.csv/.jsonl, no class "
+                "folders of videos); set preprocess.format"
+            )
+    if fmt == "webdataset":
+        shards = [f for f in files if f.lower().endswith(".tar")]
+        if not shards:
+            raise FileNotFoundError(f"{uri}: no .tar shards found")
+        return InputPlan("webdataset", shards=shards, ignored=len(files) - len(shards))
+    if fmt == "folder":
+        return _plan_folder(base, files, rel, top, settings, options)
+    if fmt == "ucf101":
+        return _plan_ucf101(files, rel, settings)
+    raise PyocoError(f"unknown format {fmt!r}")
+
+
+def _read_caption_table(uri: str, options) -> list[tuple[str, Any, str]]:
+    """``[(file, caption or bytes, where)]`` from captions.csv (columns file/path/video + caption/text)
+    or captions.jsonl (keys likewise); unreadable lines become entries with ``caption=None``."""
+    import csv
+
+    from pyoco import storage
+
+    data = storage.read_bytes(uri, options=options)
+    out: list[tuple[str, Any, str]] = []
+    name_keys = ("file", "path", "video", "filename", "name")
+    cap_keys = ("caption", "text", "prompt")
+    if uri.lower().endswith(".jsonl"):
+        for lineno, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise PyocoError(f"{uri} line {lineno}: not JSON ({err})") from None
+            name = next((obj[k] for k in name_keys if k in obj), None)
+            if name is None:
+                raise PyocoError(f"{uri} line {lineno}: no file/path/video field")
+            out.append((str(name), next((obj[k] for k in cap_keys if k in obj), None), f"line {lineno}"))
+        return out
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise PyocoError(f"{uri}: not UTF-8 ({err})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    fields = [f.lower() for f in (reader.fieldnames or [])]
+    name_col = next((f for f in (reader.fieldnames or []) if f.lower() in name_keys), None)
+    cap_col = next((f for f in (reader.fieldnames or []) if f.lower() in cap_keys), None)
+    if name_col is None or cap_col is None:
+        raise PyocoError(f"{uri}: needs a file column and a caption column (has {fields})")
+    for lineno, rec in enumerate(reader, 2):
+        out.append((str(rec.get(name_col) or ""), rec.get(cap_col), f"line {lineno}"))
+    return out
+
+
+def _plan_folder(base, files, rel, top, settings: StepSettings, options) -> InputPlan:
+    from pyoco import storage
+
+    cap_uri = top.get("captions.jsonl") or top.get("captions.csv")
+    entries = _read_caption_table(cap_uri, options)
+    videos = {rel[f]: f for f in files if _video_ext(f)}
+    cf = settings.caption_filter()
+    rows: list[dict] = []
+    seen: set[str] = set()
+    for name, caption, where in entries:
+        source = storage.join(base, name) if name else cap_uri
+        key = name or f"<{where}>"
+        if key in seen:
+            rows.append(
+                _reject(source, f"{key} ({where})", STAGE_READ, "duplicate_entry", f"listed again at {where}")
+            )
+            continue
+        seen.add(key)
+        if not name or is_unsafe_member_name(name):
+            rows.append(
+                _reject(source, _safe_key_text(key), STAGE_READ, "unsafe_path", f"file name {name!r}")
+            )
+            continue
+        if name not in videos:
+            rows.append(
+                _reject(source, key, STAGE_READ, "missing_video", f"{where} names a file that isn't there")
+            )
+            continue
+        row = _row(source, key, video_uri=videos[name])
+        rows.append(_apply_caption(row, caption, settings, cf))
+    for name, uri in sorted(videos.items()):
+        if name not in seen:
+            rows.append(
+                _reject(uri, name, STAGE_CAPTION, "caption_missing", "not listed in the captions file")
+            )
+    ignored = len(files) - len(videos) - 1
+    return InputPlan("folder", rows=rows, ignored=ignored)
+
+
+def _plan_ucf101(files, rel, settings: StepSettings) -> InputPlan:
+    from pyoco.captions import class_name_caption
+
+    cf = settings.caption_filter()
+    rows = []
+    n_videos = 0
+    for f in files:
+        r = rel[f]
+        if not _video_ext(f) or r.count("/") != 1:
+            continue
+        n_videos += 1
+        cls = r.split("/", 1)[0]
+        row = _row(f, r, video_uri=f)
+        rows.append(_apply_caption(row, class_name_caption(cls), settings, cf))
+    if not rows:
+        raise FileNotFoundError("no videos in class folders (expected ROOT/ClassName/video.ext)")
+    return InputPlan("ucf101", rows=rows, ignored=len(files) - n_videos)
+
+
+# -------------------------------------------------------------------------------------- stage 1: index shards
+def index_shard(uri: str, settings: StepSettings, options) -> list[dict]:
+    """Index rows for one WebDataset shard: tar headers and captions only; video bytes stay in storage.
+
+    Transient storage errors are retried (re-indexing the shard); a file that is not a tar, a damaged tail,
+    a truncated member, an unsafe member name: each becomes a reject row.
+    """
+    from pyoco import storage
+
+    return storage.retry_transient(lambda: _index_shard_once(uri, settings, options), what=f"index {uri}")
+
+
+class _StorageFailure(Exception):
+    """An I/O error of the storage layer while tarfile was reading: transient, never a property of the tar."""
+
+
+class _GuardedFile(io.RawIOBase):
+    """Wraps a storage file so that storage errors can't be mistaken for tar damage by ``tarfile``."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def read(self, n=-1):
+        try:
+            return self._f.read(n)
+        except Exception as err:  # noqa: BLE001
+            raise _StorageFailure(err) from err
+
+    def readinto(self, b):
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def seek(self, pos, whence=0):
+        try:
+            return self._f.seek(pos, whence)
+        except Exception as err:  # noqa: BLE001
+            raise _StorageFailure(err) from err
+
+    def tell(self):
+        return self._f.tell()
+
+
+def _index_shard_once(uri: str, settings: StepSettings, options) -> list[dict]:
+    from pyoco import storage
+
+    fs, path = storage.filesystem(uri, options=options)
+    size = fs.size(path)
+    if not size:
+        return [_reject(uri, "", STAGE_READ, "not_a_tar", "0 bytes")]
+    cf = settings.caption_filter()
+    try:
+        with fs.open(path, "rb", block_size=1 << 20, cache_type="readahead") as raw:
+            f = _GuardedFile(raw)
+            try:
+                tar = tarfile.open(fileobj=f, mode="r:")
+            except tarfile.ReadError as err:
+                return [_reject(uri, "", STAGE_READ, "not_a_tar", f"{err}")]
+            members: list[tarfile.TarInfo] = []
+            damage = None
+            try:
+                while True:
+                    m = tar.next()
+                    if m is None:
+                        break
+                    members.append(m)
+            except (tarfile.ReadError, EOFError) as err:
+                damage = f"tar unreadable after {len(members)} members at byte {tar.offset}: {err}"
+            rows = _group_members(uri, members, size, f, settings, cf)
+            if damage:
+                rows.append(
+                    _reject(uri, f"<damaged tail @{tar.offset}>", STAGE_READ, "truncated_tar", damage)
+                )
+            if not rows:
+                rows.append(_reject(uri, "", STAGE_READ, "not_a_tar", "a tar with no members"))
+            return rows
+    except _StorageFailure as err:
+        raise OSError(f"storage error while reading {uri}: {err.__cause__!r}") from err.__cause__
+
+
+def _group_members(uri, members, shard_size: int, f, settings: StepSettings, cf) -> list[dict]:
+    groups: dict[str, list[tarfile.TarInfo]] = {}
+    for m in members:
+        if m.isdir():
+            continue
+        key, _ = split_key(m.name)
+        groups.setdefault(key, []).append(m)
+    rows = []
+    for key, ms in groups.items():
+        if any(is_unsafe_member_name(m.name) for m in ms):
+            names = ", ".join(repr(m.name) for m in ms)[:300]
+            rows.append(_reject(uri, _safe_key_text(key), STAGE_READ, "unsafe_path", f"member names {names}"))
+            continue
+        if any(not m.isfile() for m in ms):
+            kinds = ", ".join(f"{m.name!r} type {m.type!r}" for m in ms if not m.isfile())
+            rows.append(
+                _reject(uri, key, STAGE_READ, "unsafe_path", f"link or special member: {kinds}"[:500])
+            )
+            continue
+        truncated = [m for m in ms if m.offset_data + m.size > shard_size]
+        if truncated:
+            t = truncated[0]
+            rows.append(
+                _reject(
+                    uri,
+                    key,
+                    STAGE_READ,
+                    "truncated_tar",
+                    f"{t.name} needs bytes up to {t.offset_data + t.size}, shard has {shard_size}",
+                )
+            )
+            continue
+        by_ext = {_last_ext(split_key(m.name)[1]): m for m in reversed(ms)}
+        video = next((m for m in ms if _last_ext(split_key(m.name)[1]) in VIDEO_EXTS), None)
+        if video is None:
+            exts = sorted({split_key(m.name)[1] for m in ms})
+            rows.append(_reject(uri, key, STAGE_READ, "missing_video", f"members: {exts}"))
+            continue
+        if video.size == 0:
+            rows.append(_reject(uri, key, STAGE_DECODE, "empty_file", f"{video.name}: 0 bytes"))
+            continue
+        row = _row(uri, key, video_uri=uri, offset=video.offset_data, size=video.size)
+        cap = next((by_ext[e] for e in CAPTION_EXTS if e in by_ext), None)
+        raw: Any = None
+        if cap is not None:
+            if cap.size > settings.max_caption_bytes:
+                row.update(
+                    reason="caption_too_long",
+                    stage=STAGE_CAPTION,
+                    detail=f"{cap.name}: {cap.size} bytes > {settings.max_caption_bytes}",
+                )
+                rows.append(row)
+                continue
+            f.seek(cap.offset_data)
+            raw = f.read(cap.size)
+        elif "json" in by_ext and by_ext["json"].size <= 1 << 16:
+            j = by_ext["json"]
+            f.seek(j.offset_data)
+            try:
+                obj = json.loads(f.read(j.size))
+                raw = obj.get("caption") if isinstance(obj, dict) else None
+                raw = None if raw is None else str(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raw = None
+        rows.append(_apply_caption(row, raw, settings, cf))
+    return rows
+
+
+def index_batch(batch, *, settings: StepSettings, options):
+    """Ray Data UDF: a batch of shard URIs → their index rows."""
+    import pyarrow as pa
+
+    rows: list[dict] = []
+    for uri in batch.column("shard").to_pylist():
+        rows.extend(index_shard(uri, settings, options))
+    return pa.Table.from_pylist(rows, schema=index_schema())
+
+
+# ------------------------------------------------------------------------------------ stage 2: decode + clip
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (unit tests, bench)
+        return "local"
+
+
+def decode_row(row: dict, settings: StepSettings, options, node_id: str = "local") -> list[dict]:
+    """One index row → clip rows (``reason`` None) or one reject row. Storage errors propagate (retried)."""
+    from pyoco import storage, video
+
+    base = {
+        "source": row["source"],
+        "key": row["key"],
+        "caption": row["caption"],
+        "node_id": node_id,
+        "clip_id": None,
+        "clip_index": None,
+        "start_frame": None,
+        "num_frames": None,
+        "fps": None,
+        "height": None,
+        "width": None,
+        "frames": None,
+        "reason": None,
+        "stage": None,
+        "detail": "",
+    }
+    uri = row["video_uri"]
+    if row["offset"] is not None and row["offset"] >= 0:
+        data = storage.read_range(uri, row["offset"], row["offset"] + row["size"], options=options)
+    else:
+        data = storage.read_bytes(uri, options=options)
+    try:
+        clips = video.decode_clips(
+            data,
+            num_frames=settings.num_frames,
+            frame_stride=settings.frame_stride,
+            target_fps=settings.target_fps,
+            size=settings.size,
+            max_clips=settings.max_clips,
+            seed=settings.seed,
+            key=f"{row['source']}\0{row['key']}",
+            threads=settings.decode_threads,
+        )
+    except video.VideoDecodeError as err:
+        return [{**base, "reason": err.reason, "stage": STAGE_DECODE, "detail": err.detail[:500]}]
+    except Exception as err:  # noqa: BLE001 - a decoder bug on odd input must not kill the job
+        return [
+            {
+                **base,
+                "reason": "decode_error",
+                "stage": STAGE_DECODE,
+                "detail": f"{type(err).__name__}: {err}"[:500],
+            }
+        ]
+    out = []
+    for i, c in enumerate(clips):
+        t, h, w, _ = c.frames.shape
+        step = (c.frame_indices[1] - c.frame_indices[0]) if len(c.frame_indices) > 1 else 1
+        out.append(
+            {
+                **base,
+                "clip_id": clip_id(row["source"], row["key"], c.start_frame, t, step),
+                "clip_index": i,
+                "start_frame": c.start_frame,
+                "num_frames": t,
+                "fps": c.fps,
+                "height": h,
+                "width": w,
+                "frames": c.frames.tobytes(),
+            }
+        )
+    return out
+
+
+def decode_batch(batch, *, settings: StepSettings, options):
+    """Ray Data UDF (tasks): index rows → decoded clip rows and decode rejects."""
+    import pyarrow as pa
+
+    node = _node_id()
+    rows: list[dict] = []
+    for row in batch.to_pylist():
+        rows.extend(decode_row(row, settings, options, node))
+    return pa.Table.from_pylist(rows, schema=decoded_schema())
+
+
+# ----------------------------------------------------------------------------------------- stage 3: embed
+class CaptionEmbedder:
+    """Ray Data actor: adds ``caption_embedding`` (L, 384) float32 and ``caption_mask`` (L,) bool."""
+
+    def __init__(self, text_encoder: str = "minilm", text_len: int = 32, threads: int = 1):
+        import torch
+
+        from pyoco.text import load_text_encoder
+
+        torch.set_num_threads(max(1, threads))
+        self.text_len = text_len
+        self.encoder = load_text_encoder(text_encoder, max_length=text_len)
+        if getattr(self.encoder, "dim", EMBED_DIM) != EMBED_DIM:
+            raise PyocoError(
+                f"text encoder {text_encoder!r} has dim {self.encoder.dim}, clips store {EMBED_DIM}"
+            )
+
+    def __call__(self, batch):
+        import numpy as np
+        import pyarrow as pa
+
+        n = batch.num_rows
+        emb = np.zeros((n, self.text_len, EMBED_DIM), np.float32)
+        mask = np.zeros((n, self.text_len), bool)
+        reasons = batch.column("reason").to_pylist()
+        captions = batch.column("caption").to_pylist()
+        todo = [i for i in range(n) if reasons[i] is None]
+        if todo:
+            unique = sorted({captions[i] for i in todo})
+            e, m = self.encoder.encode(unique)
+            e = np.asarray(e.detach().cpu().numpy() if hasattr(e, "detach") else e, np.float32)
+            m = np.asarray(m.detach().cpu().numpy() if hasattr(m, "detach") else m, bool)
+            pos = {c: j for j, c in enumerate(unique)}
+            for i in todo:
+                emb[i], mask[i] = e[pos[captions[i]]], m[pos[captions[i]]]
+        emb_arr = pa.FixedSizeListArray.from_arrays(
+            pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), EMBED_DIM),
+            self.text_len,
+        )
+        mask_arr = pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1), pa.bool_()), self.text_len)
+        return batch.append_column("caption_embedding", emb_arr).append_column("caption_mask", mask_arr)
+
+
+# ----------------------------------------------------------------------------------------- stage 4: write
+def write_batch(batch, *, clips_uri: str, text_len: int, options):
+    """Ray Data UDF (tasks): write the batch's clips to one parquet file; return one summary row per row.
+
+    The file name is a hash of its clip ids, so a retried task overwrites its own file.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pyoco import storage
+
+    ok = pc.is_null(batch.column("reason"))
+    clips = batch.filter(ok)
+    file_name = None
+    if clips.num_rows:
+        schema = clip_schema(text_len)
+        table = clips.select(schema.names).cast(schema)
+        ids = "\n".join(sorted(table.column("clip_id").to_pylist()))
+        file_name = f"part-{hashlib.sha256(ids.encode()).hexdigest()[:20]}.parquet"
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd", compression_level=1)
+        storage.write_bytes(storage.join(clips_uri, file_name), buf.getvalue(), options=options)
+    n = batch.num_rows
+    files = [file_name if o else None for o in ok.to_pylist()]
+    return (
+        pa.Table.from_arrays(
+            [
+                batch.column("source"),
+                batch.column("key"),
+                batch.column("clip_index"),
+                batch.column("node_id"),
+                pa.array(files, pa.string()),
+                batch.column("reason"),
+                batch.column("stage"),
+                batch.column("detail"),
+            ],
+            schema=summary_schema(),
+        )
+        if n
+        else pa.Table.from_pylist([], schema=summary_schema())
+    )
+
+
+def drop_rejected(batch, *, duplicates: dict[str, str]):
+    """Ray Data UDF: keep the index rows that passed every read/caption rule and are not duplicates."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keep = pc.is_null(batch.column("reason"))
+    if duplicates:
+        idents = [
+            f"{s}\0{k}"
+            for s, k in zip(batch.column("source").to_pylist(), batch.column("key").to_pylist(), strict=True)
+        ]
+        keep = pc.and_(keep, pa.array([i not in duplicates for i in idents]))
+    return batch.filter(keep)
+
+
+# ------------------------------------------------------------------------------------------------ the step
+class _RejectWriter:
+    """Collects reject rows and writes them to ``rejects/part-NNNNN.parquet`` in bounded chunks."""
+
+    def __init__(self, rejects_uri: str, options, rows_per_file: int = 100_000):
+        self.uri = rejects_uri
+        self.options = options
+        self.rows_per_file = rows_per_file
+        self.rows: list[dict] = []
+        self.files: list[str] = []
+        self.by_reason: Counter = Counter()
+
+    def add(self, source: str, key: str, stage: str, reason: str, detail: str) -> None:
+        self.rows.append(
+            {"source": source, "key": key, "stage": stage, "reason": reason, "detail": detail or ""}
+        )
+        self.by_reason[reason] += 1
+        if len(self.rows) >= self.rows_per_file:
+            self.flush()
+
+    def flush(self, *, final: bool = False) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from pyoco import storage
+
+        if not self.rows and not (final and not self.files):
+            return
+        rows = sorted(self.rows, key=lambda r: (r["source"], r["key"]))
+        table = pa.Table.from_pylist(rows, schema=reject_schema())
+        name = f"part-{len(self.files):05d}.parquet"
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        storage.write_bytes(storage.join(self.uri, name), buf.getvalue(), options=self.options)
+        self.files.append(name)
+        self.rows = []
+
+
+def _init_ray(ray_address: str | None, resource: str | None) -> bool:
+    """Connect to (or start) Ray; True when this call started it (so it should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    else:
+        cpus = os.cpu_count() or 1
+        ray.init(
+            num_cpus=cpus,
+            resources={resource: cpus} if resource else None,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    return True
+
+
+def _remote_args(cfg: PreprocessConfig, num_cpus: float) -> dict:
+    """Ray options for one task/actor: CPUs plus the custom resource when some node has it."""
+    import ray
+
+    args: dict[str, Any] = {"num_cpus": num_cpus}
+    if cfg.resource and ray.cluster_resources().get(cfg.resource, 0) > 0:
+        args["resources"] = {cfg.resource: RESOURCE_FRACTION}
+    return args
+
+
+def _prepare_output(cfg: PreprocessConfig, options) -> tuple[str, str]:
+    from pyoco import storage
+
+    out = cfg.output.rstrip("/")
+    if out == cfg.input.rstrip("/"):
+        raise PyocoError(f"output {cfg.output} is the input folder; choose another output")
+    clips_uri, rejects_uri = storage.join(out, "clips"), storage.join(out, "rejects")
+    # A rerun replaces this step's own outputs (and only those).
+    for uri in (clips_uri, rejects_uri, storage.join(out, "manifest.json")):
+        storage.remove(uri, options=options)
+    if not storage.is_remote(out):
+        Path(clips_uri).mkdir(parents=True, exist_ok=True)
+        Path(rejects_uri).mkdir(parents=True, exist_ok=True)
+    return clips_uri, rejects_uri
+
+
+def rows_per_file(cfg: PreprocessConfig) -> int:
+    """``cfg.rows_per_file``, lowered so that one file stays under ~256 MiB."""
+    row_bytes = cfg.num_frames * cfg.size * cfg.size * 3 + cfg.text_max_length * (EMBED_DIM * 4 + 1) + 512
+    return max(1, min(cfg.rows_per_file, MAX_FILE_BYTES // row_bytes))
+
+
+def pyoco_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pyoco")
+    except Exception:  # noqa: BLE001
+        return "0+unknown"
+
+
+def run_preprocess(
+    cfg: PreprocessConfig,
+    *,
+    ray_address: str | None = None,
+    progress: bool = True,
+    workflow_hash: str | None = None,
+) -> dict:
+    """Run the step; returns the manifest (also written to ``OUT/manifest.json``).
+
+    Raises PyocoError when the accounting invariant fails (nothing is reported as success then).
+    """
+    import ray
+    import ray.data
+
+    from pyoco import storage
+
+    started = time.monotonic()
+    options = storage.StorageOptions.from_env(cfg.s3_endpoint_url)
+    settings = StepSettings.from_config(cfg)
+    settings.caption_filter()  # validate rules before starting anything
+    plan = discover_inputs(cfg.input, cfg.format, settings, options)
+    clips_uri, rejects_uri = _prepare_output(cfg, options)
+    own_ray = _init_ray(ray_address, cfg.resource)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = progress
+        ctx.execution_options.preserve_order = False
+        task_args = _remote_args(cfg, cfg.num_cpus_per_task)
+        light_args = _remote_args(cfg, min(0.25, cfg.num_cpus_per_task))
+
+        # Stage 1: index (per shard, in tasks) or ready rows (folder/ucf101, listed on the driver).
+        if plan.kind == "webdataset":
+            shards = ray.data.from_items(
+                [{"shard": s} for s in plan.shards], override_num_blocks=len(plan.shards)
+            )
+            index = shards.map_batches(
+                index_batch,
+                batch_size=1,
+                batch_format="pyarrow",
+                fn_kwargs={"settings": settings, "options": options},
+                **light_args,
+            )
+        else:
+            import pyarrow as pa
+
+            index = ray.data.from_arrow(pa.Table.from_pylist(plan.rows, schema=index_schema()))
+        index = index.materialize()
+
+        # Driver pass over the small index: count inputs, ledger the rejects, resolve duplicates.
+        rejects = _RejectWriter(rejects_uri, options)
+        inputs = 0
+        first_of: dict[str, tuple[str, str]] = {}  # dedupe key -> smallest (source, key)
+        for b in index.iter_batches(batch_format="pyarrow", batch_size=4096):
+            for r in b.select(["source", "key", "dedupe_key", "reason", "stage", "detail"]).to_pylist():
+                inputs += 1
+                if r["reason"] is not None:
+                    rejects.add(r["source"], r["key"], r["stage"], r["reason"], r["detail"])
+                elif r["dedupe_key"] is not None:
+                    ident = (r["source"], r["key"])
+                    cur = first_of.get(r["dedupe_key"])
+                    if cur is None or ident < cur:
+                        first_of[r["dedupe_key"]] = ident
+        duplicates: dict[str, str] = {}
+        if first_of:
+            for b in index.iter_batches(batch_format="pyarrow", batch_size=4096):
+                for r in b.select(["source", "key", "dedupe_key", "reason"]).to_pylist():
+                    if r["reason"] is None and r["dedupe_key"] is not None:
+                        first = first_of[r["dedupe_key"]]
+                        if (r["source"], r["key"]) != first:
+                            duplicates[f"{r['source']}\0{r['key']}"] = f"{first[0]}#{first[1]}"
+                            rejects.add(
+                                r["source"],
+                                r["key"],
+                                STAGE_DEDUPE,
+                                "duplicate_caption",
+                                f"same caption as {first[1]} in {first[0]}",
+                            )
+        first_of.clear()
+        to_decode = inputs - sum(rejects.by_reason.values())
+
+        # Stages 2-4, streaming: decode (tasks) → embed (actor pool) → write parquet (tasks) → summary.
+        accepted_videos = clips_written = 0
+        nodes: Counter = Counter()
+        clip_files: set[str] = set()
+        decode_seen = 0
+        if to_decode > 0:
+            per_file = rows_per_file(cfg)
+            ds = (
+                index.map_batches(
+                    drop_rejected, batch_format="pyarrow", fn_kwargs={"duplicates": duplicates}, **light_args
+                )
+                .repartition(target_num_rows_per_block=cfg.videos_per_task)
+                .map_batches(
+                    decode_batch,
+                    batch_size=None,
+                    batch_format="pyarrow",
+                    fn_kwargs={"settings": settings, "options": options},
+                    **task_args,
+                )
+                .map_batches(
+                    CaptionEmbedder,
+                    batch_size=cfg.embed_batch_size,
+                    batch_format="pyarrow",
+                    compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors),
+                    fn_constructor_kwargs={
+                        "text_encoder": cfg.text_encoder,
+                        "text_len": cfg.text_max_length,
+                        "threads": max(1, math.floor(cfg.embed_num_cpus)),
+                    },
+                    **_remote_args(cfg, cfg.embed_num_cpus),
+                )
+                .map_batches(
+                    write_batch,
+                    batch_size=per_file,
+                    batch_format="pyarrow",
+                    fn_kwargs={"clips_uri": clips_uri, "text_len": cfg.text_max_length, "options": options},
+                    **task_args,
+                )
+            )
+            for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                for r in b.to_pylist():
+                    if r["reason"] is not None:
+                        decode_seen += 1
+                        rejects.add(r["source"], r["key"], r["stage"], r["reason"], r["detail"])
+                        continue
+                    clips_written += 1
+                    clip_files.add(r["file"])
+                    if r["clip_index"] == 0:
+                        decode_seen += 1
+                        accepted_videos += 1
+                        nodes[r["node_id"]] += 1
+        rejects.flush(final=True)
+    finally:
+        if own_ray:
+            ray.shutdown()
+
+    rejected = dict(sorted(rejects.by_reason.items()))
+    manifest = {
+        "pyoco_version": pyoco_version(),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "input": cfg.input,
+        "output": cfg.output,
+        "format": plan.kind,
+        "config_hash": config_hash(cfg.model_dump(mode="json")),
+        "workflow_config_hash": workflow_hash,
+        "config": cfg.model_dump(mode="json"),
+        "inputs": inputs,
+        "accepted_videos": accepted_videos,
+        "clips_written": clips_written,
+        "rejected": rejected,
+        "invariant": "inputs == accepted_videos + sum(rejected.values())",
+        "clip_files": sorted(clip_files),
+        "reject_files": rejects.files,
+        "ignored_files": plan.ignored,
+        "decode_nodes": dict(sorted(nodes.items())),
+        "clip_shape": [cfg.num_frames, cfg.size, cfg.size, 3],
+        "caption_embedding": {
+            "encoder": cfg.text_encoder,
+            "shape": [cfg.text_max_length, EMBED_DIM],
+            "dtype": "float32",
+            "level": "token",
+        },
+        "elapsed_s": round(time.monotonic() - started, 2),
+    }
+    problems = []
+    if inputs != accepted_videos + sum(rejected.values()):
+        problems.append(f"inputs {inputs} != accepted {accepted_videos} + rejected {sum(rejected.values())}")
+    if decode_seen != to_decode:
+        problems.append(f"{to_decode} videos went to decode but {decode_seen} came back")
+    if problems:
+        storage.write_bytes(
+            storage.join(cfg.output, "manifest.incomplete.json"),
+            json.dumps(manifest, indent=2).encode(),
+            options=options,
+        )
+        raise PyocoError("preprocess accounting failed: " + "; ".join(problems), exit_code=1)
+    storage.write_bytes(
+        storage.join(cfg.output, "manifest.json"), json.dumps(manifest, indent=2).encode(), options=options
+    )
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+def load_preprocess_config(path: str | None, overrides: dict[str, Any]) -> tuple[PreprocessConfig, dict]:
+    """The preprocess section of a workflow YAML, or a YAML of bare preprocess fields; plus extras
+    (``ray_address``, ``workflow_hash``)."""
+    data = read_yaml(path) if path else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    extras: dict[str, Any] = {}
+    workflow = "preprocess" in data or bool(set(data) - set(PreprocessConfig.model_fields))
+    if workflow:
+        section = data.get("preprocess") or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: preprocess: must be a mapping")
+        data = dict(data)
+        data["preprocess"] = {**section, **{k: v for k, v in overrides.items() if v is not None}}
+        full = parse_config(data, source=str(path))
+        assert isinstance(full, PyocoConfig)
+        extras["ray_address"] = full.ray.address
+        extras["workflow_hash"] = full.hash()
+        return full.preprocess, extras  # type: ignore[return-value]
+    data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = parse_config(data, source=str(path or "<flags>"), model=PreprocessConfig)
+    return cfg, extras  # type: ignore[return-value]
+
+
+def print_summary(manifest: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"preprocess: {manifest['input']} → {manifest['output']}")
+    table.add_column("outcome")
+    table.add_column("videos", justify="right")
+    table.add_row("inputs", str(manifest["inputs"]))
+    table.add_row("accepted", str(manifest["accepted_videos"]))
+    for reason, n in manifest["rejected"].items():
+        table.add_row(f"rejected: {reason}", str(n))
+    table.add_row("clips written", str(manifest["clips_written"]))
+    console.print(table)
+    console.print(
+        f"invariant holds: {manifest['inputs']} = {manifest['accepted_videos']} + "
+        f"{sum(manifest['rejected'].values())}; manifest at {manifest['output'].rstrip('/')}/manifest.json "
+        f"({manifest['elapsed_s']} s)"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("preprocess")
+    @cli_errors
+    def preprocess_cmd(
+        config: Path | None = typer.Option(
+            None, "--config", help="Workflow YAML (its preprocess: section) or a YAML of preprocess fields."
+        ),
+        input: str | None = typer.Option(
+            None, "--input", help="Shards folder / glob / s3:// prefix, or a video folder."
+        ),
+        output: str | None = typer.Option(None, "--output", help="Output folder or s3:// prefix."),
+        format: str | None = typer.Option(None, "--format", help="auto | webdataset | folder | ucf101."),
+        num_frames: int | None = typer.Option(None, "--num-frames", help="Frames per clip."),
+        size: int | None = typer.Option(None, "--size", help="Output frame size (square, px)."),
+        max_clips: int | None = typer.Option(None, "--max-clips", help="Most clips per video."),
+        ray_address: str | None = typer.Option(
+            None, "--ray-address", help="Ray cluster (default: $RAY_ADDRESS or local)."
+        ),
+        no_progress: bool = typer.Option(False, "--no-progress", help="Hide Ray Data progress bars."),
+    ) -> None:
+        """Turn raw video shards into training clips (parquet), rejects/ and manifest.json."""
+        overrides = {
+            "input": input,
+            "output": output,
+            "format": format,
+            "num_frames": num_frames,
+            "size": size,
+            "max_clips_per_video": max_clips,
+        }
+        if config is None and (input is None or output is None):
+            raise PyocoError("give --config FILE, or both --input and --output")
+        cfg, extras = load_preprocess_config(str(config) if config else None, overrides)
+        manifest = run_preprocess(
+            cfg,
+            ray_address=ray_address or extras.get("ray_address"),
+            progress=not no_progress,
+            workflow_hash=extras.get("workflow_hash"),
+        )
+        print_summary(manifest)

@@ -1,0 +1,254 @@
+"""One way to reach files: local paths and ``s3://`` URIs through fsspec/s3fs.
+
+    fs, path = filesystem("s3://bucket/raw")          # endpoint from $AWS_ENDPOINT_URL(_S3) or the argument
+    with open_uri("s3://bucket/raw/shard-000000.tar") as f: ...
+    urls = glob_uris("s3://bucket/raw/*.tar")
+
+Credentials are never passed through here by value unless the caller hands us a :class:`StorageOptions`:
+boto's standard chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / profiles / instance roles) is
+used. :class:`StorageOptions` exists so that a driver can ship its S3 settings to Ray workers whose
+environment was fixed before the driver's was (its ``repr`` never shows a secret, and nothing in this
+module logs one).
+
+Retries: S3 requests retry on connection errors, timeouts and truncated bodies (botocore "standard" mode,
+10 attempts with capped exponential backoff, plus s3fs's own retries of dropped reads), and
+:func:`read_range` / :func:`read_bytes` wrap a whole read in a deadline-bounded retry loop, so an S3
+endpoint that drops every connection for several seconds is survived.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import fsspec
+
+T = TypeVar("T")
+
+REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "http", "https", "memory")
+# botocore client config: connect / read timeouts (s) and its own retry policy.
+S3_CONNECT_TIMEOUT_S = 5
+S3_READ_TIMEOUT_S = 30
+S3_MAX_ATTEMPTS = 10
+S3FS_RETRIES = 10
+# Deadline for a whole read in read_range/read_bytes, retried on transient errors.
+READ_DEADLINE_S = 120.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageOptions:
+    """S3 settings resolved once (on the driver) and shipped to workers. ``repr`` hides the secrets."""
+
+    endpoint_url: str | None = None
+    key: str | None = dataclasses.field(default=None, repr=False)
+    secret: str | None = dataclasses.field(default=None, repr=False)
+    token: str | None = dataclasses.field(default=None, repr=False)
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, endpoint_url: str | None = None) -> StorageOptions:
+        """Endpoint from the argument, else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``; credentials
+        from the standard AWS variables (None when unset, so workers fall back to their own chain)."""
+        env = os.environ
+        return cls(
+            endpoint_url=endpoint_url
+            or env.get("AWS_ENDPOINT_URL_S3")
+            or env.get("AWS_ENDPOINT_URL")
+            or None,
+            key=env.get("AWS_ACCESS_KEY_ID") or None,
+            secret=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            token=env.get("AWS_SESSION_TOKEN") or None,
+            region=env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or None,
+        )
+
+    def __repr__(self) -> str:  # explicit, so a future field can't leak by accident
+        return f"StorageOptions(endpoint_url={self.endpoint_url!r}, region={self.region!r}, credentials=***)"
+
+    __str__ = __repr__
+
+
+def scheme(uri: str) -> str:
+    uri = str(uri)
+    if "://" not in uri:
+        return ""
+    return uri.split("://", 1)[0].lower()
+
+
+def is_remote(uri: str) -> bool:
+    """True for object-store / network URIs (s3://, gs://, http://, ...); False for local paths and file://."""
+    return scheme(uri) in REMOTE_SCHEMES
+
+
+def _s3_kwargs(endpoint_url: str | None, options: StorageOptions | None) -> dict[str, Any]:
+    opts = options or StorageOptions.from_env(endpoint_url)
+    endpoint = endpoint_url or opts.endpoint_url
+    kwargs: dict[str, Any] = {
+        "config_kwargs": {
+            "connect_timeout": S3_CONNECT_TIMEOUT_S,
+            "read_timeout": S3_READ_TIMEOUT_S,
+            "retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+        },
+    }
+    if endpoint:
+        kwargs["endpoint_url"] = endpoint
+    if opts.region:
+        kwargs["client_kwargs"] = {"region_name": opts.region}
+    if opts.key and opts.secret:
+        kwargs["key"] = opts.key
+        kwargs["secret"] = opts.secret
+        if opts.token:
+            kwargs["token"] = opts.token
+    return kwargs
+
+
+def filesystem(
+    uri: str, *, endpoint_url: str | None = None, options: StorageOptions | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(fs, path)`` for a local path or URI. ``path`` is what ``fs`` methods take (no scheme for s3)."""
+    uri = str(uri)
+    sch = scheme(uri)
+    if sch in ("s3", "s3a"):
+        fs = fsspec.filesystem("s3", **_s3_kwargs(endpoint_url, options))
+        fs.retries = S3FS_RETRIES
+        return fs, uri.split("://", 1)[1].rstrip("/")
+    if sch in ("", "file"):
+        fs = fsspec.filesystem("file")
+        path = uri.split("://", 1)[1] if sch == "file" else uri
+        return fs, os.path.abspath(os.path.expanduser(path))
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Inverse of :func:`filesystem`: a full URI for ``path`` on ``fs``."""
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if proto in ("file", "local"):
+        return path
+    return f"{'s3' if proto in ('s3', 's3a') else proto}://{path.lstrip('/')}"
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI or local path with ``/`` (no normalisation of ``..``)."""
+    out = str(uri)
+    for p in parts:
+        p = str(p).strip("/")
+        if not p:
+            continue
+        out = out.rstrip("/") + "/" + p if out else p
+    return out
+
+
+def open_uri(uri: str, mode: str = "rb", *, endpoint_url: str | None = None, options=None, **kwargs):
+    """Open a local path or URI; creates parent folders when writing locally."""
+    fs, path = filesystem(uri, endpoint_url=endpoint_url, options=options)
+    if "w" in mode or "a" in mode:
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+    return fs.open(path, mode, **kwargs)
+
+
+def exists(uri: str, *, endpoint_url: str | None = None, options=None) -> bool:
+    fs, path = filesystem(uri, endpoint_url=endpoint_url, options=options)
+    return fs.exists(path)
+
+
+def list_files(uri: str, *, suffixes: tuple[str, ...] | None = None, recursive: bool = True, **fs_kwargs):
+    """Sorted full URIs of the files under ``uri`` (optionally only those ending in ``suffixes``)."""
+    fs, path = filesystem(uri, **fs_kwargs)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{uri}: no such file or folder")
+    if fs.isfile(path):
+        found = [path]
+    elif recursive:
+        found = fs.find(path)
+    else:
+        found = [p for p in fs.ls(path, detail=False) if fs.isfile(p)]
+    if suffixes:
+        found = [p for p in found if p.lower().endswith(tuple(s.lower() for s in suffixes))]
+    return sorted(to_uri(fs, p) for p in found)
+
+
+def has_glob(uri: str) -> bool:
+    return any(c in str(uri) for c in "*?[")
+
+
+def glob_uris(pattern: str, **fs_kwargs) -> list[str]:
+    """Sorted full URIs matching a glob such as ``s3://b/raw/shard-*.tar`` or ``data/**/*.mp4``."""
+    fs, path = filesystem(pattern, **fs_kwargs)
+    return sorted(to_uri(fs, p) for p in fs.glob(path) if fs.isfile(p))
+
+
+def match(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def retry_transient(
+    fn: Callable[[], T], *, deadline_s: float = READ_DEADLINE_S, what: str = "storage call"
+) -> T:
+    """Call ``fn`` until it succeeds, retrying transient I/O errors with capped backoff until a deadline.
+
+    FileNotFoundError / PermissionError / IsADirectoryError are not transient and are raised at once.
+    """
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise
+        except Exception as err:  # noqa: BLE001 - s3fs/aiohttp/botocore raise many types
+            if not _is_transient(err):
+                raise
+            attempt += 1
+            elapsed = time.monotonic() - start
+            if elapsed >= deadline_s:
+                raise OSError(f"{what}: still failing after {elapsed:.0f}s ({type(err).__name__})") from err
+            time.sleep(min(0.25 * 2 ** min(attempt, 5), 4.0) * (0.5 + random.random() / 2))
+
+
+def _is_transient(err: BaseException) -> bool:
+    if isinstance(err, (ConnectionError, TimeoutError, OSError, EOFError)):
+        return True
+    mod = type(err).__module__ or ""
+    # botocore/aiohttp/s3fs connection and payload errors
+    return mod.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3", "s3fs", "fsspec"))
+
+
+def read_bytes(uri: str, *, endpoint_url: str | None = None, options=None) -> bytes:
+    """The whole object, retried on transient errors."""
+    fs, path = filesystem(uri, endpoint_url=endpoint_url, options=options)
+    return retry_transient(lambda: fs.cat_file(path), what=f"read {uri}")
+
+
+def read_range(uri: str, start: int, end: int, *, endpoint_url: str | None = None, options=None) -> bytes:
+    """Bytes ``[start, end)`` of an object, retried on transient errors; short reads are errors."""
+    fs, path = filesystem(uri, endpoint_url=endpoint_url, options=options)
+
+    def _read() -> bytes:
+        data = fs.cat_file(path, start=start, end=end)
+        if len(data) != end - start:
+            raise EOFError(f"short read: {len(data)} of {end - start} bytes")
+        return data
+
+    return retry_transient(_read, what=f"read {uri}[{start}:{end}]")
+
+
+def write_bytes(uri: str, data: bytes, *, endpoint_url: str | None = None, options=None) -> None:
+    """Write a whole object (parents created locally), retried on transient errors."""
+    fs, path = filesystem(uri, endpoint_url=endpoint_url, options=options)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent and not is_remote(uri):
+        fs.makedirs(parent, exist_ok=True)
+    retry_transient(lambda: fs.pipe_file(path, data), what=f"write {uri}")
+
+
+def remove(uri: str, *, recursive: bool = True, endpoint_url: str | None = None, options=None) -> None:
+    fs, path = filesystem(uri, endpoint_url=endpoint_url, options=options)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)

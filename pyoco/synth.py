@@ -1,0 +1,287 @@
+"""The synthetic moving-shapes dataset: deterministic WebDataset shards with exact ground truth.
+
+Each video shows one coloured shape (circle, square or triangle) moving in a straight line (left, right,
+up or down) at a constant speed over a plain or a static-noise background. Every sample is three tar
+members sharing a key:
+
+- ``{key}.mp4``: H.264, ``frames`` frames of ``size x size`` at ``fps``;
+- ``{key}.txt``: a caption in varied wording ("a red circle moves to the left", "red circle sliding left,
+  fast", ...), UTF-8;
+- ``{key}.json``: the ground truth the caption was written from (see :class:`ShapeSpec`): ``shape``,
+  ``color``, ``direction``, ``speed`` (``slow``/``fast``), ``speed_px_per_frame`` (exact, float),
+  ``background``, ``start_xy``/``end_xy`` (shape centre, px), ``radius_px``, ``frames``, ``size``, ``fps``,
+  ``seed``, ``index``.
+
+Everything follows from ``(seed, index)``: the same arguments produce byte-identical shards (tar headers
+carry mtime 0 and no owner; the encoder runs single-threaded). The shape stays fully inside the frame for
+the whole clip, so the direction is always visible.
+
+    specs = [make_spec(i, seed=0, frames=24, size=64) for i in range(4)]
+    frames = render(specs[0])                       # uint8 (T, H, W, 3)
+    write_dataset("s3://bucket/raw", videos=64, shards=4, seed=0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import random
+import tarfile
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle")
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (40, 70, 235),
+    "yellow": (240, 220, 30),
+    "purple": (150, 40, 200),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+SPEEDS = {"slow": 0.35, "fast": 1.0}  # fraction of the largest speed that keeps the shape in frame
+BACKGROUNDS = ("plain", "noisy")
+_BG_COLORS = ((20, 20, 24), (45, 45, 50), (10, 25, 35))
+
+_TEMPLATES = (
+    "a {color} {shape} moves to the {dirword}",
+    "a {color} {shape} moving {dirword}",
+    "the {color} {shape} slides {dirword_to}",
+    "{a_speed} {color} {shape} travels {dirword_to}",
+    "a {color} {shape} drifting {dirword_to} {speed_adv}",
+    "{color} {shape} moving {dirword}, {speed}",
+    "a {shape} in {color} goes {dirword_to} {speed_adv}",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeSpec:
+    index: int
+    seed: int
+    shape: str
+    color: str
+    direction: str
+    speed: str  # "slow" | "fast"
+    speed_px_per_frame: float
+    background: str  # "plain" | "noisy"
+    background_rgb: tuple[int, int, int]
+    radius_px: float
+    start_xy: tuple[float, float]
+    frames: int
+    size: int
+    fps: int
+    caption: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.index:08d}"
+
+    @property
+    def end_xy(self) -> tuple[float, float]:
+        dx, dy = DIRECTIONS[self.direction]
+        d = self.speed_px_per_frame * (self.frames - 1)
+        return (self.start_xy[0] + dx * d, self.start_xy[1] + dy * d)
+
+    def attributes(self) -> dict:
+        """The ground truth written to ``{key}.json``."""
+        return {
+            "key": self.key,
+            "index": self.index,
+            "seed": self.seed,
+            "shape": self.shape,
+            "color": self.color,
+            "direction": self.direction,
+            "speed": self.speed,
+            "speed_px_per_frame": self.speed_px_per_frame,
+            "background": self.background,
+            "radius_px": self.radius_px,
+            "start_xy": list(self.start_xy),
+            "end_xy": list(self.end_xy),
+            "frames": self.frames,
+            "size": self.size,
+            "fps": self.fps,
+            "caption": self.caption,
+        }
+
+
+def _rng(seed: int, index: int) -> random.Random:
+    return random.Random(f"pyoco-synth/{seed}/{index}")
+
+
+def caption_for(shape: str, color: str, direction: str, speed: str, rng: random.Random) -> str:
+    template = rng.choice(_TEMPLATES)
+    return template.format(
+        color=color,
+        shape=shape,
+        dirword=direction,
+        dirword_to=f"to the {direction}" if direction in ("left", "right") else direction,
+        speed=speed,
+        a_speed="a slow" if speed == "slow" else "a fast",
+        speed_adv="slowly" if speed == "slow" else "quickly",
+    )
+
+
+def make_spec(index: int, *, seed: int = 0, frames: int = 24, size: int = 64, fps: int = 8) -> ShapeSpec:
+    """The attributes of video ``index``; a pure function of its arguments."""
+    if frames < 1 or size < 8 or fps < 1:
+        raise ValueError(f"need frames >= 1, size >= 8, fps >= 1 (got {frames}, {size}, {fps})")
+    rng = _rng(seed, index)
+    shape = rng.choice(SHAPES)
+    color = rng.choice(sorted(COLORS))
+    direction = rng.choice(sorted(DIRECTIONS))
+    speed = rng.choice(sorted(SPEEDS))
+    background = rng.choice(BACKGROUNDS)
+    bg = _BG_COLORS[rng.randrange(len(_BG_COLORS))]
+    radius = round(size * rng.uniform(0.10, 0.16), 2)
+    margin = radius + 1.0
+    room = size - 2 * margin  # centre range that keeps the shape inside the frame
+    speed_px = round(SPEEDS[speed] * room / max(1, frames - 1), 4) if frames > 1 else 0.0
+    travel = speed_px * (frames - 1)
+    dx, dy = DIRECTIONS[direction]
+
+    def axis_start(d: int) -> float:
+        if d > 0:
+            return round(margin + rng.uniform(0, room - travel), 2)
+        if d < 0:
+            return round(size - margin - rng.uniform(0, room - travel), 2)
+        return round(margin + rng.uniform(0, room), 2)
+
+    start = (axis_start(dx), axis_start(dy))
+    caption = caption_for(shape, color, direction, speed, rng)
+    return ShapeSpec(
+        index=index,
+        seed=seed,
+        shape=shape,
+        color=color,
+        direction=direction,
+        speed=speed,
+        speed_px_per_frame=speed_px,
+        background=background,
+        background_rgb=bg,
+        radius_px=radius,
+        start_xy=start,
+        frames=frames,
+        size=size,
+        fps=fps,
+        caption=caption,
+    )
+
+
+def _shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+    dx, dy = xx - cx, yy - cy
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        s = r * 0.886  # same area as the circle
+        return (np.abs(dx) <= s) & (np.abs(dy) <= s)
+    if shape == "triangle":  # pointing up, base at cy + r
+        return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2 * 1.1547)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(spec: ShapeSpec) -> np.ndarray:
+    """uint8 (T, H, W, 3) frames of ``spec``."""
+    size = spec.size
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    background = np.empty((size, size, 3), np.uint8)
+    background[:] = spec.background_rgb
+    if spec.background == "noisy":
+        noise = np.random.default_rng([spec.seed, spec.index, 7]).normal(0, 18, (size, size, 1))
+        background = np.clip(background.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    color = np.array(COLORS[spec.color], np.uint8)
+    dx, dy = DIRECTIONS[spec.direction]
+    out = np.empty((spec.frames, size, size, 3), np.uint8)
+    for t in range(spec.frames):
+        cx = spec.start_xy[0] + dx * spec.speed_px_per_frame * t
+        cy = spec.start_xy[1] + dy * spec.speed_px_per_frame * t
+        out[t] = background
+        out[t][_shape_mask(spec.shape, xx, yy, cx, cy, spec.radius_px)] = color
+    return out
+
+
+def encode_sample(spec: ShapeSpec) -> dict[str, bytes]:
+    """The three tar members of one sample, keyed by extension."""
+    from pyoco.video import encode_video
+
+    mp4 = encode_video(
+        render(spec), spec.fps, format="mp4", options={"crf": "18", "preset": "veryfast", "threads": "1"}
+    )
+    return {
+        "mp4": mp4,
+        "txt": spec.caption.encode("utf-8"),
+        "json": json.dumps(spec.attributes(), sort_keys=True).encode("utf-8"),
+    }
+
+
+def shard_ranges(videos: int, shards: int) -> list[range]:
+    """Contiguous, near-equal index ranges, one per shard (empty shards are not produced)."""
+    shards = max(1, min(shards, videos))
+    bounds = [round(k * videos / shards) for k in range(shards + 1)]
+    return [range(bounds[k], bounds[k + 1]) for k in range(shards)]
+
+
+def tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info, io.BytesIO(data)
+
+
+def build_shard(specs: list[ShapeSpec]) -> bytes:
+    """An uncompressed WebDataset tar of the samples, byte-for-byte deterministic."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for spec in specs:
+            for ext, data in encode_sample(spec).items():
+                tar.addfile(*tar_member(f"{spec.key}.{ext}", data))
+    return buf.getvalue()
+
+
+def iter_shards(
+    *, videos: int, shards: int, seed: int = 0, frames: int = 24, size: int = 64, fps: int = 8
+) -> Iterator[tuple[str, list[ShapeSpec], bytes]]:
+    """``(shard file name, specs, tar bytes)`` for each shard, in order."""
+    for k, idx in enumerate(shard_ranges(videos, shards)):
+        specs = [make_spec(i, seed=seed, frames=frames, size=size, fps=fps) for i in idx]
+        yield f"shard-{k:06d}.tar", specs, build_shard(specs)
+
+
+def write_dataset(
+    out: str,
+    *,
+    videos: int = 64,
+    shards: int = 4,
+    seed: int = 0,
+    frames: int = 24,
+    size: int = 64,
+    fps: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Write the shards under ``out`` (local folder or s3:// prefix); returns a small summary.
+
+    ``progress(videos_done, videos_total)`` is called after each shard.
+    """
+    from pyoco import storage
+
+    if videos < 1 or shards < 1:
+        raise ValueError(f"need videos >= 1 and shards >= 1 (got {videos}, {shards})")
+    done = 0
+    names = []
+    total_bytes = 0
+    for name, specs, data in iter_shards(
+        videos=videos, shards=shards, seed=seed, frames=frames, size=size, fps=fps
+    ):
+        storage.write_bytes(storage.join(out, name), data)
+        names.append(name)
+        total_bytes += len(data)
+        done += len(specs)
+        if progress is not None:
+            progress(done, videos)
+    return {"out": out, "videos": videos, "shards": names, "bytes": total_bytes, "seed": seed}
