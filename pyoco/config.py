@@ -85,7 +85,12 @@ class PreprocessConfig(_Section):
     text_max_length: int = Field(32, ge=1)
     embed_actors: int = Field(1, ge=1)
     embed_batch_size: int = Field(64, ge=1)
+    # Logical CPUs each embedding actor reserves. 0: it shares the decode CPUs (MiniLM on short captions
+    # costs a few % of decoding; a whole CPU per actor would starve decode on 1-2 CPU nodes).
+    embed_num_cpus: float = Field(0.0, ge=0)
     decode_threads: int = Field(1, ge=0)
+    # Videos per decode task: smaller spreads a small dataset over more nodes, larger cuts task overhead.
+    videos_per_task: int = Field(4, ge=1)
     # Custom Ray resource that decode tasks request, to keep them on CPU nodes; when no node in the cluster
     # offers it, tasks fall back to plain CPU scheduling.
     resource: str | None = "preprocess"
