@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# infra/local/down.sh [options]: `services.py down` with the project's interpreter (see services.py).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+py="${PYOCO_PYTHON:-$here/../../.venv/bin/python}"
+[ -x "$py" ] || py="$(command -v python3)"
+exec "$py" "$here/services.py" down "$@"

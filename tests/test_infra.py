@@ -1,0 +1,258 @@
+"""Cluster configs against Ray's own schema and KubeRay's structure, and the local token-auth stack."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ipaddress
+import json
+import shlex
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.fixtures_infra import REPO, TEST_AWS_SECRET, load_services, running_stack, token_of
+
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_USERNAME",
+)
+
+
+def _yaml(rel: str):
+    return yaml.safe_load((REPO / rel).read_text())
+
+
+# --------------------------------------------------------------------------------------- ray_cluster.yaml
+def test_ray_cluster_yaml_validates_against_rays_schema():
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = _yaml("ray_cluster.yaml")
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(cfg, schema)
+    # What `ray up` does before touching AWS: merge the provider defaults, then Ray's own checks.
+    validate_config(prepare_config(copy.deepcopy(cfg)))
+
+
+def test_ray_cluster_yaml_node_types_placement_and_security():
+    cfg = _yaml("ray_cluster.yaml")
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    assert cfg["provider"]["type"] == "aws"
+    head = types[cfg["head_node_type"]]
+    assert head["resources"].get("CPU") == 0, "no work besides the driver on the head"
+    workers = {name: t for name, t in types.items() if name != cfg["head_node_type"]}
+    cpu = [t for t in workers.values() if t["resources"].get("preprocess", 0) > 0]
+    gpu = [t for t in workers.values() if t["resources"].get("GPU", 0) > 0]
+    assert len(cpu) == 1 and len(gpu) == 1
+    assert cpu[0]["min_workers"] == 0 and cpu[0]["max_workers"] >= 1 and "GPU" not in cpu[0]["resources"]
+    assert gpu[0]["max_workers"] >= 1 and "preprocess" not in gpu[0]["resources"]
+    assert sum(t.get("min_workers", 0) for t in workers.values()) <= cfg["max_workers"]
+
+    # Token auth on every node, the dashboard on the head's loopback only, the token shipped over SSH.
+    head_start = " ".join(cfg["head_start_ray_commands"])
+    worker_start = " ".join(cfg["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head_start and "RAY_AUTH_MODE=token" in worker_start
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    rules = cfg["provider"].get("security_group", {}).get("IpPermissions", [])
+    assert all(not (r.get("FromPort", 0) <= 8265 <= r.get("ToPort", -1)) for r in rules)
+
+    # Setup commands install the project shipped by file_mounts on every node type.
+    assert cfg["file_mounts"]["~/pyoco"] == "."
+    installs = [cfg["head_setup_commands"], cfg["worker_setup_commands"], cpu[0]["worker_setup_commands"]]
+    for commands in installs:
+        assert any("pip install" in c and "~/pyoco" in c for c in commands), commands
+    assert any("RAY_AUTH_MODE=token" in c for c in cpu[0]["worker_setup_commands"])
+    assert ".pyoco-local" in cfg["rsync_exclude"] and ".venv" in cfg["rsync_exclude"]
+
+
+# ------------------------------------------------------------------------------------------------ KubeRay
+def _custom_resources(params: dict) -> dict:
+    raw = params.get("resources")
+    if raw is None:
+        return {}
+    return json.loads(json.loads(raw) if raw.startswith('"') else raw)
+
+
+def _check_cluster_spec(spec: dict) -> None:
+    assert str(spec["rayVersion"]).startswith("2.")
+    assert spec["authOptions"]["mode"] == "token"
+    head = spec["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP", "the dashboard must not be exposed"
+    assert head["rayStartParams"].get("num-cpus") == "0"
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    cpu = [g for g in groups.values() if _custom_resources(g["rayStartParams"]).get("preprocess", 0) > 0]
+    gpu = [g for g in groups.values() if "num-gpus" in g["rayStartParams"]]
+    assert len(cpu) == 1 and len(gpu) == 1
+    assert cpu[0]["minReplicas"] == 0 and cpu[0]["maxReplicas"] >= 1
+    for group in (cpu[0], gpu[0]):
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    gpu_limits = gpu[0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert int(gpu_limits["nvidia.com/gpu"]) == int(gpu[0]["rayStartParams"]["num-gpus"]) >= 1
+    assert "nvidia.com/gpu" not in cpu[0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+    pods = [head["template"]] + [g["template"] for g in groups.values()]
+    images = {c["image"] for p in pods for c in p["spec"]["containers"]}
+    assert len(images) == 1, images
+    for pod in pods:
+        for container in pod["spec"]["containers"]:
+            assert container["resources"]["limits"]["cpu"] == container["resources"]["requests"]["cpu"]
+            for var in container.get("env", []):
+                if var["name"] in SECRET_ENV:
+                    assert "value" not in var and "secretKeyRef" in var["valueFrom"], var["name"]
+
+
+def test_kuberay_raycluster_structure():
+    doc = _yaml("infra/kuberay/raycluster.yaml")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
+    assert doc["metadata"]["name"]
+    _check_cluster_spec(doc["spec"])
+
+
+def test_kuberay_rayjob_structure_and_entrypoint_names_a_real_config():
+    from pyoco.config import load_config
+
+    doc = _yaml("infra/kuberay/rayjob.yaml")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    spec = doc["spec"]
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:2] == ["pyoco", "run"] and "--config" in argv
+    config = REPO / argv[argv.index("--config") + 1]
+    assert config.is_file(), f"{config} named by the RayJob entrypoint does not exist"
+    cfg = load_config(config)
+    assert cfg.train.use_gpu and cfg.preprocess is not None and cfg.preprocess.resource == "preprocess"
+    for uri in (cfg.output, cfg.preprocess.input, cfg.preprocess.output, cfg.train.storage_path):
+        assert uri.startswith("s3://"), f"{uri}: a multi-node cluster needs shared storage"
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"]
+    _check_cluster_spec(spec["rayClusterSpec"])
+
+
+def test_mlflow_compose_has_auth_and_publishes_on_loopback_only():
+    doc = _yaml("infra/mlflow/docker-compose.yaml")
+    services = doc["services"]
+    assert {"postgres", "minio", "mlflow"} <= set(services)
+    command = services["mlflow"]["command"]
+    assert command[command.index("--app-name") + 1] == "basic-auth"
+    for svc in services.values():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), port
+        for key, value in (svc.get("environment") or {}).items():
+            if any(m in key for m in ("PASSWORD", "SECRET")):
+                assert str(value).startswith("${"), f"{key} must come from .env, not the compose file"
+    assert (REPO / "infra/mlflow/README.md").read_text().lower().count("not exercised") >= 1
+
+
+# ------------------------------------------------------------------------------------------- local stack
+def _listening_addresses(pids: set[int]) -> set[str]:
+    import psutil
+
+    addrs = set()
+    for pid in pids:
+        try:
+            for conn in psutil.Process(pid).net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    ip = ipaddress.ip_address(conn.laddr.ip)
+                    addrs.add(str(getattr(ip, "ipv4_mapped", None) or ip))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return addrs
+
+
+def _stack_pids(services, state) -> set[int]:
+    return {p.pid for rec in services._all_records(state) for p in services._group_members(rec)}
+
+
+@pytest.mark.slow
+def test_local_stack_start_status_auth_and_stop(tmp_path):
+    """Ray head (token auth) + 1 worker + mlflow + moto on 127.0.0.1; the Jobs API refuses calls without
+    the token and answers with it; everything is gone after stop."""
+    import boto3
+    import psutil
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    services = load_services()
+    state_dir = tmp_path / "stack"
+    t0 = time.monotonic()
+    with running_stack(
+        state_dir,
+        workers=1,
+        head_cpus=1,
+        worker_cpus=1,
+        worker_resources={"preprocess": 1},
+        object_store_mb=100,
+        buckets=["pyoco-infra"],
+        timeout_s=240,
+    ) as state:
+        startup_s = time.monotonic() - t0
+        print(f"local stack (head + 1 worker + mlflow + moto) healthy after {startup_s:.1f}s")
+        report = services.status(state_dir)
+        assert report["running"], report
+        ray = report["services"]["ray"]
+        assert (
+            ray["auth"] == "token" and ray["nodes_alive"] == 2 and ray["url"].startswith("http://127.0.0.1:")
+        )
+        assert report["services"]["mlflow"]["healthy"] and report["services"]["s3"]["healthy"]
+        with pytest.raises(services.StackError, match="already runs"):
+            services.start(services.StackSpec(), state_dir)
+
+        # Jobs API: no token -> 401, a wrong token -> 403 (also through Ray's client), the token -> jobs.
+        url = state["ray"]["dashboard_url"]
+        token = token_of(state)
+        assert services.http_get(f"{url}/api/jobs/")[0] == 401
+        assert services.http_get(f"{url}/api/jobs/", token="0" * 64)[0] == 403
+        with pytest.raises(AuthenticationError):
+            JobSubmissionClient(url, headers={"Authorization": "Bearer " + "0" * 64}).list_jobs()
+        assert JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"}).list_jobs() == []
+
+        # Placement: only the worker offers `preprocess`.
+        _, body = services.http_get(f"{url}/nodes?view=summary", token=token)
+        nodes = json.loads(body)["data"]["summary"]
+        totals = sorted(n["raylet"]["resourcesTotal"].get("preprocess", 0) for n in nodes)
+        assert totals == [0, 1]
+        assert {n["ip"] for n in nodes} == {"127.0.0.1"}
+
+        # 127.0.0.1 only: every listening socket of every process we started (Ray's gRPC included).
+        pids = _stack_pids(services, state)
+        assert len(pids) >= 8
+        assert _listening_addresses(pids) == {"127.0.0.1"}
+
+        # The token file is private and appears in no argv, state file, log, or `env` output.
+        assert (Path(state["ray"]["token_path"]).stat().st_mode & 0o777) == 0o600
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                assert token not in " ".join(psutil.Process(pid).cmdline())
+        for path in [state_dir / "state.json", *sorted((state_dir / "logs").glob("*.log"))]:
+            assert token not in path.read_text(errors="replace"), path
+        lines = services.env_lines(state_dir)
+        assert f"export RAY_AUTH_TOKEN_PATH={state['ray']['token_path']}" in lines
+        assert not any(token in line or TEST_AWS_SECRET in line for line in lines)
+
+        # moto has the bucket; mlflow answers.
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=state["s3"]["url"],
+            aws_access_key_id="x",
+            aws_secret_access_key="y",
+            region_name="us-east-1",
+        )
+        assert "pyoco-infra" in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+        assert services.http_get(state["mlflow"]["url"] + "/health")[0] == 200
+        temp_dir = Path(state["ray"]["temp_dir"])
+        assert temp_dir.is_dir()
+
+    assert services.status(state_dir) == {"state_dir": str(state_dir), "running": False, "services": {}}
+    assert not [
+        p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    ]
+    assert not temp_dir.exists()
+    assert services.http_get(f"{url}/api/gcs_healthz")[0] == 0
+    print(f"local stack test: {time.monotonic() - t0:.1f}s in all")
