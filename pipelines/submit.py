@@ -1,0 +1,503 @@
+"""``pyoco submit``: run the workflow (``pyoco run --config FILE``) as a Ray job on a running cluster.
+
+    pyoco submit --config pipelines/configs/demo.yaml --address http://127.0.0.1:8265 --wait
+
+What the job carries (``runtime_env``):
+- ``working_dir``: a zip of the project built here: the files git tracks or would track (or, for an
+  installed pyoco, the ``pyoco`` and ``pipelines`` packages), minus tests, virtualenvs, caches, outputs
+  and anything that looks like a credential file, plus the config file when it lives outside the project.
+  The zip is deterministic, so an unchanged project is uploaded once. The entrypoint is
+  ``python -m pipelines.cli run --config PATH``: ``-m`` imports the shipped code, not whatever version
+  happens to be installed on the nodes (the nodes provide the dependencies).
+- ``env_vars``, by value, only settings that are not secret: ``MLFLOW_TRACKING_URI`` (refused when it
+  embeds ``user:password@``), ``AWS_ENDPOINT_URL[_S3]``, ``AWS_DEFAULT_REGION``/``AWS_REGION``,
+  ``AWS_PROFILE`` (a profile *name*).
+- Credentials by *reference*: for each credential variable set in the submitting shell
+  (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``MLFLOW_TRACKING_USERNAME``,
+  ``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``) the job gets the literal string ``${NAME}``.
+  Ray expands it on the node, from the node's own environment, when it builds the job's environment, so
+  the value never leaves this machine and never enters the job's metadata, entrypoint or runtime_env
+  (which anyone with Jobs API access can read). The cluster supplies the values: a cluster started by
+  ``infra/local`` inherits them from the shell that ran ``up``; on AWS the nodes' instance role serves S3
+  (an unset variable expands to empty and boto falls through to the role); on Kubernetes they come from a
+  Secret (see ``infra/kuberay``). Before submitting, the payload and every file in the zip are checked
+  for the values of those variables and of the Ray token; a hit refuses the submission.
+
+Ray token auth (Ray >= 2.52; the Jobs API refuses calls without it): the token is read like Ray reads it,
+``RAY_AUTH_TOKEN``, else the file named by ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``, and sent as
+an ``Authorization: Bearer`` header (``JobSubmissionClient(headers=...)``; Ray's own header injection only
+runs when ``RAY_AUTH_MODE=token`` is set in this process). It is never printed. No token: a one-line
+explanation and exit 2.
+
+Output: the job id on stdout. ``--wait`` streams the job's logs to stdout and exits with the job's status:
+0 when it succeeded, the driver's exit code (or 1) when it failed, 1 when it was stopped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import typer
+
+from pipelines.common import PyocoError, cli_errors, console
+from pyoco.config import PyocoConfig, load_config
+
+FORWARD_BY_VALUE = (
+    "MLFLOW_TRACKING_URI",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+)
+FORWARD_BY_REFERENCE = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+# Never shipped in the working_dir, whatever git says (gitignore-style: a leading "/" anchors the pattern
+# at the project root, a trailing "/" matches a directory).
+PACKAGE_EXCLUDES = (
+    ".git/",
+    ".venv/",
+    "venv/",
+    "__pycache__/",
+    ".pytest_cache/",
+    ".ruff_cache/",
+    ".mypy_cache/",
+    "*.egg-info/",
+    "/.pyoco-local/",
+    "/.pyoco_cache/",
+    "/build/",
+    "/dist/",
+    "/demo/",
+    "/mlruns/",
+    "/mlartifacts/",
+    "/bench/out/",
+    "/tests/",
+    "/mlflow.db",
+    "*.pyc",
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
+    "auth_token",
+    "credentials",
+    ".netrc",
+)
+MAX_PACKAGE_BYTES = 100 * 1024 * 1024  # the Ray dashboard refuses bigger uploads
+STAGED_CONFIG_DIR = "_pyoco_submit"
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+_TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+# ------------------------------------------------------------------------------------------------ token
+@dataclass
+class AuthToken:
+    value: str = field(repr=False)
+    source: str  # where it came from, safe to print
+
+    def header(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.value}"}
+
+
+def read_auth_token(environ: dict[str, str] | None = None) -> AuthToken:
+    """The Ray token, looked up in Ray's order; PyocoError (exit 2) when there is none."""
+    env = os.environ if environ is None else environ
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return AuthToken(env["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN")
+    path_var = env.get("RAY_AUTH_TOKEN_PATH", "").strip()
+    if path_var:
+        path = Path(path_var).expanduser()
+        try:
+            value = path.read_text().strip()
+        except OSError as err:
+            raise PyocoError(
+                f"RAY_AUTH_TOKEN_PATH={path}: cannot read the Ray token ({err.strerror})"
+            ) from None
+        if not value:
+            raise PyocoError(f"RAY_AUTH_TOKEN_PATH={path}: the token file is empty")
+        return AuthToken(value, f"RAY_AUTH_TOKEN_PATH ({path})")
+    default = Path(env.get("HOME") or Path.home()) / ".ray" / "auth_token"
+    try:
+        value = default.read_text().strip()
+    except OSError:
+        value = ""
+    if value:
+        return AuthToken(value, str(default))
+    raise PyocoError(
+        "no Ray auth token: the cluster's Jobs API needs one; set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, "
+        "or put it in ~/.ray/auth_token (`ray get-auth-token` on the head node prints it; for the local "
+        'stack run `eval "$(python infra/local/services.py env)"`)'
+    )
+
+
+# --------------------------------------------------------------------------------------------- package
+def project_root() -> Path | None:
+    """The source checkout pyoco runs from (pyproject.toml next to pipelines/), or None if installed."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and (root / "pyoco").is_dir():
+        return root
+    return None
+
+
+def _excluded(rel: str) -> bool:
+    """Whether the project-relative posix path ``rel`` matches PACKAGE_EXCLUDES."""
+    parts = rel.split("/")
+    for pattern in PACKAGE_EXCLUDES:
+        anchored = pattern.startswith("/")
+        is_dir = pattern.endswith("/")
+        pat = pattern.strip("/").split("/")
+        candidates = parts[:-1] if is_dir else parts
+        starts = [0] if anchored else range(len(candidates) - len(pat) + 1)
+        for i in starts:
+            window = candidates[i : i + len(pat)]
+            if len(window) == len(pat) and all(
+                fnmatch.fnmatchcase(c, p) for c, p in zip(window, pat, strict=True)
+            ):
+                if is_dir or i + len(pat) == len(parts):
+                    return True
+    return False
+
+
+def project_files(root: Path) -> list[str]:
+    """Relative posix paths to ship: git's view (tracked + untracked, not ignored), else a filtered walk."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            capture_output=True,
+            check=True,
+            timeout=30,
+        ).stdout
+        names = {n for n in out.decode().split("\0") if n}
+    except (OSError, subprocess.SubprocessError):
+        names = set()
+        for dirpath, dirnames, filenames in os.walk(root):
+            rel_dir = Path(dirpath).relative_to(root).as_posix()
+            rel_dir = "" if rel_dir == "." else rel_dir + "/"
+            dirnames[:] = [d for d in dirnames if not _excluded(f"{rel_dir}{d}/x")]
+            names.update(f"{rel_dir}{f}" for f in filenames)
+    return sorted(n for n in names if not _excluded(n) and (root / n).is_file())
+
+
+def _package_dirs() -> list[tuple[Path, str]]:
+    """(folder, name in zip) of the installed packages, for a pyoco that is not a source checkout."""
+    import pipelines
+    import pyoco
+
+    return [(Path(pyoco.__file__).parent, "pyoco"), (Path(pipelines.__file__).parent, "pipelines")]
+
+
+@dataclass
+class Package:
+    path: Path  # the zip (in a temporary folder the caller removes)
+    config_in_job: str  # the config's path relative to the job's working dir
+    files: int
+    size_bytes: int
+
+
+def build_package(config_path: Path, workdir: Path) -> Package:
+    """Write the deterministic working_dir zip into ``workdir`` (see the module docstring)."""
+    config_path = config_path.resolve()
+    entries: dict[str, Path] = {}
+    root = project_root()
+    if root is not None:
+        for rel in project_files(root):
+            entries[rel] = root / rel
+    else:
+        for folder, name in _package_dirs():
+            for path in folder.rglob("*"):
+                rel = f"{name}/{path.relative_to(folder).as_posix()}"
+                if path.is_file() and not _excluded(rel):
+                    entries[rel] = path
+    config_in_job = next((rel for rel, p in entries.items() if p.resolve() == config_path), None)
+    if config_in_job is None:
+        config_in_job = f"{STAGED_CONFIG_DIR}/{config_path.name}"
+        entries[config_in_job] = config_path
+
+    total = sum(p.stat().st_size for p in entries.values())
+    if total > MAX_PACKAGE_BYTES:
+        biggest = sorted(entries, key=lambda r: entries[r].stat().st_size, reverse=True)[:3]
+        raise PyocoError(
+            f"the project package would be {total / 2**20:.0f} MiB (Ray accepts {MAX_PACKAGE_BYTES / 2**20:.0f});"
+            f" largest files: {', '.join(biggest)}; keep data out of the project folder (or git-ignore it)"
+        )
+    zip_path = workdir / "pyoco-job.zip"
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for rel in sorted(entries):
+            info = zipfile.ZipInfo(rel, date_time=_ZIP_DATE)
+            info.external_attr = (entries[rel].stat().st_mode & 0o777) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, entries[rel].read_bytes())
+    return Package(zip_path, config_in_job, len(entries), total)
+
+
+# ---------------------------------------------------------------------------------------------- runtime
+def job_env_vars(environ: dict[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
+    """(env_vars for the runtime_env, names passed by reference). Raises on a URI with credentials."""
+    env = os.environ if environ is None else environ
+    out: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
+    for name in FORWARD_BY_VALUE:
+        value = env.get(name)
+        if not value:
+            continue
+        if "://" in value and urlsplit(value).password is not None:
+            raise PyocoError(
+                f"{name} embeds a password (user:password@host); put credentials in "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which are passed by reference"
+            )
+        out[name] = value
+    refs = [name for name in FORWARD_BY_REFERENCE if env.get(name)]
+    out.update({name: "${" + name + "}" for name in refs})
+    return out, refs
+
+
+MIN_SECRET_CHARS = 12  # shorter values (moto's "testing") match ordinary text; real keys are 40+ chars
+
+
+def secret_values(token: AuthToken | None, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """{label: value} of everything that must not appear in the job payload or package.
+
+    AWS_ACCESS_KEY_ID is an identifier, not a secret, and values under MIN_SECRET_CHARS are skipped.
+    """
+    env = os.environ if environ is None else environ
+    found = {
+        name: env[name]
+        for name in (*FORWARD_BY_REFERENCE, "RAY_AUTH_TOKEN")
+        if name != "AWS_ACCESS_KEY_ID" and len(env.get(name, "")) >= MIN_SECRET_CHARS
+    }
+    if token is not None and len(token.value) >= MIN_SECRET_CHARS:
+        found["the Ray auth token"] = token.value
+    return found
+
+
+def check_no_secrets(payload: dict, package: Package | None, secrets_: dict[str, str]) -> None:
+    """Refuse to submit when a secret value shows up in the job payload or in a shipped file."""
+    blob = json.dumps(payload, sort_keys=True, default=str)
+    for label, value in secrets_.items():
+        if value in blob:
+            raise PyocoError(f"refusing to submit: the value of {label} would appear in the job's metadata")
+    if package is None:
+        return
+    needles = {label: value.encode() for label, value in secrets_.items()}
+    with zipfile.ZipFile(package.path) as zf:
+        for name in zf.namelist():
+            data = zf.read(name)
+            for label, needle in needles.items():
+                if needle in data:
+                    raise PyocoError(
+                        f"refusing to submit: {name} contains the value of {label}; remove it or git-ignore it"
+                    )
+
+
+def local_path_warnings(cfg: PyocoConfig) -> list[str]:
+    """Relative local paths resolve inside the job's temporary working dir on the cluster."""
+    fields = {"output": cfg.output}
+    if cfg.synth is not None:
+        fields["synth.out"] = cfg.synth.out
+    if cfg.preprocess is not None:
+        fields["preprocess.input"] = cfg.preprocess.input
+        fields["preprocess.output"] = cfg.preprocess.output
+    for name in ("data", "output", "storage_path"):
+        fields[f"train.{name}"] = getattr(cfg.train, name)
+    return [
+        f"{name}={value!r} is a relative local path: on the cluster it lands in the job's temporary working "
+        "dir; use s3:// (or an absolute path on a shared filesystem)"
+        for name, value in fields.items()
+        if value and "://" not in value and not value.startswith("/")
+    ]
+
+
+def default_submission_id(cfg: PyocoConfig) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in cfg.name)[:40]
+    return f"pyoco-{safe}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pyoco")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------- client
+def resolve_address(address: str | None) -> str:
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise PyocoError("no Ray address: pass --address http://HOST:8265 (the dashboard / Jobs API)")
+    if "://" not in address:
+        raise PyocoError(f"--address {address!r}: expected the dashboard URL, e.g. http://127.0.0.1:8265")
+    return address.rstrip("/")
+
+
+def connect(address: str, token: AuthToken):
+    """A JobSubmissionClient that sends the token; one-line errors for the usual failures."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address, headers=token.header())
+    except AuthenticationError as err:
+        if "401" in str(err) or "Authentication required" in str(err):
+            raise PyocoError(f"{address} refused the request: no token was accepted") from None
+        raise PyocoError(
+            f"{address} rejected the Ray auth token from {token.source}: it is not this cluster's token"
+        ) from None
+    except ConnectionError:
+        raise PyocoError(f"cannot reach the Ray Jobs API at {address} (is the cluster up?)") from None
+
+
+def exit_code_for(info) -> int:
+    status = str(getattr(info.status, "value", info.status))
+    if status == "SUCCEEDED":
+        return 0
+    if status == "FAILED":
+        code = getattr(info, "driver_exit_code", None)
+        return code if isinstance(code, int) and 0 < code < 256 else 1
+    return 1
+
+
+def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0):
+    """Stream the job's logs to ``out`` until it ends; return its final JobInfo."""
+    import asyncio
+
+    async def _tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(_tail())
+    except Exception as err:  # noqa: BLE001 - the job itself is unaffected; fall back to polling
+        console.print(
+            f"[yellow]log stream interrupted ({type(err).__name__}); waiting for the job[/]", soft_wrap=True
+        )
+    while True:
+        info = client.get_job_info(job_id)
+        if str(getattr(info.status, "value", info.status)) in _TERMINAL:
+            return info
+        time.sleep(poll_s)
+
+
+# ------------------------------------------------------------------------------------------------ submit
+def submit_workflow(
+    config: Path,
+    address: str | None,
+    *,
+    wait: bool = False,
+    submission_id: str | None = None,
+    entrypoint_override: str | None = None,
+    out=sys.stdout,
+) -> int:
+    """Validate, package and submit; return the CLI exit code (0 when submitted, or the job's with wait)."""
+    cfg = load_config(config)
+    address = resolve_address(address)
+    token = read_auth_token()
+    env_vars, refs = job_env_vars()
+    for warning in local_path_warnings(cfg):
+        console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+
+    with tempfile.TemporaryDirectory(prefix="pyoco-submit-") as tmp:
+        package = build_package(Path(config), Path(tmp))
+        entrypoint = f"python -m pipelines.cli run --config {shlex.quote(package.config_in_job)}"
+        if entrypoint_override:
+            entrypoint = entrypoint_override.replace("{config}", shlex.quote(package.config_in_job))
+        runtime_env = {"working_dir": str(package.path), "env_vars": env_vars}
+        metadata = {
+            "pyoco.config": package.config_in_job,
+            "pyoco.config_hash": cfg.hash(),
+            "pyoco.name": cfg.name,
+            "pyoco.version": _version(),
+            "pyoco.credentials": ("by-reference:" + ",".join(refs)) if refs else "cluster-default",
+        }
+        payload = {"entrypoint": entrypoint, "runtime_env": runtime_env, "metadata": metadata}
+        check_no_secrets(payload, package, secret_values(token))
+
+        client = connect(address, token)
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            metadata=metadata,
+            submission_id=submission_id or default_submission_id(cfg),
+        )
+    console.print(
+        f"submitted [bold]{job_id}[/] to {address} ({package.files} files, {package.size_bytes / 2**20:.1f} MiB;"
+        f" credentials: {metadata['pyoco.credentials']})",
+        soft_wrap=True,
+    )
+    print(job_id, file=out, flush=True)
+    if not wait:
+        console.print(f"follow it with: ray job logs --follow {job_id} --address {address}", soft_wrap=True)
+        return 0
+    t0 = time.monotonic()
+    try:
+        info = follow(client, job_id, out=out)
+    except KeyboardInterrupt:
+        console.print(
+            f"stopped following; the job keeps running (ray job stop {job_id} --address {address})",
+            soft_wrap=True,
+        )
+        return 130
+    code = exit_code_for(info)
+    status = str(getattr(info.status, "value", info.status))
+    first_line = (info.message or "").strip().splitlines()[:1]
+    message = f": {first_line[0]}" if status != "SUCCEEDED" and first_line else ""
+    console.print(f"job {job_id} {status} after {time.monotonic() - t0:.1f}s{message}", soft_wrap=True)
+    return code
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("submit")
+    @cli_errors
+    def submit_cmd(
+        config: Path = typer.Option(..., "--config", "-c", help="Workflow YAML (validated here first)."),
+        address: str = typer.Option(
+            None,
+            "--address",
+            help="Ray dashboard / Jobs API URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS if a URL).",
+        ),
+        wait: bool = typer.Option(False, "--wait", help="Stream the logs and exit with the job's status."),
+        submission_id: str = typer.Option(None, "--job-id", help="Submission id (default: pyoco-NAME-TIME)."),
+        entrypoint: str = typer.Option(
+            None,
+            "--entrypoint",
+            hidden=True,
+            help="Tests only: replace the entrypoint ({config} = the path).",
+        ),
+    ) -> None:
+        """Submit the workflow as a Ray job (token auth; credentials passed by reference only)."""
+        code = submit_workflow(
+            config, address, wait=wait, submission_id=submission_id, entrypoint_override=entrypoint
+        )
+        if code:
+            raise typer.Exit(code)
+
+
+__all__ = [
+    "AuthToken",
+    "Package",
+    "build_package",
+    "check_no_secrets",
+    "job_env_vars",
+    "read_auth_token",
+    "register",
+    "submit_workflow",
+]
