@@ -30,7 +30,8 @@ Output (ARCHITECTURE.md)::
 Clip columns: ``clip_id`` (stable hash of source/key/start), ``source`` (URI of the shard or file), ``key``,
 ``clip_index``, ``start_frame``, ``num_frames``, ``fps``, ``height``, ``width``, ``frames`` (uint8
 ``(T, H, W, 3)`` C-order bytes; see :func:`frames_array`), ``caption`` (cleaned), ``caption_embedding``
-(float32 ``(L, 384)`` MiniLM token states: fixed-size lists, see :func:`embedding_arrays`),
+(float32 ``(L, 384)`` MiniLM token states, stored row-major as one fixed-size list of ``L * 384`` floats
+whose field metadata says ``shape: [L, 384]``; see :func:`embedding_arrays`),
 ``caption_mask`` (bool ``(L,)``, True = real token), ``node_id`` (the Ray node that decoded it).
 We store the token-level ``(L, 384)`` states and the mask rather than a pooled ``(384,)`` vector because
 that is exactly the cross-attention input training needs (so training never runs the text encoder).
@@ -138,7 +139,11 @@ def clip_schema(text_len: int):
             ("width", pa.int32()),
             ("frames", pa.large_binary()),
             ("caption", pa.string()),
-            ("caption_embedding", pa.list_(pa.list_(pa.float32(), EMBED_DIM), text_len)),
+            pa.field(
+                "caption_embedding",
+                pa.list_(pa.float32(), text_len * EMBED_DIM),
+                metadata={"shape": json.dumps([text_len, EMBED_DIM])},
+            ),
             ("caption_mask", pa.list_(pa.bool_(), text_len)),
             ("node_id", pa.string()),
         ]
@@ -192,8 +197,8 @@ def embedding_arrays(table) -> tuple[Any, Any]:
 
     emb_col = table.column("caption_embedding").combine_chunks()
     mask_col = table.column("caption_mask").combine_chunks()
-    length = emb_col.type.list_size
-    emb = np.asarray(emb_col.flatten().flatten().to_numpy(zero_copy_only=False), np.float32)
+    length = mask_col.type.list_size
+    emb = np.asarray(emb_col.flatten().to_numpy(zero_copy_only=False), np.float32)
     mask = np.asarray(mask_col.flatten().to_numpy(zero_copy_only=False), bool)
     return emb.reshape(len(table), length, EMBED_DIM), mask.reshape(len(table), length)
 
@@ -538,7 +543,9 @@ def _index_shard_once(uri: str, settings: StepSettings, options) -> list[dict]:
             except (tarfile.ReadError, EOFError) as err:
                 damage = f"tar unreadable after {len(members)} members at byte {tar.offset}: {err}"
             rows = _group_members(uri, members, size, f, settings, cf)
-            if damage:
+            # A last member whose data runs past the end already records the damage (as truncated_tar).
+            last_cut = bool(members) and members[-1].offset_data + members[-1].size > size
+            if damage and not last_cut:
                 rows.append(
                     _reject(uri, f"<damaged tail @{tar.offset}>", STAGE_READ, "truncated_tar", damage)
                 )
@@ -752,9 +759,10 @@ class CaptionEmbedder:
             pos = {c: j for j, c in enumerate(unique)}
             for i in todo:
                 emb[i], mask[i] = e[pos[captions[i]]], m[pos[captions[i]]]
+        # One flat fixed-size list per row (L * 384 floats, row-major (L, 384)): pyarrow 25's filter/take on
+        # *sliced nested* fixed-size lists return garbage, and Ray Data slices blocks freely.
         emb_arr = pa.FixedSizeListArray.from_arrays(
-            pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), EMBED_DIM),
-            self.text_len,
+            pa.array(emb.reshape(-1), pa.float32()), self.text_len * EMBED_DIM
         )
         mask_arr = pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1), pa.bool_()), self.text_len)
         return batch.append_column("caption_embedding", emb_arr).append_column("caption_mask", mask_arr)

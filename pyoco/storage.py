@@ -10,10 +10,11 @@ used. :class:`StorageOptions` exists so that a driver can ship its S3 settings t
 environment was fixed before the driver's was (its ``repr`` never shows a secret, and nothing in this
 module logs one).
 
-Retries: S3 requests retry on connection errors, timeouts and truncated bodies (botocore "standard" mode,
-10 attempts with capped exponential backoff, plus s3fs's own retries of dropped reads), and
-:func:`read_range` / :func:`read_bytes` wrap a whole read in a deadline-bounded retry loop, so an S3
-endpoint that drops every connection for several seconds is survived.
+Retries: S3 requests retry on connection errors, timeouts and truncated bodies at three levels: botocore
+("standard" mode, 2 attempts), s3fs (4 retries of dropped reads), and :func:`retry_transient` around each
+whole read/write (:func:`read_range`, :func:`read_bytes`, :func:`write_bytes`): capped backoff (≤ 2 s) until
+a 120 s deadline. So an endpoint that drops every connection for a few seconds costs about the outage, not
+minutes of exponential backoff.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "http", "https", "memo
 # botocore client config: connect / read timeouts (s) and its own retry policy.
 S3_CONNECT_TIMEOUT_S = 5
 S3_READ_TIMEOUT_S = 30
-S3_MAX_ATTEMPTS = 10
-S3FS_RETRIES = 10
+S3_MAX_ATTEMPTS = 2  # botocore's own backoff grows to many seconds; our loop below retries with a 2 s cap
+S3FS_RETRIES = 4
 # Deadline for a whole read in read_range/read_bytes, retried on transient errors.
 READ_DEADLINE_S = 120.0
 
@@ -209,15 +210,21 @@ def retry_transient(
             elapsed = time.monotonic() - start
             if elapsed >= deadline_s:
                 raise OSError(f"{what}: still failing after {elapsed:.0f}s ({type(err).__name__})") from err
-            time.sleep(min(0.25 * 2 ** min(attempt, 5), 4.0) * (0.5 + random.random() / 2))
+            time.sleep(min(0.2 * 2 ** min(attempt, 4), 2.0) * (0.5 + random.random() / 2))
 
 
 def _is_transient(err: BaseException) -> bool:
-    if isinstance(err, (ConnectionError, TimeoutError, OSError, EOFError)):
+    if isinstance(err, ShortReadError):
+        return False
+    if isinstance(err, (ConnectionError, TimeoutError, OSError)):
         return True
     mod = type(err).__module__ or ""
     # botocore/aiohttp/s3fs connection and payload errors
     return mod.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3", "s3fs", "fsspec"))
+
+
+class ShortReadError(EOFError):
+    """A range read that returned fewer bytes than asked for, three times: the object is shorter."""
 
 
 def read_bytes(uri: str, *, endpoint_url: str | None = None, options=None) -> bytes:
@@ -231,10 +238,11 @@ def read_range(uri: str, start: int, end: int, *, endpoint_url: str | None = Non
     fs, path = filesystem(uri, endpoint_url=endpoint_url, options=options)
 
     def _read() -> bytes:
-        data = fs.cat_file(path, start=start, end=end)
-        if len(data) != end - start:
-            raise EOFError(f"short read: {len(data)} of {end - start} bytes")
-        return data
+        for _ in range(3):  # a body cut short by the network: fetch again; past the end of the object: error
+            data = fs.cat_file(path, start=start, end=end)
+            if len(data) == end - start:
+                return data
+        raise ShortReadError(f"{uri}: bytes [{start}, {end}) requested, {len(data)} available")
 
     return retry_transient(_read, what=f"read {uri}[{start}:{end}]")
 

@@ -179,7 +179,7 @@ def _shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float
         s = r * 0.886  # same area as the circle
         return (np.abs(dx) <= s) & (np.abs(dy) <= s)
     if shape == "triangle":  # pointing up, base at cy + r
-        return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2 * 1.1547)
+        return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)  # base 2r, height 2r
     raise ValueError(f"unknown shape {shape!r}")
 
 

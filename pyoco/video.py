@@ -91,7 +91,7 @@ def _open(src: Any):
     except av.error.InvalidDataError as err:
         raise VideoDecodeError("decode_error", f"not a readable video container ({_short(err)})") from None
     except (av.error.FFmpegError, OSError, ValueError, EOFError) as err:
-        raise VideoDecodeError("decode_error", _short(err)) from None
+        raise VideoDecodeError("decode_error", f"can't open the container ({_short(err)})") from None
 
 
 def _short(err: BaseException) -> str:
