@@ -10,8 +10,9 @@ What the job carries (``runtime_env``):
   ``python -m pipelines.cli run --config PATH``: ``-m`` imports the shipped code, not whatever version
   happens to be installed on the nodes (the nodes provide the dependencies).
 - ``env_vars``, by value, only settings that are not secret: ``MLFLOW_TRACKING_URI`` (refused when it
-  embeds ``user:password@``), ``AWS_ENDPOINT_URL[_S3]``, ``AWS_DEFAULT_REGION``/``AWS_REGION``,
-  ``AWS_PROFILE`` (a profile *name*).
+  embeds ``user:password@``), ``AWS_ENDPOINT_URL[_S3]``, ``AWS_DEFAULT_REGION``/``AWS_REGION``. They
+  are used as given on the nodes, so they must be addresses the cluster can reach. ``AWS_PROFILE`` is not
+  forwarded: a profile of this machine rarely exists on the nodes, and boto fails on a missing one.
 - Credentials by *reference*: for each credential variable set in the submitting shell
   (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``MLFLOW_TRACKING_USERNAME``,
   ``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``) the job gets the literal string ``${NAME}``.
@@ -60,7 +61,6 @@ FORWARD_BY_VALUE = (
     "AWS_ENDPOINT_URL_S3",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
-    "AWS_PROFILE",
 )
 FORWARD_BY_REFERENCE = (
     "AWS_ACCESS_KEY_ID",

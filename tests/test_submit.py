@@ -89,6 +89,7 @@ def test_env_vars_pass_settings_by_value_and_credentials_by_reference():
         "AWS_ACCESS_KEY_ID": TEST_AWS_KEY_ID,
         "AWS_SECRET_ACCESS_KEY": TEST_AWS_SECRET,
         "MLFLOW_TRACKING_PASSWORD": "hunter2-hunter2",
+        "AWS_PROFILE": "laptop-profile",
         "UNRELATED": "x",
     }
     env_vars, refs = job_env_vars(env)
@@ -97,7 +98,7 @@ def test_env_vars_pass_settings_by_value_and_credentials_by_reference():
     assert env_vars["AWS_SECRET_ACCESS_KEY"] == "${AWS_SECRET_ACCESS_KEY}"
     assert env_vars["AWS_ACCESS_KEY_ID"] == "${AWS_ACCESS_KEY_ID}"
     assert env_vars["MLFLOW_TRACKING_PASSWORD"] == "${MLFLOW_TRACKING_PASSWORD}"
-    assert "UNRELATED" not in env_vars and "AWS_SESSION_TOKEN" not in env_vars
+    assert not {"UNRELATED", "AWS_SESSION_TOKEN", "AWS_PROFILE"} & set(env_vars)
     assert refs == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"]
     assert TEST_AWS_SECRET not in json.dumps(env_vars) and "hunter2" not in json.dumps(env_vars)
 
