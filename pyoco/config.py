@@ -162,6 +162,12 @@ class TrainConfig(_Section):
     # Fault injection for tests: rank 1 exits with os._exit at this step, once (marker in storage).
     fail_at_step: int | None = Field(None, ge=1)
     image_pretrain: bool = False  # T = 1, iid prior, 2-D UNet (``pyoco pretrain-image``)
+    # Ray Train run name under storage_path; re-running with the same name resumes from its latest
+    # checkpoint. None: "{name}-train" ("{name}-pretrain-image" for image pretraining).
+    run_name: str | None = None
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    sample_guidance: float = Field(3.0, ge=1.0)
+    system_metrics_interval_s: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
     def _has_stop(self) -> TrainConfig:

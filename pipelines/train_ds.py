@@ -1,0 +1,128 @@
+"""DeepSpeed for the training step: the config generated from the typed TrainConfig, the LR schedule, and the
+process setup that lets DeepSpeed run on CPU workers (gloo) as well as GPUs (NCCL, bf16).
+
+The generated config is the single description of the optimisation (logged to MLflow as
+``deepspeed/ds_config.json``):
+
+- ZeRO stage 0-3 (``train.zero_stage``); at stage 3 parameters, gradients and optimizer state are partitioned.
+- precision: bf16 on GPU, fp32 on CPU (``train.precision: auto``); DeepSpeed keeps fp32 master weights for bf16.
+- ``train_micro_batch_size_per_gpu`` = ``batch_size_per_worker``, ``gradient_accumulation_steps``, global
+  ``train_batch_size`` = micro x accumulation x workers; gradient clipping by global norm.
+- AdamW built by DeepSpeed as ``torch.optim.AdamW`` (``torch_adam: true``): works on CPU and GPU without
+  compiling DeepSpeed's fused/CPU Adam kernels.
+
+The LR schedule (linear warmup, then constant / linear / cosine decay to 0 at ``total_steps``) is a
+``LambdaLR`` handed to ``deepspeed.initialize``; DeepSpeed steps it at every optimizer step and saves and
+restores its position in checkpoints. Its shape is *not* restored from a checkpoint, so resuming with a larger
+``max_steps`` stretches the decay instead of keeping the old end point.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from pyoco.config import TrainConfig
+
+ADAM_EPS = 1e-8
+
+
+def use_bf16(train: TrainConfig) -> bool:
+    """bf16 when asked, or on GPU with ``precision: auto``; fp32 otherwise (CPU has no fast bf16 path here)."""
+    if train.precision == "auto":
+        return bool(train.use_gpu)
+    return train.precision == "bf16"
+
+
+def deepspeed_config(train: TrainConfig, *, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``train`` on ``world_size`` data-parallel workers."""
+    micro = int(train.batch_size_per_worker)
+    accum = int(train.grad_accum_steps)
+    zero: dict[str, Any] = {"stage": int(train.zero_stage)}
+    if train.zero_stage >= 2:
+        zero.update({"overlap_comm": False, "contiguous_gradients": True})
+    if train.zero_stage == 3:
+        # Weights are consolidated from the checkpoint (zero_to_fp32) at export, never gathered on save.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * int(world_size),
+        "gradient_clipping": float(train.grad_clip) if train.grad_clip else 0.0,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": float(train.lr),
+                "betas": [float(b) for b in train.betas],
+                "eps": ADAM_EPS,
+                "weight_decay": float(train.weight_decay),
+                "torch_adam": True,
+            },
+        },
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(train)},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, kind: str) -> float:
+    """LR factor for optimizer step ``step`` (0-based): linear warmup to 1 over ``warmup_steps``, then
+    ``kind`` = constant (1), linear (to 0 at ``total_steps``) or cosine (half cosine to 0)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / span))
+    if kind == "linear":
+        return 1.0 - progress
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr_schedule {kind!r}")
+
+
+def make_lr_scheduler(train: TrainConfig, total_steps: int):
+    """``optimizer -> LambdaLR`` for ``deepspeed.initialize(lr_scheduler=...)``.
+
+    The multiplier is a closure (not a callable object) on purpose: ``LambdaLR.state_dict`` then stores only
+    the position, so a resumed run follows *its* config's schedule."""
+
+    def build(optimizer):
+        from torch.optim.lr_scheduler import LambdaLR
+
+        warmup, kind = int(train.warmup_steps), str(train.lr_schedule)
+
+        def factor(step: int) -> float:
+            return lr_multiplier(step, warmup_steps=warmup, total_steps=total_steps, kind=kind)
+
+        return LambdaLR(optimizer, factor)
+
+    return build
+
+
+def setup_deepspeed(use_gpu: bool, *, quiet: bool = True):
+    """Import DeepSpeed for this worker's device and return the module.
+
+    On CPU: select DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``; its collectives then use the gloo
+    process group that Ray Train created) and skip building DeepSpeed's shared-memory all-reduce extension:
+    DeepSpeed JIT-compiles it (about a minute on a fresh machine) when its comm backend starts, and only its
+    *inference* all-reduce uses it; training collectives go through torch.distributed/gloo either way.
+    """
+    if not use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+    import deepspeed.comm.torch as ds_comm_torch
+
+    if not use_gpu:
+        ds_comm_torch.build_shm_op = lambda: None
+    if quiet:
+        import logging
+
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    return deepspeed

@@ -1,0 +1,252 @@
+"""Clip shards for the training tests, written directly in the preprocess output schema (no preprocess run).
+
+Frames: a coloured square that moves one pixel per frame, its colour and direction set by the clip index;
+caption embeddings: fixed random (L, 384) states per (colour, direction) class, with a mask, so the tiny model
+can overfit them quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+EMBED_DIM = 384
+COLOURS = [(230, 40, 40), (40, 200, 60), (40, 80, 230), (220, 220, 40)]
+
+
+def clip_frames(index: int, num_frames: int, size: int) -> np.ndarray:
+    """uint8 (T, H, W, 3): a square of side size//2 moving right (even index) or down (odd)."""
+    frames = np.full((num_frames, size, size, 3), 16, dtype=np.uint8)
+    side = max(2, size // 2)
+    colour = COLOURS[index % len(COLOURS)]
+    for t in range(num_frames):
+        off = t % (size - side + 1)
+        y, x = (0, off) if index % 2 == 0 else (off, 0)
+        frames[t, y : y + side, x : x + side] = colour
+    return frames
+
+
+def write_clips(
+    out: Path,
+    *,
+    num_clips: int = 8,
+    num_frames: int = 4,
+    size: int = 8,
+    text_len: int = 4,
+    shards: int = 2,
+    seed: int = 0,
+    frames_format: str = "binary",  # binary (preprocess) | list (nested fixed-size lists)
+    embedding: str = "flat",  # flat (L*D, preprocess's layout) | nested (L, D) | pooled (D,); + mask
+    manifest: bool = True,
+) -> Path:
+    """Write ``out/clips/part-*.parquet`` (+ ``out/manifest.json``); returns the clips folder."""
+    rng = np.random.default_rng(seed)
+    classes = rng.standard_normal((len(COLOURS) * 2, text_len, EMBED_DIM)).astype(np.float32)
+    clips = Path(out) / "clips"
+    clips.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(num_clips):
+        frames = clip_frames(i, num_frames, size)
+        mask = np.zeros(text_len, dtype=bool)
+        mask[: 2 + i % max(1, text_len - 1)] = True
+        row = {
+            "clip_id": f"clip{i:04d}",
+            "source": "fixture",
+            "key": f"video{i:04d}",
+            "start_frame": 0,
+            "num_frames": num_frames,
+            "fps": 8.0,
+            "height": size,
+            "width": size,
+            "caption": f"shape {i % len(COLOURS)} moves {'right' if i % 2 == 0 else 'down'}",
+        }
+        emb = classes[(i % len(COLOURS)) * 2 + i % 2]
+        if embedding in ("flat", "nested"):
+            row["caption_embedding"] = (emb.reshape(-1) if embedding == "flat" else emb).tolist()
+            row["caption_mask"] = mask.tolist()
+        else:
+            row["caption_embedding"] = emb[0].tolist()
+        row["frames"] = frames.tobytes() if frames_format == "binary" else frames.tolist()
+        rows.append(row)
+
+    fields = [
+        ("clip_id", pa.string()),
+        ("source", pa.string()),
+        ("key", pa.string()),
+        ("start_frame", pa.int32()),
+        ("num_frames", pa.int32()),
+        ("fps", pa.float32()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("caption", pa.string()),
+    ]
+    if frames_format == "binary":
+        fields.append(("frames", pa.large_binary()))
+    else:
+        px = pa.list_(pa.uint8(), 3)
+        fields.append(("frames", pa.list_(pa.list_(pa.list_(px, size), size), num_frames)))
+    if embedding == "flat":
+        fields.append(
+            pa.field(
+                "caption_embedding",
+                pa.list_(pa.float32(), text_len * EMBED_DIM),
+                metadata={"shape": json.dumps([text_len, EMBED_DIM])},
+            )
+        )
+        fields.append(("caption_mask", pa.list_(pa.bool_(), text_len)))
+    elif embedding == "nested":
+        fields.append(("caption_embedding", pa.list_(pa.list_(pa.float32(), EMBED_DIM), text_len)))
+        fields.append(("caption_mask", pa.list_(pa.bool_(), text_len)))
+    else:
+        fields.append(("caption_embedding", pa.list_(pa.float32(), EMBED_DIM)))
+    schema = pa.schema(fields)
+    per = -(-num_clips // shards)
+    for s in range(shards):
+        part = rows[s * per : (s + 1) * per]
+        if part:
+            pq.write_table(pa.Table.from_pylist(part, schema=schema), clips / f"part-{s:05d}.parquet")
+    if manifest:
+        (Path(out) / "manifest.json").write_text(
+            json.dumps(
+                {"inputs": num_clips, "accepted_videos": num_clips, "clips_written": num_clips, "seed": seed}
+            )
+        )
+    return clips
+
+
+def tiny_config(tmp: Path, clips: Path, **train) -> dict:
+    """A workflow config dict for a tiny 2-worker CPU run over ``clips`` (override train fields by kwargs)."""
+    t = {
+        "data": str(clips),
+        "output": str(tmp / "model"),
+        "storage_path": str(tmp / "ray"),
+        "num_workers": 2,
+        "resources_per_worker": {"CPU": 0.5},
+        "zero_stage": 2,
+        "batch_size_per_worker": 2,
+        "lr": 1e-3,
+        "lr_schedule": "constant",
+        "max_steps": 4,
+        "checkpoint_every": 2,
+        "num_to_keep": 2,
+        "ema_decay": 0.9,
+        "caption_dropout": 0.1,
+        "shuffle_buffer": 4,
+        "sample_prompts": ["a red square moves right"],
+        "sample_seeds": [0],
+        "sample_steps": 2,
+        "system_metrics_interval_s": 1.0,
+    }
+    t.update(train)
+    return {
+        "name": "t",
+        "output": str(tmp / "out"),
+        "model": {
+            "tiny": {"sample_size": 8, "block_out_channels": [16, 32], "attention_head_dim": 2},
+            "text_max_length": 4,
+            "train_layers": "all",
+            "motion_max_seq_length": 8,
+        },
+        "noise": {"kind": "progressive", "alpha": 1.0},
+        "train": t,
+        "mlflow": {"experiment": "pyoco-tests"},
+    }
+
+
+def _net():
+    """A tiny module with both ZeRO-3 parameter kinds at persistence threshold 50: partitioned (the Linear
+    weights) and persistent (LayerNorm's 40-element weight and bias)."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(6, 40)
+            self.norm = torch.nn.LayerNorm(40)
+            self.b = torch.nn.Linear(40, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.norm(self.a(x))))
+
+    return Net()
+
+
+def ema_zero3_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of tests/test_train_unit.py's ZeRO-3 EMA check (spawned; kept here so children import little)."""
+    import torch
+
+    from pipelines.train_ema import ShardedEMA, consolidate
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from pipelines.train_ds import setup_deepspeed
+
+    deepspeed = setup_deepspeed(use_gpu=False)
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 50},
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "torch_adam": True}},
+        "steps_per_print": 10**9,
+    }
+    model = _net()
+    engine = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)[0]
+    params = list(engine.module.named_parameters())
+    gathered = deepspeed.zero.GatheredParameters
+
+    def full():
+        with gathered([p for _, p in params]):
+            return {n: p.detach().clone() for n, p in params}
+
+    ema = ShardedEMA(params, 0.8, rank=rank)
+    ref = full()
+    g = torch.Generator().manual_seed(100 + rank)
+    for n_upd in range(4):
+        loss = engine(torch.randn(4, 6, generator=g)).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        ema.update()
+        d = min(0.8, (1 + n_upd) / (10 + n_upd))
+        now = full()
+        ref = {n: d * ref[n] + (1 - d) * now[n] for n in ref}
+    torch.save(ema.state_dict(), Path(out) / f"ema_rank{rank}.pt")
+    x = torch.linspace(-1, 1, 24).reshape(4, 6)
+    with torch.no_grad():
+        y_before = engine.module(x)
+        with ema.swap():
+            y_ema = engine.module(x)
+        y_after = engine.module(x)
+    torch.distributed.barrier()
+    if rank == 0:
+        shards = [torch.load(Path(out) / f"ema_rank{r}.pt", weights_only=False) for r in range(world)]
+        merged = consolidate(shards)
+        reference = _net()
+        reference.load_state_dict(ref)
+        with torch.no_grad():
+            y_ref = reference(x)
+        result = {
+            "persistent": sum(bool(getattr(p, "ds_persist", False)) for _, p in params),
+            "partitioned": sum(not getattr(p, "ds_persist", False) for _, p in params),
+            "shard_numel": [int(s["shadow"]["a.weight"].numel()) for s in shards],
+            "ema_max_err": max(float((merged[n] - ref[n]).abs().max()) for n in ref),
+            "swap_max_err": float((y_ema - y_ref).abs().max()),
+            "restore_max_err": float((y_after - y_before).abs().max()),
+            "ema_differs_from_weights": float((y_ema - y_before).abs().max()),
+        }
+        (Path(out) / "result.json").write_text(json.dumps(result))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
