@@ -10,9 +10,10 @@ Pipeline (Ray Data, streaming; every stage runs in Ray tasks/actors, never on th
       → a small per-row summary streams back to the driver, which writes rejects/ and manifest.json.
 
 Placement: every task and actor requests ``cfg.resource`` (default ``preprocess``, a tiny fraction of one
-unit, so it acts as a node label) when some node offers it, else plain CPU scheduling. Decode and write
-tasks take ``num_cpus_per_task`` CPUs; embedding actors ``embed_num_cpus`` (default 0: MiniLM on short
-captions costs a few % of decoding, and a whole CPU per actor would starve decode on small nodes).
+unit, so it acts as a node label) when some node offers it, else plain CPU scheduling. Decode tasks take
+``num_cpus_per_task`` CPUs, index and write tasks at most a quarter CPU, embedding actors
+``embed_num_cpus`` (default 0: MiniLM on short captions costs a few % of decoding, and a whole CPU per actor
+would starve decode on small nodes).
 
 Memory: Ray Data's streaming executor backpressures between stages, so the data in flight is bounded
 by the object store, whatever the dataset size. What grows with the dataset is the index (a few hundred
@@ -36,6 +37,20 @@ whose field metadata says ``shape: [L, 384]``; see :func:`embedding_arrays`),
 We store the token-level ``(L, 384)`` states and the mask rather than a pooled ``(384,)`` vector because
 that is exactly the cross-attention input training needs (so training never runs the text encoder).
 
+Reject reasons (``rejects/`` ``stage`` / ``reason``):
+
+- ``read``: ``not_a_tar`` (a shard tarfile can't open, or an empty one), ``truncated_tar`` (a member cut off
+  by the end of the shard, or an unreadable tail), ``unsafe_path`` (``../``, absolute, link or device
+  members: never extracted, never used as a path), ``missing_video`` (a key with no video member, or a
+  captions-file line naming a missing file), ``duplicate_entry`` (a file listed twice), ``read_error``
+  (a file that disappeared between listing and reading);
+- ``caption``: the ``caption_*`` codes of :mod:`pyoco.captions`; ``dedupe``: ``duplicate_caption``;
+- ``decode``: :data:`pyoco.video.DECODE_REASONS` (``empty_file``, ``decode_error``, ``no_video_stream``,
+  ``too_short``).
+
+A storage error that outlasts the retries (see :mod:`pyoco.storage`) fails the job with an error; it is
+never recorded as a property of the data.
+
 Accounting: every input (a sample of a shard, a video of a folder, a damaged shard or tail of a shard)
 is exactly one row of the index. The step fails, without writing a manifest, unless
 ``inputs == accepted_videos + sum(rejected.values())``.
@@ -56,7 +71,7 @@ import os
 import re
 import tarfile
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -521,7 +536,10 @@ def _index_shard_once(uri: str, settings: StepSettings, options) -> list[dict]:
     from pyoco import storage
 
     fs, path = storage.filesystem(uri, options=options)
-    size = fs.size(path)
+    try:
+        size = fs.size(path)
+    except FileNotFoundError as err:  # listed, then gone
+        return [_reject(uri, "", STAGE_READ, "read_error", f"{err}")]
     if not size:
         return [_reject(uri, "", STAGE_READ, "not_a_tar", "0 bytes")]
     cf = settings.caption_filter()
@@ -666,10 +684,13 @@ def decode_row(row: dict, settings: StepSettings, options, node_id: str = "local
         "detail": "",
     }
     uri = row["video_uri"]
-    if row["offset"] is not None and row["offset"] >= 0:
-        data = storage.read_range(uri, row["offset"], row["offset"] + row["size"], options=options)
-    else:
-        data = storage.read_bytes(uri, options=options)
+    try:
+        if row["offset"] is not None and row["offset"] >= 0:
+            data = storage.read_range(uri, row["offset"], row["offset"] + row["size"], options=options)
+        else:
+            data = storage.read_bytes(uri, options=options)
+    except (FileNotFoundError, storage.ShortReadError) as err:  # gone or shrunk since it was indexed
+        return [{**base, "reason": "read_error", "stage": STAGE_READ, "detail": f"{uri}: {err}"[:500]}]
     try:
         clips = video.decode_clips(
             data,
@@ -735,6 +756,10 @@ class CaptionEmbedder:
 
         torch.set_num_threads(max(1, threads))
         self.text_len = text_len
+        # Clips of one video (max_clips_per_video > 1) and class-named datasets repeat captions: an LRU of
+        # recent captions' states saves re-encoding them (1024 x L x 384 x 4 B = 48 MiB at most for L=32).
+        self.cache_size = 1024
+        self._cache: OrderedDict[str, tuple] = OrderedDict()
         self.encoder = load_text_encoder(text_encoder, max_length=text_len)
         if getattr(self.encoder, "dim", EMBED_DIM) != EMBED_DIM:
             raise PyocoError(
@@ -751,14 +776,18 @@ class CaptionEmbedder:
         reasons = batch.column("reason").to_pylist()
         captions = batch.column("caption").to_pylist()
         todo = [i for i in range(n) if reasons[i] is None]
-        if todo:
-            unique = sorted({captions[i] for i in todo})
-            e, m = self.encoder.encode(unique)
+        missing = sorted({captions[i] for i in todo} - self._cache.keys())
+        if missing:
+            e, m = self.encoder.encode(missing)
             e = np.asarray(e.detach().cpu().numpy() if hasattr(e, "detach") else e, np.float32)
             m = np.asarray(m.detach().cpu().numpy() if hasattr(m, "detach") else m, bool)
-            pos = {c: j for j, c in enumerate(unique)}
-            for i in todo:
-                emb[i], mask[i] = e[pos[captions[i]]], m[pos[captions[i]]]
+            for j, c in enumerate(missing):
+                self._cache[c] = (e[j], m[j])
+        for i in todo:
+            emb[i], mask[i] = self._cache[captions[i]]
+            self._cache.move_to_end(captions[i])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
         # One flat fixed-size list per row (L * 384 floats, row-major (L, 384)): pyarrow 25's filter/take on
         # *sliced nested* fixed-size lists return garbage, and Ray Data slices blocks freely.
         emb_arr = pa.FixedSizeListArray.from_arrays(
@@ -952,6 +981,7 @@ def run_preprocess(
     own_ray = _init_ray(ray_address, cfg.resource)
     try:
         ctx = ray.data.DataContext.get_current()
+        saved_ctx = (ctx.enable_progress_bars, ctx.execution_options.preserve_order)
         ctx.enable_progress_bars = progress
         ctx.execution_options.preserve_order = False
         task_args = _remote_args(cfg, cfg.num_cpus_per_task)
@@ -1043,7 +1073,7 @@ def run_preprocess(
                     batch_size=per_file,
                     batch_format="pyarrow",
                     fn_kwargs={"clips_uri": clips_uri, "text_len": cfg.text_max_length, "options": options},
-                    **task_args,
+                    **light_args,  # parquet + zstd of a few MB: a quarter CPU, so decode keeps its slots
                 )
             )
             for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -1058,8 +1088,17 @@ def run_preprocess(
                         decode_seen += 1
                         accepted_videos += 1
                         nodes[r["node_id"]] += 1
+            if os.environ.get("PYOCO_DATA_STATS"):  # per-operator timings, for tuning
+                console.print(ds.stats())
         rejects.flush(final=True)
+    except (PyocoError, ConfigError, FileNotFoundError):
+        raise
+    except Exception as err:  # Ray task errors: one line for the CLI, the cause chained for PYOCO_DEBUG
+        first = " ".join(str(err).split())[:400]
+        raise PyocoError(f"preprocess failed: {type(err).__name__}: {first}", exit_code=1) from err
     finally:
+        if "saved_ctx" in locals():
+            ctx.enable_progress_bars, ctx.execution_options.preserve_order = saved_ctx
         if own_ray:
             ray.shutdown()
 
