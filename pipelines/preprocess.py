@@ -86,6 +86,19 @@ CAPTION_FILES = ("captions.csv", "captions.jsonl")
 MAX_FILE_BYTES = 256 * 2**20  # target upper bound of one clips parquet file
 RESOURCE_FRACTION = 0.001  # custom-resource request per task: a placement label, not a concurrency cap
 EMBED_DIM = 384
+# Config fields that change how the step runs or where it writes, never what the clips contain.
+EXECUTION_ONLY_FIELDS = {
+    "output",
+    "rows_per_file",
+    "embed_actors",
+    "embed_batch_size",
+    "embed_num_cpus",
+    "decode_threads",
+    "videos_per_task",
+    "resource",
+    "num_cpus_per_task",
+    "s3_endpoint_url",
+}
 
 # Stage names in rejects/.
 STAGE_READ, STAGE_CAPTION, STAGE_DEDUPE, STAGE_DECODE = "read", "caption", "dedupe", "decode"
@@ -182,6 +195,7 @@ def summary_schema():
     pa = _pa()
     return pa.schema(
         [
+            ("clip_id", pa.string()),
             ("source", pa.string()),
             ("key", pa.string()),
             ("clip_index", pa.int32()),
@@ -825,6 +839,7 @@ def write_batch(batch, *, clips_uri: str, text_len: int, options):
     return (
         pa.Table.from_arrays(
             [
+                batch.column("clip_id"),
                 batch.column("source"),
                 batch.column("key"),
                 batch.column("clip_index"),
@@ -1041,6 +1056,7 @@ def run_preprocess(
         accepted_videos = clips_written = 0
         nodes: Counter = Counter()
         clip_files: set[str] = set()
+        clips_digest = 0  # order-independent digest of every clip id written
         decode_seen = 0
         if to_decode > 0:
             per_file = rows_per_file(cfg)
@@ -1084,6 +1100,7 @@ def run_preprocess(
                         continue
                     clips_written += 1
                     clip_files.add(r["file"])
+                    clips_digest = (clips_digest + int(r["clip_id"], 16)) % (1 << 128)
                     if r["clip_index"] == 0:
                         decode_seen += 1
                         accepted_videos += 1
@@ -1117,6 +1134,15 @@ def run_preprocess(
         "clips_written": clips_written,
         "rejected": rejected,
         "invariant": "inputs == accepted_videos + sum(rejected.values())",
+        # Same inputs + config -> same data_hash, whatever the cluster (file names depend on batching).
+        "data_hash": config_hash(
+            {
+                "config": cfg.model_dump(mode="json", exclude=EXECUTION_ONLY_FIELDS),
+                "inputs": inputs,
+                "rejected": rejected,
+                "clips": clips_digest,
+            }
+        ),
         "clip_files": sorted(clip_files),
         "reject_files": rejects.files,
         "ignored_files": plan.ignored,

@@ -101,6 +101,7 @@ def test_s3_outage_mid_read_same_counts(s3_run, moto_s3):
     assert proxy.dropped + proxy.refused >= 1
     for key in ("inputs", "accepted_videos", "clips_written", "rejected"):
         assert disturbed[key] == manifest[key], key
+    assert disturbed["clip_files"] and len(disturbed["data_hash"]) == 16
     a, _ = _read_table(f"s3://{BUCKET}/clips/clips")
     b, _ = _read_table(f"s3://{BUCKET}/clips-outage/clips")
     cols = [c for c in a.schema.names if c != "node_id"]

@@ -124,3 +124,11 @@ def test_missing_file_and_bad_frames(tmp_path):
         video.encode_video(np.zeros((4, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         video.encode_video(np.zeros((4, 8, 8, 3), np.float32))
+
+
+def test_threaded_decode_matches_single_thread(mp4):
+    one = video.decode(mp4, size=24, threads=1)
+    many = video.decode(mp4, size=24, threads=2)
+    auto = video.decode_clips(mp4, num_frames=8, size=24, threads=0, seed=1)
+    np.testing.assert_array_equal(one, many)
+    np.testing.assert_array_equal(auto[0].frames, one[auto[0].frame_indices])
