@@ -362,7 +362,10 @@ def start(spec: StackSpec, state_dir: Path | str | None = None) -> dict[str, Any
                 "--workers",
                 "1",
             ]
-            rec = _spawn("mlflow", argv, env, logs)
+            # MLflow's server-side job runner (huey consumers: ~10 processes, slow to stop) serves GenAI
+            # features pyoco does not use.
+            ml_env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **env}
+            rec = _spawn("mlflow", argv, ml_env, logs)
             state["mlflow"] = {"url": url, "port": port, "process": rec, "artifacts": artifacts}
             env["MLFLOW_TRACKING_URI"] = url
             state["env"]["MLFLOW_TRACKING_URI"] = url
