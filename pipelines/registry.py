@@ -705,7 +705,8 @@ def register_model(
     ``checkpoint`` is a model package folder (local or s3://; what training exports). ``run_id`` is the
     training run: the pyfunc model is logged into it, and when ``checkpoint`` is None the package is found
     through it (its ``pyoco.model_dir`` tag or a package artifact). ``metrics`` is an evaluate result (or
-    a flat dict); ``eval_file`` the JSON ``pyoco evaluate --out`` wrote.
+    a flat dict); ``eval_file`` the JSON ``pyoco evaluate --out`` wrote; with neither, the run's ``eval.*``
+    metrics (what ``pyoco evaluate --mlflow-run RUN_ID`` logged) are used.
     """
     import mlflow
     import yaml
@@ -719,6 +720,11 @@ def register_model(
     client = _client(tracking_uri)
     metric_values = _metrics_from(metrics, eval_file)
     run = _get_run(client, run_id) if run_id else None
+    if not metric_values and run is not None:
+        # what `pyoco evaluate --mlflow-run RUN_ID` (or the workflow) logged into the training run
+        metric_values = {
+            k[len("eval.") :]: float(v) for k, v in run.data.metrics.items() if k.startswith("eval.")
+        }
     source = checkpoint if checkpoint is not None else _find_package_in_run(client, run_id)
     try:
         pkg_dir = local_copy(str(source))
@@ -750,7 +756,13 @@ def register_model(
         from pipelines.tracking import git_revision
 
         git_rev = git_revision()
-    manifest = manifest_hash or lineage.get("manifest_hash") or run_tags.get(TAG_MANIFEST_HASH) or "unknown"
+    manifest = (
+        manifest_hash
+        or lineage.get("data_manifest_hash")  # what training's export records
+        or lineage.get("manifest_hash")
+        or run_tags.get(TAG_MANIFEST_HASH)
+        or "unknown"
+    )
     if config is not None:
         config_text = tracking.config_yaml(config)  # redacted, secrets scrubbed
     else:
@@ -758,7 +770,9 @@ def register_model(
             {"noise": dict(info.noise), "model": {"text_encoder": info.text_encoder.get("kind", "minilm")}}
         )
     tags = {
-        "pyoco.run_id": lineage.get("run_id") or (rid if not created_run else "") or "none",
+        "pyoco.run_id": lineage.get("mlflow_run_id")
+        or lineage.get("run_id")
+        or (rid if not created_run else "none"),
         "pyoco.register_run_id": rid,
         TAG_MANIFEST_HASH: str(manifest),
         TAG_NOISE_KIND: str(info.noise.get("kind")),

@@ -29,7 +29,7 @@ def make_tiny_package(out: Path, *, seed: int = 0, noise: str = "progressive", a
         width=TINY_SIZE,
         num_frames=TINY_FRAMES,
         weights="raw",
-        lineage={"manifest_hash": f"manifest-{seed}", "git_revision": "0123abcd"},
+        lineage={"data_manifest_hash": f"manifest-{seed}", "git_revision": "0123abcd", "mlflow_run_id": None},
     )
     return save_package(out, video, scheduler_config=make_scheduler_config(None), info=info)
 

@@ -210,3 +210,28 @@ def test_bad_registry_input_is_a_one_line_error(tracking_env, model_name, tmp_pa
         ),
         f"run {empty_run} has no model",
     )
+
+
+def test_register_from_a_training_run(tracking_env, tiny_package, model_name, tmp_path):
+    """`register --run`: the package comes from the run's pyoco.model_dir tag, the metrics from the eval.*
+    metrics that evaluate logged into that run, and the pyfunc model is logged into the same run."""
+    from pipelines import tracking
+    from pipelines.evaluate import run_evaluate
+    from pyoco.config import EvaluateConfig
+
+    uri = tracking_env.uri
+    run_id = tracking.start_run(
+        uri, "pyoco-test", run_name="train", tags={tracking.TAG_MODEL_DIR: str(tiny_package)}
+    )
+    tracking.end_run(uri, run_id)
+    data = make_clips_dir(tmp_path / "data", num_clips=3)
+    cfg = EvaluateConfig(num_clips=3, timesteps=[500], sample_steps=2)
+    results = run_evaluate(str(tiny_package), str(data), cfg, mlflow_run_id=run_id)
+    assert results["mlflow_run_id"] == run_id
+
+    out = _last_json(_cli("register", "--run", run_id, "--name", model_name))
+    assert out["run_id"] == run_id and out["metrics"]["val_loss"] == pytest.approx(results["val_loss"])
+    client = registry._client()
+    mv = client.get_model_version(model_name, out["version"])
+    assert mv.run_id == run_id and mv.tags["pyoco.run_id"] == run_id
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"pyfunc", "evaluate"}
