@@ -36,5 +36,12 @@ demo: install
 bench: install
 	$(PY) bench/noise.py
 
+# A local token-auth Ray head (+1 worker node), mlflow server and moto S3, all on 127.0.0.1.
+services-up: install
+	infra/local/up.sh
+
+services-down:
+	infra/local/down.sh
+
 clean:
 	rm -rf demo .pytest_cache .ruff_cache

@@ -152,6 +152,8 @@ def start_mlflow_server(root: Path, artifacts: str | None = None) -> MlflowServe
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # The job runner adds ~10 processes and ~25 s to shutdown; tests never use it.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     server = MlflowServer(port, proc, root)
     wait_http(server.uri + "/health", timeout_s=120, proc=proc)
