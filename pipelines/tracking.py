@@ -86,7 +86,10 @@ def client(tracking_uri: str):
 def _secret_values() -> list[str]:
     vals = [os.environ.get(k, "") for k in SECRET_ENV_VARS]
     vals += [
-        v for k, v in os.environ.items() if is_secret_key(k) and k.startswith(("AWS_", "MLFLOW_", "PYOCO_"))
+        # A snapshot: MLflow's telemetry thread mutates os.environ while we iterate.
+        v
+        for k, v in dict(os.environ).items()
+        if is_secret_key(k) and k.startswith(("AWS_", "MLFLOW_", "PYOCO_"))
     ]
     return sorted({v for v in vals if v and len(v) >= 6}, key=len, reverse=True)
 
