@@ -21,6 +21,9 @@ def test_register_and_resolve_with_s3_artifacts(moto_s3, tmp_path, tiny_package,
 
     bucket = moto_s3.make_bucket("pyoco-registry")
     monkeypatch.setenv("PYOCO_CACHE", str(tmp_path / "cache"))
+    # MLflow's server-side job runner (~10 huey processes) serves GenAI features we do not use and makes
+    # the server take several times longer to start on 2 cores.
+    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     server = start_mlflow_server(tmp_path / "mlflow-s3", artifacts=f"s3://{bucket}/mlflow")
     try:
         uri = server.uri
