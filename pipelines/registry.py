@@ -973,26 +973,34 @@ registry_app = typer.Typer(help="Inspect the MLflow model registry.", no_args_is
 NAME_OPT = typer.Option(DEFAULT_NAME, "--name", help="Registered model name.")
 
 
+def _champion_cell(e: dict) -> str:
+    before, after = e.get("previous_champion"), e.get("champion")
+    if e.get("action") in ("promote", "force-promote", "rollback") and before != after:
+        return f"v{before} -> v{after}" if before else f"-> v{after}"
+    return f"v{after}" if after else "-"
+
+
 def _print_history(name: str, events: list[dict], desc: dict) -> None:
+    import sys
+
+    from rich.console import Console
     from rich.table import Table
 
     aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(desc["aliases"].items())) or "none"
     table = Table(title=f"{name}: {aliases} (generation {desc['generation']})")
     for col in ("gen", "time (UTC)", "action", "version", "champion", "reason"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col != "reason")
     for e in events:
         table.add_row(
             str(e.get("generation")),
-            str(e.get("time", ""))[:19],
+            str(e.get("time", ""))[:16].replace("T", " "),
             str(e.get("action")),
             f"v{e['version']}" if e.get("version") else "",
-            (f"v{e['previous_champion']} -> " if e.get("previous_champion") else "")
-            + (f"v{e['champion']}" if e.get("champion") else "-"),
+            _champion_cell(e),
             str(e.get("reason", "")),
         )
-    from rich.console import Console
-
-    Console().print(table)
+    # piped output (logs, CI) gets a wide table instead of one wrapped at 80 columns
+    Console(width=None if sys.stdout.isatty() else 150).print(table)
 
 
 @registry_app.command("history")
