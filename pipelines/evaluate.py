@@ -261,7 +261,14 @@ def run_evaluate(
     tc_gen = M.temporal_consistency(generated)
     tc_real = M.temporal_consistency(clips.frames)
     if extractor is not None:
-        fvd_value = M.frechet_video_distance(extractor, clips.frames, generated)
+        try:
+            fvd_value = M.frechet_video_distance(extractor, clips.frames, generated)
+        except (RuntimeError, ValueError) as err:  # TorchScript errors are RuntimeErrors, many lines long
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PyocoError(
+                f"{cfg.fvd_extractor}: FVD extractor failed on videos (N, 3, T={num_frames}, H={height}, "
+                f"W={width}): {first[:300]}"
+            ) from None
         fvd = {
             "status": "computed",
             "value": fvd_value,

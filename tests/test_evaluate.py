@@ -8,6 +8,7 @@ import math
 import pytest
 from typer.testing import CliRunner
 
+from pipelines.common import PyocoError
 from pipelines.evaluate import load_eval_clips, run_evaluate
 from pyoco.config import EvaluateConfig, NoiseConfig
 from tests.fixtures_registry import TINY_FRAMES, TINY_SIZE, make_clips_dir
@@ -74,7 +75,14 @@ def test_fvd_with_a_torchscript_extractor_and_noise_override(tmp_path, tiny_pack
         "class Feats(torch.nn.Module):\n"
         "    def forward(self, x):\n"
         "        return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4))], dim=1)\n\n\n"
-        f"torch.jit.script(Feats()).save({str(tmp_path / 'feats.pt')!r})\n"
+        f"torch.jit.script(Feats()).save({str(tmp_path / 'feats.pt')!r})\n\n\n"
+        "class NeedsLongClips(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = torch.nn.Conv3d(3, 2, kernel_size=(9, 1, 1))\n\n"
+        "    def forward(self, x):\n"
+        "        return self.conv(x).flatten(1)\n\n\n"
+        f"torch.jit.script(NeedsLongClips()).save({str(tmp_path / 'i3d_like.pt')!r})\n"
     )
     runpy.run_path(str(src), run_name="pyoco_eval_extractor")
     out = tmp_path / "eval.json"
@@ -90,6 +98,15 @@ def test_fvd_with_a_torchscript_extractor_and_noise_override(tmp_path, tiny_pack
     assert r["metrics"]["fvd"] == r["fvd"]["value"] and r["fvd"]["num_generated"] == 2
     assert r["noise"]["kind"] == "mixed" and r["noise"]["alpha"] == 0.5
     assert json.loads(out.read_text())["metrics"] == r["metrics"]
+
+    # an extractor that cannot take these clips (I3D wants ~9+ frames): a one-line error, no number
+    with pytest.raises(PyocoError, match=r"FVD extractor failed on videos \(N, 3, T=4"):
+        run_evaluate(
+            str(tiny_package),
+            str(clips_dir),
+            _cfg(fvd_extractor=str(tmp_path / "i3d_like.pt")),
+            log_to_mlflow=False,
+        )
 
 
 def test_evaluate_cli_bad_inputs_are_one_line_errors(tmp_path, tiny_package):
