@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import uuid
 from pathlib import Path
 
@@ -52,10 +51,13 @@ def tracking_env(mlflow_server, monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.setenv("PYOCO_CACHE", str(tmp_path / "cache"))
     import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
+    pinned_before = tracking_utils._tracking_uri  # None unless some code called set_tracking_uri
     mlflow.set_tracking_uri(mlflow_server.uri)
     yield mlflow_server
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
+    # set_tracking_uri also writes $MLFLOW_TRACKING_URI; monkeypatch restores the variable after this runs
+    mlflow.set_tracking_uri(pinned_before)
 
 
 def write_eval(path: Path, val_loss: float) -> Path:
