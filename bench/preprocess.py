@@ -5,7 +5,9 @@
 
 It measures, in one run:
   (a) bare decode: one process decoding + resizing exactly the clips the pipeline takes (videos/s);
-  (b) `run_preprocess` steady-state throughput with 1 and with 2 CPUs: each CPU count runs a corpus of N
+  (b) `run_preprocess` steady-state throughput with 1 and with 2 CPUs (by default the whole run, driver and
+      Ray services included, is pinned to that many cores, so the 1-CPU run can't borrow the other core for
+      its overheads; --no-pin lifts that): each CPU count runs a corpus of N
       and of M*N videos (M = --multiplier, default 4) in a fresh Ray, and throughput is
       (M*N - N) / (t(M*N) - t(N)), so Ray start-up, worker/actor start-up and the index barrier cancel out;
   (c) peak memory, RSS summed over the driver and every Ray process (sampled every 0.2 s), for N and M*N
@@ -104,6 +106,17 @@ def bare_decode(small: Path, args) -> float:
     return len(blobs) / (time.perf_counter() - t0)
 
 
+def bare_decode_pinned(small: Path, args) -> float:
+    if not args.pin or not hasattr(os, "sched_setaffinity"):
+        return bare_decode(small, args)
+    saved = os.sched_getaffinity(0)
+    try:
+        pin(1)
+        return bare_decode(small, args)
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
 # ------------------------------------------------------------------------------------------ pipeline run
 def preprocess_config(input: str, output: str, args):
     from pyoco.config import CaptionFilterConfig, PreprocessConfig
@@ -120,9 +133,22 @@ def preprocess_config(input: str, output: str, args):
     )
 
 
+def pin(cpus: int) -> str:
+    """Pin this process (and so every process it starts: Ray's raylet, workers, actors) to the first
+    ``cpus`` cores, so "k CPUs" means k cores for the whole pipeline, driver and Ray services included."""
+    if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < cpus:
+        return "not pinned"
+    cores = sorted(os.sched_getaffinity(0))[:cpus]
+    os.sched_setaffinity(0, cores)
+    return f"pinned to cores {cores}"
+
+
 def child_run(args) -> None:
     """In a fresh process: start Ray with --cpus, run the step, print JSON timing."""
     import ray
+
+    if args.pin:
+        pin(args.cpus)
 
     from pipelines.preprocess import run_preprocess
 
@@ -161,40 +187,32 @@ def _tree_memory(pid: int) -> tuple[int, int]:
 
 
 def run_pipeline(input: Path, output: Path, cpus: int, args) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--_child",
-        "--cpus",
-        str(cpus),
-        "--input",
-        str(input),
-        "--output",
-        str(output),
-    ]
-    cmd += ["--num-frames", str(args.num_frames), "--frame-stride", str(args.frame_stride)]
-    cmd += ["--clip-size", str(args.clip_size), "--videos-per-task", str(args.videos_per_task)]
+    cmd = [sys.executable, __file__, "--_child", "--cpus", str(cpus), "--input", str(input)]
+    cmd += ["--output", str(output), "--num-frames", str(args.num_frames)]
+    cmd += ["--frame-stride", str(args.frame_stride), "--clip-size", str(args.clip_size)]
+    cmd += ["--videos-per-task", str(args.videos_per_task), "--pin" if args.pin else "--no-pin"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT
-    )
-    peak = {"rss": 0, "pss": 0}
-    stop = threading.Event()
+    log = output.parent / f"{output.name}.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=ROOT)
+        peak = {"rss": 0, "pss": 0}
+        stop = threading.Event()
 
-    def sample() -> None:
-        while not stop.is_set():
-            rss, pss = _tree_memory(proc.pid)
-            peak["rss"] = max(peak["rss"], rss)
-            peak["pss"] = max(peak["pss"], pss)
-            stop.wait(0.2)
+        def sample() -> None:
+            while not stop.is_set():
+                rss, pss = _tree_memory(proc.pid)
+                peak["rss"] = max(peak["rss"], rss)
+                peak["pss"] = max(peak["pss"], pss)
+                stop.wait(0.2)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, _ = proc.communicate()
-    stop.set()
-    sampler.join()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        out, _ = proc.communicate()
+        stop.set()
+        sampler.join()
     if proc.returncode != 0:
-        raise SystemExit(f"pipeline run failed ({proc.returncode}): {' '.join(cmd)}")
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        raise SystemExit(f"pipeline run failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
     line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
     result = json.loads(line[len("RESULT ") :])
     result.update(peak_rss=peak["rss"], peak_pss=peak["pss"])
@@ -215,6 +233,14 @@ def main() -> None:
     ap.add_argument("--videos-per-task", type=int, default=8)
     ap.add_argument("--cpus", default="1,2", help="CPU counts to compare (first is the baseline)")
     ap.add_argument("--workdir", default=None, help="where to put corpora/outputs (default: a temp dir)")
+    ap.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="don't pin a k-CPU run (driver + all Ray processes) and the bare decode to k cores",
+    )
+    ap.add_argument("--pin", dest="pin", action="store_true", help=argparse.SUPPRESS)
+    ap.set_defaults(pin=True)
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--input", help=argparse.SUPPRESS)
     ap.add_argument("--output", help=argparse.SUPPRESS)
@@ -231,8 +257,10 @@ def main() -> None:
     try:
         small, big = make_corpus(work, args)
         n, mn = args.videos, args.videos * args.multiplier
-        bare = bare_decode(small, args)
-        print(f"(a) bare decode+resize, 1 process: {bare:.2f} videos/s")
+        bare = bare_decode_pinned(small, args)
+        print(
+            f"(a) bare decode+resize, 1 process ({'1 core' if args.pin else 'not pinned'}): {bare:.2f} videos/s"
+        )
         runs: dict[int, dict[str, dict]] = {}
         for c in cpus:
             runs[c] = {}
