@@ -20,8 +20,11 @@ Every alias change goes through one registry transaction (``_transaction``):
     6. release the lock (only if this holder still owns it).
 
 Without the lock two racing promotions both read "champion = v1", both pass the gate against v1, and the
-last writer wins: a worse version can end up champion and the history loses a step (tests/test_registry_race.py
-shows exactly that, and that it does not happen with the lock).
+last writer wins: a worse version can end up champion and the history loses a step. MLflow's own alias
+upsert is not safe under concurrency either (concurrent ``set_registered_model_alias`` calls on a sqlite
+backend can fail with a UNIQUE-constraint error). tests/test_registry_race.py runs the same four-way race
+with and without the lock: with it the history is a linear chain and the best version is champion;
+without it three of four history entries are lost.
 
 Promotion records the previous champion on the new champion's version tags (``pyoco.previous_champion``),
 so rollback restores it; rolling back again walks further back the same way.
