@@ -60,11 +60,7 @@ class ModelPackage:
     def text_encoder(self):
         from pyoco.text import load_text_encoder
 
-        spec = dict(self.info.text_encoder)
-        kind = spec.pop("kind", "minilm")
-        source = spec.pop("path", None) or kind
-        spec.pop("name", None)
-        return load_text_encoder(source if kind != "minilm" else "minilm", **spec)
+        return load_text_encoder(dict(self.info.text_encoder))
 
     def prior(self, kind: str | None = None, alpha: float | None = None):
         from pyoco.noise import make_prior
