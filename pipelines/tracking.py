@@ -83,14 +83,21 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def _environ_snapshot() -> dict[str, str]:
+    """os.environ copied safely: MLflow's telemetry thread sets and deletes variables concurrently."""
+    for _ in range(10):
+        try:
+            keys = list(os.environ)
+        except RuntimeError:  # changed size during iteration
+            continue
+        return {k: v for k in keys if (v := os.environ.get(k)) is not None}
+    return {}
+
+
 def _secret_values() -> list[str]:
-    vals = [os.environ.get(k, "") for k in SECRET_ENV_VARS]
-    vals += [
-        # A snapshot: MLflow's telemetry thread mutates os.environ while we iterate.
-        v
-        for k, v in dict(os.environ).items()
-        if is_secret_key(k) and k.startswith(("AWS_", "MLFLOW_", "PYOCO_"))
-    ]
+    env = _environ_snapshot()
+    vals = [env.get(k, "") for k in SECRET_ENV_VARS]
+    vals += [v for k, v in env.items() if is_secret_key(k) and k.startswith(("AWS_", "MLFLOW_", "PYOCO_"))]
     return sorted({v for v in vals if v and len(v) >= 6}, key=len, reverse=True)
 
 
