@@ -1,0 +1,133 @@
+"""`pyoco run` end to end on embedded defaults: every step for real, then caching, --from and resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+TINY = {
+    "name": "wf-test",
+    "synth": {"videos": 4, "shards": 2, "frames": 6, "size": 16, "fps": 4},
+    "preprocess": {
+        "num_frames": 4,
+        "size": 16,
+        "max_clips_per_video": 1,
+        "rows_per_file": 8,
+        "videos_per_task": 2,
+        "captions": {"dedupe": "none"},
+    },
+    "model": {"tiny": {"sample_size": 16, "block_out_channels": [16, 32]}, "train_layers": "all"},
+    "noise": {"kind": "progressive", "alpha": 1.0},
+    "train": {
+        "num_workers": 1,
+        "resources_per_worker": {"CPU": 1},
+        "zero_stage": 0,
+        "batch_size_per_worker": 2,
+        "max_steps": 2,
+        "checkpoint_every": 2,
+        "ema_decay": None,
+        "sample_every": None,
+    },
+    "evaluate": {
+        "num_clips": 2,
+        "timesteps": [100, 900],
+        "prompts": ["a red circle moves up"],
+        "sample_steps": 1,
+    },
+    "mlflow": {"experiment": "wf-test", "registered_model": "wf-test"},
+    "sample": {"num_frames": 4, "steps": 1},
+}
+
+
+def _write(tmp: Path, cfg: dict) -> Path:
+    out = tmp / "out"
+    cfg = json.loads(json.dumps(cfg))
+    cfg["output"] = str(out)
+    cfg["synth"]["out"] = str(out / "raw")
+    cfg["preprocess"]["input"] = str(out / "raw")
+    cfg["preprocess"]["output"] = str(out / "data")
+    path = tmp / "wf.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run(cfg_path: Path, *extra: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "run", "--config", str(cfg_path), *extra],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=cfg_path.parent,
+    )
+
+
+def _state(tmp: Path) -> dict:
+    return json.loads((tmp / "out" / "workflow" / "state.json").read_text())["steps"]
+
+
+def test_workflow_runs_caches_and_resumes(tmp_path):
+    import os
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+
+    # 1. A failing step stops the workflow with one line; earlier steps are kept.
+    broken = json.loads(json.dumps(TINY))
+    broken["train"]["max_steps"] = 2
+    broken["model"]["tiny"]["cross_attention_dim"] = 128  # does not match the 384-d caption embeddings
+    path = _write(tmp_path, broken)
+    first = _run(path, env=env)
+    assert first.returncode == 1, first.stderr[-2000:]
+    assert (
+        "error: step train failed: model.tiny.cross_attention_dim 128 != caption_embedding dim 384"
+        in first.stderr
+    )
+    st = _state(tmp_path)
+    assert st["preprocess"]["status"] == "done" and st["train"]["status"] == "failed"
+
+    # 2. Fixed: resumes at train (synth and preprocess skipped by their keys) and finishes with a champion.
+    path = _write(tmp_path, TINY)
+    second = _run(path, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert "synth: unchanged" in log and "preprocess: unchanged" in log
+    st = _state(tmp_path)
+    assert all(st[s]["status"] == "done" for s in ("train", "evaluate", "register", "promote", "sample"))
+    assert st["promote"]["outputs"]["champion_version"] == st["register"]["outputs"]["version"]
+    assert (tmp_path / "out" / "sample.mp4").stat().st_size > 0
+    manifest = json.loads((tmp_path / "out" / "data" / "manifest.json").read_text())
+    assert manifest["inputs"] == manifest["accepted_videos"] + sum(manifest["rejected"].values())
+
+    # 3. Re-run: every step unchanged and skipped.
+    third = _run(path, env=env)
+    assert third.returncode == 0, third.stderr[-2000:]
+    for step in ("synth", "preprocess", "train", "evaluate", "register", "promote", "sample"):
+        assert f"{step}: unchanged" in third.stdout + third.stderr, step
+
+    # 4. --only with an unknown step is a one-line error.
+    bad = _run(path, "--only", "deploy", env=env)
+    assert bad.returncode == 2 and "unknown step" in bad.stderr and "Traceback" not in bad.stderr
+
+    # 5. MLflow mirrors the workflow: parent runs with one nested run per step.
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("wf-test")
+    runs = client.search_runs([exp.experiment_id], max_results=200)
+    parents = {r.info.run_id for r in runs if r.data.tags.get("pyoco.workflow") == "wf-test"}
+    steps = [
+        r for r in runs if r.data.tags.get("mlflow.parentRunId") in parents and "pyoco.step" in r.data.tags
+    ]
+    assert {r.data.tags["pyoco.step"] for r in steps} >= {
+        "synth",
+        "preprocess",
+        "train",
+        "evaluate",
+        "sample",
+    }
+    assert any(r.data.tags["pyoco.step.status"] == "skipped" for r in steps)
