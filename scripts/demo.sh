@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# Core demo: a tiny image UNet inflated to a video model, sampled with the progressive prior.
+# `make demo`: the whole workflow on embedded defaults (local Ray, sqlite MLflow in ./demo, local folders):
+# synth -> preprocess -> pretrain image UNet -> finetune with the progressive prior -> evaluate ->
+# register -> promote -> sample demo/out/sample.mp4 (+ GIF). Re-running skips unchanged steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
+export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$PWD/demo/mlflow.db}"
+mkdir -p demo
 PYOCO=.venv/bin/pyoco
 start=$(date +%s)
-rm -rf demo/model
-$PYOCO model init --out demo/model --size 32 --frames 8 --noise progressive --alpha 1.0
-$PYOCO sample --model demo/model --prompt "a red circle moves to the left" --out demo/sample.mp4 \
-  --frames 8 --steps 10 --noise progressive --alpha 1.0 --seed 0 --gif
-$PYOCO noise stats --kind progressive --alpha 1.0 --frames 8 --png demo/noise_progressive.png
+$PYOCO run --config pipelines/configs/demo.yaml
+$PYOCO noise stats --kind progressive --alpha 1.0 --frames 8 --png demo/out/noise_progressive.png
 .venv/bin/python - <<'PY'
 import av
-with av.open("demo/sample.mp4") as c:
+with av.open("demo/out/sample.mp4") as c:
     n = sum(1 for _ in c.decode(video=0))
-print(f"demo/sample.mp4 decodes to {n} frames")
+print(f"demo/out/sample.mp4 decodes to {n} frames")
 assert n == 8, n
 PY
-echo "demo finished in $(( $(date +%s) - start ))s: demo/sample.mp4, demo/sample.gif, demo/noise_progressive.png"
+.venv/bin/pyoco registry history --name pyoco-demo | tail -n 8 || true
+echo
+echo "demo finished in $(( $(date +%s) - start ))s"
+echo "  sample:   demo/out/sample.mp4, demo/out/sample.gif"
+echo "  data:     demo/out/data (clips/, rejects/, manifest.json)"
+echo "  model:    demo/out/model (diffusers format, safetensors); registry: pyoco-demo@champion"
+echo "  MLflow:   .venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI   (then open http://127.0.0.1:5000)"
