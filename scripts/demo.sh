@@ -18,7 +18,7 @@ with av.open("demo/out/sample.mp4") as c:
 print(f"demo/out/sample.mp4 decodes to {n} frames")
 assert n == 8, n
 PY
-.venv/bin/pyoco registry history --name pyoco-demo | tail -n 8 || true
+.venv/bin/pyoco registry history --name pyoco-demo | tail -n 8
 echo
 echo "demo finished in $(( $(date +%s) - start ))s"
 echo "  sample:   demo/out/sample.mp4, demo/out/sample.gif"
