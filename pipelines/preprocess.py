@@ -72,6 +72,7 @@ import re
 import tarfile
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -977,10 +978,12 @@ def run_preprocess(
     ray_address: str | None = None,
     progress: bool = True,
     workflow_hash: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Run the step; returns the manifest (also written to ``OUT/manifest.json``).
 
     Raises PyocoError when the accounting invariant fails (nothing is reported as success then).
+    ``on_progress(videos_done, videos_to_decode)`` is called on the driver as decoded videos come back.
     """
     import ray
     import ray.data
@@ -1093,6 +1096,7 @@ def run_preprocess(
                 )
             )
             for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                before = decode_seen
                 for r in b.to_pylist():
                     if r["reason"] is not None:
                         decode_seen += 1
@@ -1105,6 +1109,8 @@ def run_preprocess(
                         decode_seen += 1
                         accepted_videos += 1
                         nodes[r["node_id"]] += 1
+                if on_progress is not None and decode_seen != before:
+                    on_progress(decode_seen, to_decode)
             if os.environ.get("PYOCO_DATA_STATS"):  # per-operator timings, for tuning
                 console.print(ds.stats())
         rejects.flush(final=True)
