@@ -49,8 +49,10 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"machine: {platform.machine()} {platform.processor() or ''} | {os.cpu_count()} cores | "
-          f"torch {torch.__version__} | threads {torch.get_num_threads()}")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} | {os.cpu_count()} cores | "
+        f"torch {torch.__version__} | threads {torch.get_num_threads()}"
+    )
     print(f"shape (B, C, T, H, W) = {shape}, alpha = {args.alpha}, {args.repeats} interleaved repeats")
     for name, t in med.items():
         print(f"  {name:<12} median {t * 1e3:8.2f} ms")
