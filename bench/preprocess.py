@@ -137,6 +137,8 @@ def preprocess_config(input: str, output: str, args):
         size=args.clip_size,
         max_clips_per_video=1,
         videos_per_task=args.videos_per_task,
+        # Small files so that videos come back to the driver steadily (the in-run rate needs many marks).
+        rows_per_file=args.videos_per_task * 2,
         captions=CaptionFilterConfig(dedupe="none"),
     )
 
