@@ -286,8 +286,9 @@ class Trainer:
         )
         kind = "iid" if self.image else self.cfg.noise.kind
         self.prior = make_prior(kind, self.cfg.noise.alpha)
-        # Per-rank stream for the diffusion noise, timesteps and dropout (pyoco.noise.rank_generator).
-        self.generator = rank_generator(self.t.seed, self.rank)
+        # Per-rank stream for the diffusion noise, timesteps and dropout (pyoco.noise.rank_generator), on the
+        # device so the noise is drawn where it is used.
+        self.generator = rank_generator(self.t.seed, self.rank, device=self.device)
         self.null_cond = torch.as_tensor(plan.null_cond).to(self.device)
         self.null_mask = torch.as_tensor(plan.null_mask).to(self.device)
 
@@ -403,7 +404,8 @@ class Trainer:
 
         x0 = batch["x0"]
         if self.image and x0.shape[2] > 1:
-            idx = torch.randint(0, x0.shape[2], (x0.shape[0],), generator=self.generator)
+            g = self.generator
+            idx = torch.randint(0, x0.shape[2], (x0.shape[0],), generator=g, device=g.device).cpu()
             x0 = x0[torch.arange(x0.shape[0]), :, idx].unsqueeze(2)
         x0 = x0.to(self.device, self.dtype, non_blocking=True)
         if self.vae is not None:
@@ -440,6 +442,13 @@ class Trainer:
 
         if storage.exists(self.plan.fault_marker):
             return
+        # Die only once Ray has committed the checkpoints reported so far, so the test knows which one the
+        # restart must use. (A real crash can outrun the controller; Ray then resumes from the previous one.)
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120
+        )
         storage.write_bytes(
             self.plan.fault_marker, f"rank {self.rank} exited at step {self.step + 1}\n".encode()
         )

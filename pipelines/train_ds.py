@@ -105,7 +105,7 @@ def make_lr_scheduler(train: TrainConfig, total_steps: int):
 
 
 def setup_deepspeed(use_gpu: bool, *, quiet: bool = True):
-    """Import DeepSpeed for this worker's device and return the module.
+    """Import DeepSpeed for this worker's device and return the module (call before anything else imports it).
 
     On CPU: select DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``; its collectives then use the gloo
     process group that Ray Train created) and skip building DeepSpeed's shared-memory all-reduce extension:
@@ -114,10 +114,25 @@ def setup_deepspeed(use_gpu: bool, *, quiet: bool = True):
     """
     if not use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
+    import importlib
+    import sys
+
+    # DeepSpeed imports its Muon optimizer module during ZeRO setup only for `isinstance(opt, MuonWithAuxAdam)`
+    # checks; that module applies torch.compile at import, which loads TorchInductor (4-10 s per worker start).
+    # We always build AdamW, so a stand-in class (never instantiated, isinstance always False) is equivalent.
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if name not in sys.modules:
+        import types
+
+        stub = types.ModuleType(name, "pyoco stand-in: Muon is not used (see pipelines/train_ds.py)")
+        stub.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
+        sys.modules[name] = stub
     import deepspeed
-    import deepspeed.comm.torch as ds_comm_torch
 
     if not use_gpu:
+        # import_module, not `import deepspeed.comm.torch as m`: deepspeed.comm re-exports the name `torch`
+        # (PyTorch itself), which that form would resolve to.
+        ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
         ds_comm_torch.build_shm_op = lambda: None
     if quiet:
         import logging

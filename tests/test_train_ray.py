@@ -1,0 +1,203 @@
+"""End-to-end training on an embedded Ray (2 CPUs) with 2 Ray Train workers and DeepSpeed on CPU (gloo).
+
+- ZeRO-2: a tiny overfit set, a real ``mlflow server`` (params, metrics, system metrics, samples, tags, config
+  artifact, and no secret values anywhere), the Ray checkpoint and the exported package.
+- ZeRO-3: a clean stop and resume, then a fault injected on rank 1: the run resumes from its last checkpoint (not
+  from step 0) and ends at the target step; the sharded EMA is consolidated into the export.
+- ``pyoco pretrain-image``: 1 worker, T = 1, iid prior, 2-D UNet export that finetuning can start from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from pipelines import tracking
+from pipelines.train import FAULT_MARKER, build_denoiser, run_train
+from pipelines.train_data import manifest_hash
+from pyoco.config import parse_config
+from pyoco.package import load_package
+from tests.fixtures_train import tiny_config, write_clips
+
+SECRET = "pyoco-train-secret-7f3e9a1b2c4d"
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _files_containing(root: Path, needle: bytes) -> list[str]:
+    hits = []
+    for f in root.rglob("*"):
+        if f.is_file() and f.stat().st_size < 50_000_000 and needle in f.read_bytes():
+            hits.append(str(f))
+    return hits
+
+
+def test_zero2_two_workers_overfit_mlflow_server_export_no_secrets(
+    ray_local, mlflow_server, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    clips = write_clips(tmp_path / "data", num_clips=4, num_frames=4, size=8)
+    cfg = parse_config(
+        tiny_config(
+            tmp_path,
+            clips,
+            zero_stage=2,
+            max_steps=12,
+            lr=3e-3,
+            checkpoint_every=6,
+            sample_every=12,
+            ema_decay=0.9,
+            caption_dropout=0.1,
+        )
+    )
+    res = run_train(cfg)
+
+    # A Ray checkpoint per checkpoint_every (num_to_keep = 2), the last one at the target step.
+    assert res["final_step"] == 12
+    ckpt = Path(res["checkpoint"])
+    assert ckpt.name == "checkpoint_00000012" and (ckpt / "ds").is_dir()
+    kept = sorted(p.name for p in ckpt.parent.glob("checkpoint_0*"))
+    assert kept == ["checkpoint_00000006", "checkpoint_00000012"]
+    # ZeRO-2: one optimizer-state shard per rank, merged by Ray from both workers' folders.
+    assert sorted(p.name for p in (ckpt / "ds").glob("zero_pp_rank_*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+
+    # Consolidated diffusers-format export, EMA weights, loadable and samplable.
+    pkg = load_package(res["model_dir"])
+    assert (Path(res["model_dir"]) / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert pkg.denoiser.is_video and pkg.info.weights == "ema" and res["weights"] == "ema"
+    assert (pkg.info.num_frames, pkg.info.height, pkg.info.noise["kind"]) == (4, 8, "progressive")
+    assert pkg.info.lineage["mlflow_run_id"] == res["mlflow_run_id"]
+
+    # MLflow: params, per-step metrics, system metrics, samples, config artifacts, tags.
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(res["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["train.zero_stage"] == "2" and p["noise.kind"] == "progressive" and p["train.num_workers"] == "2"
+    tags = run.data.tags
+    assert tags[tracking.TAG_NOISE_KIND] == "progressive" and float(tags[tracking.TAG_NOISE_ALPHA]) == 1.0
+    assert tags[tracking.TAG_MANIFEST_HASH] == manifest_hash(str(clips))
+    assert tags[tracking.TAG_GIT_REVISION] not in ("", None) and tags[tracking.TAG_VERSION]
+    assert tags[tracking.TAG_MODEL_DIR] == res["model_dir"] and tags[tracking.TAG_EXPORT_WEIGHTS] == "ema"
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "step_time_s"):
+        assert [s for s, _ in _history(client, run.info.run_id, key)] == list(range(1, 13)), key
+    assert any(k.startswith("system/") for k in run.data.metrics)
+    arts = tracking.artifact_texts(mlflow_server.uri, run.info.run_id)
+    assert "config/resolved.yaml" in arts and "deepspeed/ds_config.json" in arts
+    assert json.loads(arts["deepspeed/ds_config.json"])["zero_optimization"]["stage"] == 2
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "samples/step_000012")}
+    assert {"samples/step_000012/prompt00_seed0.mp4", "samples/step_000012/prompt00_seed0.gif"} <= names
+    mp4 = client.download_artifacts(run.info.run_id, "samples/step_000012/prompt00_seed0.mp4", str(tmp_path))
+    with av.open(mp4) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 4
+
+    # The loss falls on the tiny overfit set (4 clips, 12 steps; measured ~1.1 -> ~0.5).
+    loss = [v for _, v in _history(client, run.info.run_id, "loss")]
+    assert sum(loss[-3:]) / 3 < 0.75 * sum(loss[:3]) / 3, loss
+
+    # No secret value in params, tags, text artifacts, the server's store, checkpoints, the export or Ray's logs.
+    blob = json.dumps([run.data.params, run.data.tags, arts])
+    assert SECRET not in blob
+    import ray
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    for root in (mlflow_server.root, tmp_path / "ray", tmp_path / "model", session / "logs"):
+        assert _files_containing(root, SECRET.encode()) == [], root
+
+
+def test_zero3_resume_after_clean_stop_then_fault_injection(ray_local, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default: sqlite:///mlflow.db here
+    clips = write_clips(tmp_path / "data", num_clips=8, num_frames=4, size=8)
+    base = {"zero_stage": 3, "checkpoint_every": 2, "num_to_keep": 1, "ema_decay": 0.5}
+    first = run_train(parse_config(tiny_config(tmp_path, clips, max_steps=2, **base)))
+    assert first["final_step"] == 2 and first["metrics"]["attempt_start_step"] == 0
+    assert (tmp_path / "mlflow.db").is_file() and first["tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"
+
+    # Same run name + storage: resumes at 2. Rank 1 dies before step 5; Ray restarts the workers from the
+    # checkpoint at step 4, and the run ends at 6.
+    second = run_train(
+        parse_config(tiny_config(tmp_path, clips, max_steps=6, fail_at_step=5, max_failures=1, **base))
+    )
+    assert second["final_step"] == 6
+    assert second["metrics"]["attempt_start_step"] == 4  # the attempt after the crash started from step 4
+    marker = tmp_path / "ray" / "t-train" / FAULT_MARKER.format(step=5)
+    assert marker.read_text().startswith("rank 1 exited at step 5")
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]  # one MLflow run for the whole job
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    rid = second["mlflow_run_id"]
+    # Every step logged exactly once: nothing was replayed from step 0 (or from 2) after the restart.
+    assert [s for s, _ in _history(client, rid, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert sorted({v for _, v in _history(client, rid, "resumed_from_step")}) == [2.0, 4.0]
+    assert [p.name for p in (tmp_path / "ray" / "t-train").glob("checkpoint_0*")] == ["checkpoint_00000006"]
+
+    # ZeRO-3 export: DeepSpeed's fp32 consolidation of the shards plus the consolidated sharded EMA.
+    ckpt = Path(second["checkpoint"])
+    assert len(list((ckpt / "ds").glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))) == 2
+    assert len(list((ckpt / "pyoco").glob("ema_rank*.pt"))) == 2
+    pkg = load_package(second["model_dir"])
+    assert pkg.info.weights == "ema" and pkg.info.lineage["zero_stage"] == 3 and pkg.info.lineage["step"] == 6
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    raw = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ds")
+    exported = pkg.denoiser.state_dict()  # parameters + the motion modules' positional-embedding buffers
+    assert set(raw) == set(exported)
+    # EMA (decay 0.5, 6 updates) is close to, but not the same as, the last weights.
+    diffs = [float((exported[k] - raw[k]).abs().max()) for k in raw]
+    assert 0 < max(diffs) < 0.1
+
+
+def test_pretrain_image_cli_exports_a_2d_unet_that_finetuning_inflates(ray_local, tmp_path, monkeypatch):
+    from pipelines.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    clips = write_clips(tmp_path / "data", num_clips=4, num_frames=4, size=8)
+    cfg = tiny_config(tmp_path, clips)
+    cfg["pretrain"] = {
+        "data": str(clips),
+        "num_workers": 1,
+        "resources_per_worker": {"CPU": 0.5},
+        "batch_size_per_worker": 4,
+        "max_steps": 2,
+        "checkpoint_every": 2,
+        "sample_every": 2,
+        "sample_steps": 2,
+        "sample_prompts": ["a red square"],
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(json.dumps(cfg))
+    res = CliRunner().invoke(app, ["pretrain-image", "--config", str(path)])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["final_step"] == 2 and out["model_dir"] == str(tmp_path / "out" / "pretrained-image")
+    pkg = load_package(out["model_dir"])
+    assert not pkg.denoiser.is_video and pkg.info.num_frames == 1 and pkg.info.noise["kind"] == "iid"
+
+    video_cfg = parse_config(cfg).model.model_copy(update={"pretrained": out["model_dir"]})
+    model, sched = build_denoiser(video_cfg, image_pretrain=False)
+    assert model.is_video and sched is not None
+    # Inflation keeps the image model: per-frame outputs equal the pretrained 2-D UNet's.
+    x = torch.randn(1, 3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond, t = torch.randn(1, 4, 384), torch.tensor([500])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, cond), pkg.denoiser(x, t, cond), rtol=0, atol=1e-4)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_ray_data(monkeypatch):
+    monkeypatch.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
