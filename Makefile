@@ -35,6 +35,8 @@ demo: install
 
 bench: install
 	$(PY) bench/noise.py
+	$(PY) bench/preprocess.py
+	$(PY) bench/train.py
 
 # A local token-auth Ray head (+1 worker node), mlflow server and moto S3, all on 127.0.0.1.
 services-up: install

@@ -135,7 +135,11 @@ def _step_preprocess(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
     from pipelines.preprocess import run_preprocess
 
     manifest = run_preprocess(cfg.preprocess, ray_address=cfg.ray.address)
-    return {"output": cfg.preprocess.output, "manifest_hash": config_hash(manifest), "manifest": manifest}
+    return {
+        "output": cfg.preprocess.output,
+        "manifest_hash": manifest.get("data_hash") or config_hash(manifest),
+        "manifest": manifest,
+    }
 
 
 def _step_pretrain(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
