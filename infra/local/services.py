@@ -287,6 +287,9 @@ def _node_env(base: dict[str, str], state_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in base.items() if k not in _SCRUB_FROM_NODE_ENV}
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN_PATH"] = str(state_dir / TOKEN_FILE)
+    # On SIGTERM, `ray start --block` first drains its node for up to 30 s (for Serve replicas); a head node
+    # never finishes draining, so every `down` waited the full 30 s. Nothing here needs draining.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     return env
 
 
@@ -383,8 +386,6 @@ def start(spec: StackSpec, state_dir: Path | str | None = None) -> dict[str, Any
                 "--block",
                 "--node-ip-address",
                 HOST,
-                "--temp-dir",
-                temp_dir,
                 "--object-store-memory",
                 str(spec.object_store_mb * 1024 * 1024),
                 "--disable-usage-stats",
@@ -412,6 +413,8 @@ def start(spec: StackSpec, state_dir: Path | str | None = None) -> dict[str, Any
                 "--num-cpus",
                 str(spec.head_cpus),
                 *(["--resources", json.dumps(spec.head_resources)] if spec.head_resources else []),
+                "--temp-dir",
+                temp_dir,
                 *common,
             ]
             rec = _spawn("ray-head", head_argv, node_env, logs)
@@ -421,6 +424,7 @@ def start(spec: StackSpec, state_dir: Path | str | None = None) -> dict[str, Any
                 "dashboard_url": dashboard,
                 "dashboard_port": dash_port,
                 "temp_dir": temp_dir,
+                "worker_temp_dirs": [],
                 "token_path": str(state_dir / TOKEN_FILE),
                 "process": rec,
                 "workers": [],
@@ -434,6 +438,11 @@ def start(spec: StackSpec, state_dir: Path | str | None = None) -> dict[str, Any
             ray = state["ray"]
             _wait("Ray GCS", lambda: _tcp_open(HOST, gcs_port), deadline, state)
             for i in range(spec.workers):
+                # Each node gets its own temp dir, like separate machines: nodes sharing one also share
+                # runtime_resources/, and a worker node's runtime-env agent then deletes a job's working_dir
+                # (the job driver's cwd on the head) when the job's tasks on that worker are done.
+                worker_temp = tempfile.mkdtemp(prefix="pyoco-ray-")
+                ray["worker_temp_dirs"].append(worker_temp)
                 worker_argv = [
                     sys.executable,
                     shim,
@@ -445,6 +454,8 @@ def start(spec: StackSpec, state_dir: Path | str | None = None) -> dict[str, Any
                     "--num-cpus",
                     str(spec.worker_cpus),
                     *(["--resources", json.dumps(spec.worker_resources)] if spec.worker_resources else []),
+                    "--temp-dir",
+                    worker_temp,
                     *common,
                 ]
                 ray["workers"].append(_spawn(f"ray-worker-{i + 1}", worker_argv, node_env, logs))
@@ -558,9 +569,10 @@ def stop(state_dir: Path | str | None = None) -> list[str]:
     running = [rec for rec in _all_records(state) if _alive(rec) or _group_members(rec)]
     _terminate(running)
     stopped = [rec["name"] for rec in running]
-    temp_dir = (state.get("ray") or {}).get("temp_dir")
-    if temp_dir and Path(temp_dir).name.startswith("pyoco-ray-"):
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    ray = state.get("ray") or {}
+    for temp_dir in [ray.get("temp_dir"), *ray.get("worker_temp_dirs", [])]:
+        if temp_dir and Path(temp_dir).name.startswith("pyoco-ray-"):
+            shutil.rmtree(temp_dir, ignore_errors=True)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
     return stopped
 
