@@ -203,15 +203,17 @@ def _step_promote(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
 
 
 def _step_sample(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
+    """Sample the champion to {output}/sample.mp4 (+ .gif); remote outputs are written locally, then uploaded."""
+    import tempfile
+
     from pipelines.core_cli import sample_to_files
 
-    out = Path(join(cfg.output, "sample.mp4"))
-    if "://" in cfg.output:
-        out = Path("pyoco-sample.mp4")
+    remote = "://" in cfg.output
+    local_dir = Path(tempfile.mkdtemp(prefix="pyoco-sample-")) if remote else Path(cfg.output)
     result = sample_to_files(
         f"models:/{cfg.mlflow.registered_model}@champion",
         cfg.sample.prompt,
-        out,
+        local_dir / "sample.mp4",
         frames=cfg.sample.num_frames,
         steps=cfg.sample.steps,
         guidance=cfg.sample.guidance,
@@ -219,6 +221,11 @@ def _step_sample(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
         fps=cfg.sample.fps,
         gif=True,
     )
+    if remote:
+        for kind in ("mp4", "gif"):
+            fs, path = _fs(join(cfg.output, f"sample.{kind}"))
+            fs.put_file(result[kind], path)
+            result[kind] = join(cfg.output, f"sample.{kind}")
     return result
 
 
