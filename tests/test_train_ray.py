@@ -118,11 +118,19 @@ def test_zero2_two_workers_overfit_mlflow_server_export_no_secrets(
         assert _files_containing(root, SECRET.encode()) == [], root
 
 
-def test_zero3_resume_after_clean_stop_then_fault_injection(ray_local, tmp_path, monkeypatch):
+def test_zero3_s3_storage_resume_after_clean_stop_then_fault_injection(
+    ray_local, moto_s3, tmp_path, monkeypatch
+):
+    """Checkpoints, the fault marker and the run record live on S3 (moto); data and export stay local."""
+    from pyoco import storage
+    from tests.conftest import TEST_AWS_SECRET
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default: sqlite:///mlflow.db here
+    bucket = moto_s3.make_bucket(f"pyoco-train-{tmp_path.name.lower().replace('_', '-')[:30]}")
+    store = f"s3://{bucket}/ray"
     clips = write_clips(tmp_path / "data", num_clips=8, num_frames=4, size=8)
-    base = {"zero_stage": 3, "checkpoint_every": 2, "num_to_keep": 1, "ema_decay": 0.5}
+    base = {"zero_stage": 3, "checkpoint_every": 2, "num_to_keep": 1, "ema_decay": 0.5, "storage_path": store}
     first = run_train(parse_config(tiny_config(tmp_path, clips, max_steps=2, **base)))
     assert first["final_step"] == 2 and first["metrics"]["attempt_start_step"] == 0
     assert (tmp_path / "mlflow.db").is_file() and first["tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"
@@ -134,8 +142,8 @@ def test_zero3_resume_after_clean_stop_then_fault_injection(ray_local, tmp_path,
     )
     assert second["final_step"] == 6
     assert second["metrics"]["attempt_start_step"] == 4  # the attempt after the crash started from step 4
-    marker = tmp_path / "ray" / "t-train" / FAULT_MARKER.format(step=5)
-    assert marker.read_text().startswith("rank 1 exited at step 5")
+    marker = storage.read_bytes(f"{store}/t-train/{FAULT_MARKER.format(step=5)}").decode()
+    assert marker.startswith("rank 1 exited at step 5")
     assert second["mlflow_run_id"] == first["mlflow_run_id"]  # one MLflow run for the whole job
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -143,10 +151,13 @@ def test_zero3_resume_after_clean_stop_then_fault_injection(ray_local, tmp_path,
     # Every step logged exactly once: nothing was replayed from step 0 (or from 2) after the restart.
     assert [s for s, _ in _history(client, rid, "loss")] == [1, 2, 3, 4, 5, 6]
     assert sorted({v for _, v in _history(client, rid, "resumed_from_step")}) == [2.0, 4.0]
-    assert [p.name for p in (tmp_path / "ray" / "t-train").glob("checkpoint_0*")] == ["checkpoint_00000006"]
+    fs, root = storage.filesystem(f"{store}/t-train")
+    assert [p.rsplit("/", 1)[1] for p in fs.ls(root) if "/checkpoint_0" in p] == ["checkpoint_00000006"]
 
     # ZeRO-3 export: DeepSpeed's fp32 consolidation of the shards plus the consolidated sharded EMA.
-    ckpt = Path(second["checkpoint"])
+    assert second["checkpoint"] == f"{store}/t-train/checkpoint_00000006"
+    ckpt = tmp_path / "ckpt"
+    fs.get(f"{root}/checkpoint_00000006/", str(ckpt) + "/", recursive=True)
     assert len(list((ckpt / "ds").glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))) == 2
     assert len(list((ckpt / "pyoco").glob("ema_rank*.pt"))) == 2
     pkg = load_package(second["model_dir"])
@@ -159,6 +170,13 @@ def test_zero3_resume_after_clean_stop_then_fault_injection(ray_local, tmp_path,
     # EMA (decay 0.5, 6 updates) is close to, but not the same as, the last weights.
     diffs = [float((exported[k] - raw[k]).abs().max()) for k in raw]
     assert 0 < max(diffs) < 0.1
+
+    # The S3 secret reached the workers (they wrote to S3) but no log or MLflow record.
+    import ray
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    for root_dir in (session / "logs", tmp_path):
+        assert _files_containing(root_dir, TEST_AWS_SECRET.encode()) == [], root_dir
 
 
 def test_pretrain_image_cli_exports_a_2d_unet_that_finetuning_inflates(ray_local, tmp_path, monkeypatch):
