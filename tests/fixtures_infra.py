@@ -17,7 +17,16 @@ SERVICES_PY = REPO / "infra" / "local" / "services.py"
 TEST_AWS_KEY_ID = "testing-key-id"
 TEST_AWS_SECRET = "pyoco-test-secret-0f9e8d7c6b5a"
 # The parent environment may point at other servers or hold another token: never let that reach a stack.
-SCRUBBED = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "AWS_PROFILE")
+# AWS_ENDPOINT_URL_S3 beats AWS_ENDPOINT_URL in botocore: a value left by the session moto fixture would
+# send jobs to the wrong S3 endpoint.
+SCRUBBED = (
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
+    "RAY_ADDRESS",
+    "RAY_API_SERVER_ADDRESS",
+    "AWS_PROFILE",
+    "AWS_ENDPOINT_URL_S3",
+)
 
 
 def load_services():

@@ -183,6 +183,7 @@ def _submit(state, config: Path, *extra: str) -> subprocess.CompletedProcess:
         AWS_ACCESS_KEY_ID=TEST_AWS_KEY_ID,
         AWS_SECRET_ACCESS_KEY=TEST_AWS_SECRET,
         AWS_ENDPOINT_URL=state["s3"]["url"],
+        AWS_ENDPOINT_URL_S3=state["s3"]["url"],
         AWS_DEFAULT_REGION="us-east-1",
         MLFLOW_TRACKING_URI="http://127.0.0.1:9/mlflow-not-contacted",
         HOME=str(config.parent),  # no ~/.ray/auth_token to fall back on
