@@ -93,47 +93,11 @@ def save_package(
 
 def local_copy(uri: str, *, cache_dir: str | None = None) -> Path:
     """A local folder holding ``uri``'s files (s3:// is downloaded once into a content-keyed cache)."""
-    if "://" not in uri or uri.startswith("file://"):
-        p = Path(uri.removeprefix("file://")).expanduser()
-        if not p.exists():
-            raise FileNotFoundError(f"{uri}: model folder not found")
-        return p
-    return download_tree(uri, cache_dir=cache_dir)
+    from pyoco.model import localize
 
-
-def download_tree(uri: str, *, cache_dir: str | None = None) -> Path:
-    """Download a remote folder into ``cache_dir`` keyed by its listing (names, sizes, ETags), so an
-    unchanged folder is fetched once and a re-uploaded one is fetched again."""
-    import hashlib
-    import os
-    import shutil
-
-    import fsspec
-
-    fs, _, (path,) = fsspec.get_fs_token_paths(uri)
-    try:
-        listing = fs.find(path, detail=True)
-    except FileNotFoundError:
-        listing = {}
-    if not listing:
-        raise FileNotFoundError(f"{uri}: model folder not found or empty")
-    stamp = sorted((k, v.get("size"), str(v.get("ETag") or v.get("mtime") or "")) for k, v in listing.items())
-    key = hashlib.sha256(json.dumps([uri, stamp]).encode()).hexdigest()[:24]
-    base = Path(cache_dir or os.environ.get("PYOCO_CACHE", Path.home() / ".cache" / "pyoco")) / "models"
-    dst = base / key
-    if (dst / ".complete").exists():
-        return dst
-    tmp = base / f".{key}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for name in listing:
-        rel = name[len(path.rstrip("/")) + 1 :]
-        target = tmp / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(name, str(target))
-    (tmp / ".complete").write_text(uri)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
-    return dst
+    return localize(
+        str(uri).removeprefix("file://") if str(uri).startswith("file://") else uri, cache_dir=cache_dir
+    )
 
 
 def read_info(root: Path) -> PackageInfo:
