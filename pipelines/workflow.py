@@ -112,10 +112,7 @@ def _resolved(cfg: PyocoConfig) -> PyocoConfig:
         cfg.preprocess.input = cfg.synth.out
     if cfg.preprocess is not None and cfg.train.data is None:
         cfg.train.data = join(cfg.preprocess.output, "clips")
-    if cfg.train.output is None:
-        cfg.train.output = join(cfg.output, "model")
-    if cfg.train.storage_path is None:
-        cfg.train.storage_path = join(cfg.output, "ray")
+    # train.output / train.storage_path defaults are filled once, by pipelines.train.resolve_config.
     if cfg.evaluate.output is None:
         cfg.evaluate.output = join(cfg.output, "eval", "metrics.json")
     return cfg
