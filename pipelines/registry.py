@@ -89,7 +89,10 @@ L_LEASE_MS = "pyoco.lock.lease_ms"  # the lease, counted from the lock's server-
 
 
 class RegistryConflict(PyocoError):
-    """The registry changed under a transaction that held the lock (lock broken, or a foreign client)."""
+    """The registry changed under a transaction that held the lock (lock broken, or a foreign client).
+    ``event`` is the history event this transaction wrote, when it got that far (with its nonce)."""
+
+    event: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ tracking
@@ -435,12 +438,20 @@ class _Txn:
         self.client.set_registered_model_tag(
             self.name, f"{T_HISTORY}{gen:06d}.{nonce}", json.dumps(event, sort_keys=True)
         )
-        for alias, version in set_aliases.items():
-            self.client.set_registered_model_alias(self.name, alias, str(version))
-        for alias in delete_aliases:
-            if alias in self.state.aliases and alias not in set_aliases:
-                self.client.delete_registered_model_alias(self.name, alias)
-        self.client.set_registered_model_tag(self.name, T_GENERATION, str(gen))
+        try:
+            for alias, version in set_aliases.items():
+                self.client.set_registered_model_alias(self.name, alias, str(version))
+            for alias in delete_aliases:
+                if alias in self.state.aliases and alias not in set_aliases:
+                    self.client.delete_registered_model_alias(self.name, alias)
+            self.client.set_registered_model_tag(self.name, T_GENERATION, str(gen))
+        except Exception as err:  # noqa: BLE001 (e.g. the server's UNIQUE constraint on a concurrent upsert)
+            conflict = RegistryConflict(
+                f"registered model {self.name!r}: update g{gen} failed halfway ({_one_line(err, 200)}); "
+                f"its event (nonce {nonce}) is in the history; check `pyoco registry history` and the aliases"
+            )
+            conflict.event = event
+            raise conflict from None
 
         expected = {a: v for a, v in self.state.aliases.items() if a in (CHAMPION, CHALLENGER)}
         expected.update({a: str(v) for a, v in set_aliases.items()})
