@@ -10,7 +10,8 @@ What the job carries (``runtime_env``):
   ``python -m pipelines.cli run --config PATH``: ``-m`` imports the shipped code, not whatever version
   happens to be installed on the nodes (the nodes provide the dependencies).
 - ``env_vars``, by value, only settings that are not secret: ``MLFLOW_TRACKING_URI`` (refused when it
-  embeds ``user[:password]@``, as is any forwarded URI; the config itself refuses such URIs at load), ``AWS_ENDPOINT_URL[_S3]``, ``AWS_DEFAULT_REGION``/``AWS_REGION``. They
+  embeds ``user[:password]@``, as is any forwarded URI; the config itself refuses such URIs at load),
+  ``AWS_ENDPOINT_URL[_S3]``, ``AWS_DEFAULT_REGION``/``AWS_REGION``. They
   are used as given on the nodes, so they must be addresses the cluster can reach. ``AWS_PROFILE`` is not
   forwarded: a profile of this machine rarely exists on the nodes, and boto fails on a missing one.
 - Credentials by *reference*: for each credential variable set in the submitting shell
@@ -259,8 +260,11 @@ def job_env_vars(environ: dict[str, str] | None = None) -> tuple[dict[str, str],
             continue
         if "://" in value and (urlsplit(value).username is not None or URI_USERINFO.search(value)):
             # a user name alone is often a token (https://TOKEN@host), so any userinfo is refused
+            what = (
+                "a password (user:password@host)" if urlsplit(value).password else "credentials (user@host)"
+            )
             raise PyocoError(
-                f"{name} embeds credentials (user[:password]@host); put them in "
+                f"{name} embeds {what}; put them in "
                 "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN, AWS_*), "
                 "which are passed by reference"
             )
