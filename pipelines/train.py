@@ -28,8 +28,9 @@ Checkpoint layout (one Ray checkpoint = the merged folders of all ranks)::
       pyoco/rng_rank000.safetensors ...  per-rank RNG states (noise generator, torch, numpy as tensors; numpy's
                                          scalars and Python's state as JSON metadata)
 
-No pyoco state is pickled: whoever can write the checkpoint bucket cannot run code on load. (DeepSpeed's own
-``ds/`` files are torch pickles that DeepSpeed 0.19 loads with ``weights_only=False``; see ``_restore``.)
+No pyoco state is pickled, and DeepSpeed's ``ds/`` files are loaded with ``torch.load(weights_only=True)`` on
+resume: whoever can write the checkpoint bucket cannot run code on the workers. (The export's ZeRO
+consolidation, DeepSpeed's ``zero_to_fp32``, still unpickles fully; see the issue-12 notes.)
 
 Resume: Ray Train V2 restarts the worker group from the latest checkpoint after a worker failure
 (``FailureConfig(max_failures)``), and a new ``pyoco train`` with the same ``storage_path`` and run name picks
@@ -486,12 +487,13 @@ class Trainer:
     def _restore(self) -> None:
         """Resume from Ray's checkpoint, after checking it was written by this config and world size.
 
-        DeepSpeed 0.19's ``load_checkpoint`` has no ``weights_only`` argument: its TorchCheckpointEngine
-        calls ``torch.load(weights_only=False)`` on the ``ds/`` files, whose contents (optimizer and engine
-        state with DeepSpeed's own classes) would not pass the restricted unpickler anyway. Our own state
-        (RNG, EMA, train_state.json) holds no pickles."""
+        Nothing here runs code from the checkpoint: our own state (RNG, EMA, train_state.json) holds no
+        pickles, and DeepSpeed's ``ds/`` files are read with ``weights_only=True``
+        (:func:`pipelines.train_ds.use_weights_only_loading`; DeepSpeed 0.19's ``load_checkpoint`` has no
+        such argument)."""
         import ray.train
 
+        from pipelines.train_ds import use_weights_only_loading
         from pipelines.train_ema import ema_file, load_ema_state
 
         ckpt = ray.train.get_checkpoint()
@@ -503,6 +505,7 @@ class Trainer:
             state_file = state_dir / TRAIN_STATE
             state = json.loads(state_file.read_text()) if state_file.is_file() else {}
             check_resume(state, self.plan.compat, self.world, where=str(ckpt.path))
+            use_weights_only_loading(self.engine)
             path, client_state = self.engine.load_checkpoint(
                 str(root), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
             )
@@ -813,9 +816,12 @@ def consolidated_state_dict(ckpt_dir: Path, zero_stage: int) -> dict:
         with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115 - it prints per shard
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=CHECKPOINT_TAG)
         return {k: v.float() for k, v in sd.items()}
-    states = torch.load(
-        ckpt_dir / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-    )
+    from pipelines.train_ds import _safe_ds_globals
+
+    with torch.serialization.safe_globals(_safe_ds_globals()):
+        states = torch.load(
+            ckpt_dir / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True
+        )
     return {k: v.float() for k, v in states["module"].items()}
 
 

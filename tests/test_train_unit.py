@@ -407,3 +407,39 @@ def test_pooled_clips_sample_with_the_one_pooled_token_they_trained_on(tmp_path)
     tok = write_clips(tmp_path / "tok", num_clips=2, text_len=4)
     desc_tok = _text_embeddings(cfg, inspect_clips(str(tok)))[0]
     assert not desc_tok.get("pooled") and load_text_encoder(desc_tok).encode(["a"])[0].shape == (1, 4, 384)
+
+
+def test_deepspeed_checkpoint_loading_refuses_code_in_the_pickle(tmp_path):
+    """Issue 12 item 7: DeepSpeed 0.19 loads its checkpoint files with weights_only=False; the engine pyoco
+    installs before ``load_checkpoint`` unpickles only tensors, plain data and DeepSpeed's data classes."""
+    import os
+    import types
+
+    from pipelines.train_ds import setup_deepspeed, use_weights_only_loading
+
+    setup_deepspeed(use_gpu=False)
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    engine = types.SimpleNamespace(checkpoint_engine=TorchCheckpointEngine())
+    use_weights_only_loading(engine)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"module": {"w": torch.ones(2)}, "evil": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(RuntimeError, match=r"evil.pt: refusing to unpickle DeepSpeed checkpoint .*system"):
+        engine.checkpoint_engine.load(str(tmp_path / "evil.pt"), map_location="cpu")
+    assert not marker.exists()
+    # What DeepSpeed's ZeRO optimizer shards really hold still loads.
+    ok = {
+        "loss_scaler": LossScaler(1.0),
+        "zero_stage": ZeroStageEnum.gradients,
+        "state": {"m": torch.zeros(3)},
+    }
+    torch.save(ok, tmp_path / "ok.pt")
+    back = engine.checkpoint_engine.load(str(tmp_path / "ok.pt"), map_location="cpu")
+    assert back["zero_stage"] == ZeroStageEnum.gradients and back["loss_scaler"].cur_scale == 1.0
