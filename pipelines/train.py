@@ -254,20 +254,26 @@ def _check_existing_checkpoints(t: TrainConfig, fields: dict[str, Any]) -> int |
     run_uri = _join(t.storage_path, t.run_name)
     fs, root = storage.filesystem(run_uri)
     try:
-        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-    except FileNotFoundError:
-        return None
-    latest = None
-    for name in names:
-        if not name.startswith("checkpoint_"):
-            continue
-        state_uri = _join(run_uri, name, STATE_DIR, TRAIN_STATE)
-        if not storage.exists(state_uri):
-            continue
-        state = json.loads(storage.read_bytes(state_uri))
-        check_resume(state, fields, t.num_workers, where=f"{run_uri}/{name}")
-        latest = max(latest or 0, int(state.get("step", 0)))
-    return latest
+        try:
+            listing = fs.ls(root, detail=False, **({"refresh": True} if storage.is_remote(run_uri) else {}))
+        except FileNotFoundError:
+            return None
+        latest = None
+        for name in sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listing):
+            if not name.startswith("checkpoint_"):
+                continue
+            state_uri = _join(run_uri, name, STATE_DIR, TRAIN_STATE)
+            try:
+                state = json.loads(storage.read_bytes(state_uri))
+            except FileNotFoundError:
+                continue  # not one of ours (or not committed): Ray would not resume from it either
+            check_resume(state, fields, t.num_workers, where=f"{run_uri}/{name}")
+            latest = max(latest or 0, int(state.get("step", 0)))
+        return latest
+    finally:
+        # s3fs caches listings per (shared) filesystem instance; Ray Train and later reads on this driver must
+        # not see the run folder as it was before training wrote to it.
+        fs.invalidate_cache(root)
 
 
 # ============================================================================================== the model
