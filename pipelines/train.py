@@ -22,15 +22,32 @@ Checkpoint layout (one Ray checkpoint = the merged folders of all ranks)::
     checkpoint_00000010/
       ds/...                    DeepSpeed checkpoint (model + optimizer + LR schedule; ZeRO shards per rank)
       latest                    DeepSpeed's tag pointer
-      pyoco/train_state.json    step, ZeRO stage, world size, trainable names, geometry (rank 0)
+      pyoco/train_state.json    step, ZeRO stage, world size, trainable names, geometry, compatibility (rank 0)
       pyoco/unet/config.json    the UNet architecture (rank 0)
-      pyoco/ema_rank000.pt ...  EMA (rank 0 at ZeRO 0-2; one shard per rank at ZeRO-3)
-      pyoco/rng_rank000.pt ...  per-rank RNG states (noise generator, torch, numpy, python)
+      pyoco/ema_rank000.safetensors ...  EMA (rank 0 at ZeRO 0-2; one shard per rank at ZeRO-3), JSON metadata
+      pyoco/rng_rank000.safetensors ...  per-rank RNG states (noise generator, torch, numpy as tensors; numpy's
+                                         scalars and Python's state as JSON metadata)
+
+No pyoco state is pickled, and DeepSpeed's ``ds/`` files are loaded with ``torch.load(weights_only=True)`` on
+resume: whoever can write the checkpoint bucket cannot run code on the workers. (The export's ZeRO
+consolidation, DeepSpeed's ``zero_to_fp32``, still unpickles fully; see the issue-12 notes.)
 
 Resume: Ray Train V2 restarts the worker group from the latest checkpoint after a worker failure
 (``FailureConfig(max_failures)``), and a new ``pyoco train`` with the same ``storage_path`` and run name picks
 up the run's latest checkpoint too. The data stream restarts at a fresh (reshuffled) epoch; model, optimizer,
-LR position, EMA, step and RNG states are restored exactly. Resuming needs the same number of workers.
+LR position, EMA, step and RNG states are restored exactly.
+
+A changed config never resumes an old run:
+
+- the default run name carries a key of the settings (``{name}-train-{key}``): the workflow's train step key,
+  or, for ``pyoco train``, the compatibility hash below; an explicit ``train.run_name`` is used as given;
+- every checkpoint records a compatibility hash and its fields (:func:`compat_fields`: everything that changes
+  what is learned: model, noise, data hash, optimiser, batch, seed, prediction type, trained layers, and the
+  step horizon when the LR schedule depends on it). Resuming from a checkpoint whose fields differ is refused
+  with one line naming them, on the driver before Ray Train starts and again in each worker;
+- resuming with a different ``num_workers`` is refused (ZeRO shards and per-rank RNG/EMA state are per rank).
+
+Extending ``max_steps`` under a constant LR schedule keeps the hash (and so resumes and trains on).
 """
 
 from __future__ import annotations
@@ -149,7 +166,7 @@ def resolve_config(cfg: PyocoConfig, *, image_pretrain: bool = False) -> PyocoCo
     t.output = t.output or _join(cfg.output, "pretrained-image" if image_pretrain else "model")
     t.storage_path = t.storage_path or _join(cfg.output, "ray-pretrain" if image_pretrain else "ray")
     t.data, t.output, t.storage_path = _abs(t.data), _abs(t.output), _abs(t.storage_path)
-    t.run_name = t.run_name or f"{cfg.name}-{'pretrain-image' if image_pretrain else 'train'}"
+    # t.run_name stays None unless set: run_train derives it from the settings' key (see the module docstring).
     if image_pretrain:
         cfg.model.train_layers = "all"
     return cfg
@@ -167,6 +184,118 @@ def total_steps(train: TrainConfig, num_rows: int, world_size: int) -> tuple[int
         )
     steps = [s for s in (train.max_steps, train.epochs * per_epoch if train.epochs else None) if s]
     return min(steps), per_epoch
+
+
+# ========================================================================================= compatibility
+# Settings that do not change what is learned, left out of the compatibility hash: where things go, how often
+# to log/checkpoint/sample, fault injection and retries, worker resources, and the stopping point (except as the
+# LR schedule's horizon). num_workers is checked on its own (a different world cannot load the per-rank state).
+_TRAIN_EXCLUDED = {
+    "data",
+    "output",
+    "storage_path",
+    "num_workers",
+    "use_gpu",
+    "resources_per_worker",
+    "max_steps",
+    "epochs",
+    "checkpoint_every",
+    "num_to_keep",
+    "max_failures",
+    "log_every",
+    "sample_every",
+    "sample_prompts",
+    "sample_seeds",
+    "sample_steps",
+    "sample_guidance",
+    "fail_at_step",
+    "run_name",
+    "system_metrics_interval_s",
+}
+_MODEL_EXCLUDED = {"cache_dir", "gradient_checkpointing"}
+
+
+def compat_fields(cfg: PyocoConfig, geometry, *, total: int, data_hash: str | None) -> dict[str, Any]:
+    """The dotted settings a checkpoint may only be resumed with unchanged (JSON-able values)."""
+    from pyoco.config import flatten
+
+    t = cfg.train
+    fields: dict[str, Any] = {}
+    for k, v in flatten(t.model_dump(mode="json", exclude=_TRAIN_EXCLUDED), "train").items():
+        fields[k] = v
+    for k, v in flatten(cfg.model.model_dump(mode="json", exclude=_MODEL_EXCLUDED), "model").items():
+        fields[k] = v
+    fields["noise.kind"] = "iid" if t.image_pretrain else cfg.noise.kind
+    fields["noise.alpha"] = float(cfg.noise.alpha)
+    fields["data.hash"] = data_hash
+    for k in ("num_frames", "height", "width", "text_len", "text_dim", "token_level"):
+        fields[f"data.{k}"] = getattr(geometry, k)
+    if t.lr_schedule != "constant":  # the decay's end point depends on the horizon
+        fields["train.total_steps"] = int(total)
+    return fields
+
+
+def compat_hash(fields: dict[str, Any]) -> str:
+    from pyoco.config import config_hash
+
+    return config_hash(fields)
+
+
+def check_resume(state: dict, fields: dict[str, Any], world: int, *, where: str) -> None:
+    """Raise a one-line PyocoError unless the checkpoint ``state`` (its train_state.json) was written by a
+    run with these ``fields`` and ``world`` workers."""
+    hint = "set another train.run_name or delete that run to start over"
+    compat = state.get("compat")
+    if not isinstance(compat, dict) or "fields" not in compat:
+        raise PyocoError(f"{where}: checkpoint has no compatibility record (older pyoco); {hint}")
+    saved = compat["fields"]
+    if compat.get("hash") != compat_hash(fields) or saved != fields:
+        diff = [
+            k for k in sorted(set(saved) | set(fields)) if saved.get(k, "<unset>") != fields.get(k, "<unset>")
+        ]
+        shown = ", ".join(
+            f"{k} {saved.get(k, '<unset>')!r} -> {fields.get(k, '<unset>')!r}" for k in diff[:6]
+        )
+        more = f" (+{len(diff) - 6} more)" if len(diff) > 6 else ""
+        raise PyocoError(
+            f"{where}: refusing to resume a checkpoint trained with different settings: {shown}{more}; {hint}"
+        )
+    if int(state.get("world_size", world)) != int(world):
+        raise PyocoError(
+            f"{where}: checkpoint was written by {state.get('world_size')} workers, this run has "
+            f"train.num_workers {world}; resuming needs the same number (set train.num_workers: "
+            f"{state.get('world_size')}, or another train.run_name to start over)"
+        )
+
+
+def _check_existing_checkpoints(t: TrainConfig, fields: dict[str, Any]) -> int | None:
+    """Driver-side check of the run's checkpoints in storage before Ray Train resumes from one; returns the
+    latest step found (None when the run has none)."""
+    from pyoco import storage
+
+    run_uri = _join(t.storage_path, t.run_name)
+    fs, root = storage.filesystem(run_uri)
+    try:
+        try:
+            listing = fs.ls(root, detail=False, **({"refresh": True} if storage.is_remote(run_uri) else {}))
+        except FileNotFoundError:
+            return None
+        latest = None
+        for name in sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listing):
+            if not name.startswith("checkpoint_"):
+                continue
+            state_uri = _join(run_uri, name, STATE_DIR, TRAIN_STATE)
+            try:
+                state = json.loads(storage.read_bytes(state_uri))
+            except FileNotFoundError:
+                continue  # not one of ours (or not committed): Ray would not resume from it either
+            check_resume(state, fields, t.num_workers, where=f"{run_uri}/{name}")
+            latest = max(latest or 0, int(state.get("step", 0)))
+        return latest
+    finally:
+        # s3fs caches listings per (shared) filesystem instance; Ray Train and later reads on this driver must
+        # not see the run folder as it was before training wrote to it.
+        fs.invalidate_cache(root)
 
 
 # ============================================================================================== the model
@@ -209,6 +338,49 @@ def build_denoiser(model_cfg, *, image_pretrain: bool):
     return video(build_unet2d(tiny, seed=model_cfg.seed)), None
 
 
+# ========================================================================================= RNG state
+def save_rng_state(path: str | Path, generator) -> None:
+    """This process's RNG streams (the noise ``generator``, torch's CPU RNG, numpy's, Python's) as one
+    safetensors file: the states as tensors, numpy's scalars and Python's state as JSON metadata."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    save_file(
+        {
+            "generator": generator.get_state().cpu(),
+            "torch": torch.get_rng_state(),
+            "numpy_key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+        },
+        str(path),
+        metadata={
+            "numpy": json.dumps([name, int(pos), int(has_gauss), float(gauss)]),
+            "python": json.dumps([version, list(py_state), py_gauss]),
+        },
+    )
+
+
+def load_rng_state(path: str | Path, generator) -> None:
+    """Restore what :func:`save_rng_state` wrote (nothing is unpickled)."""
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        gen, cpu, key = f.get_tensor("generator"), f.get_tensor("torch"), f.get_tensor("numpy_key")
+    if "numpy" not in meta or "python" not in meta:
+        raise ValueError(f"{path}: not a pyoco RNG state file (metadata missing)")
+    name, pos, has_gauss, gauss = json.loads(meta["numpy"])
+    version, py_state, py_gauss = json.loads(meta["python"])
+    generator.set_state(gen)
+    torch.set_rng_state(cpu)
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate((version, tuple(py_state), py_gauss))
+
+
 # ================================================================================================ worker side
 @dataclasses.dataclass
 class WorkerPlan:
@@ -227,6 +399,7 @@ class WorkerPlan:
     sample_mask: Any  # np.ndarray (P, L) bool
     fault_marker: str | None
     env: SecretEnv  # settings only (FORWARDED_ENV); never a credential
+    compat: dict  # compat_fields(...): checked on restore, stored in every checkpoint
     credential_names: tuple[str, ...] = ()  # CREDENTIAL_ENV set on the driver: names, never values
 
 
@@ -345,44 +518,41 @@ class Trainer:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def _rng_state(self) -> dict:
-        import numpy as np
-        import torch
-
-        return {
-            "generator": self.generator.get_state(),
-            "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        }
-
     def _restore(self) -> None:
-        import numpy as np
+        """Resume from Ray's checkpoint, after checking it was written by this config and world size.
+
+        Nothing here runs code from the checkpoint: our own state (RNG, EMA, train_state.json) holds no
+        pickles, and DeepSpeed's ``ds/`` files are read with ``weights_only=True``
+        (:func:`pipelines.train_ds.use_weights_only_loading`; DeepSpeed 0.19's ``load_checkpoint`` has no
+        such argument)."""
         import ray.train
-        import torch
+
+        from pipelines.train_ds import use_weights_only_loading
+        from pipelines.train_ema import ema_file, load_ema_state
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return
         with ckpt.as_directory() as d:
             root = Path(d)
+            state_dir = root / STATE_DIR
+            state_file = state_dir / TRAIN_STATE
+            state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+            check_resume(state, self.plan.compat, self.world, where=str(ckpt.path))
+            use_weights_only_loading(self.engine)
             path, client_state = self.engine.load_checkpoint(
                 str(root), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
             )
             if path is None:
                 raise RuntimeError(f"{ckpt.path}: no DeepSpeed checkpoint under tag {CHECKPOINT_TAG!r}")
             self.step = int(client_state["step"])
-            state_dir = root / STATE_DIR
             if self.ema is not None:
-                ema_file = state_dir / f"ema_rank{self.rank if self.ema.zero3 else 0:03d}.pt"
-                self.ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=False))
-            rng_file = state_dir / f"rng_rank{self.rank:03d}.pt"
+                self.ema.load_state_dict(
+                    load_ema_state(ema_file(state_dir, self.rank if self.ema.zero3 else 0))
+                )
+            rng_file = state_dir / f"rng_rank{self.rank:03d}.safetensors"
             if rng_file.exists():
-                rng = torch.load(rng_file, map_location="cpu", weights_only=False)
-                self.generator.set_state(rng["generator"])
-                torch.set_rng_state(rng["torch"])
-                np.random.set_state(rng["numpy"])
-                random.setstate(rng["python"])
+                load_rng_state(rng_file, self.generator)
         self.resumed_from = self.step
         self.last_checkpoint_step = self.step
         if self.rank == 0:
@@ -391,15 +561,16 @@ class Trainer:
     def save_checkpoint(self, metrics: dict) -> None:
         """Every rank writes its part; Ray merges the folders into one checkpoint in storage."""
         import ray.train
-        import torch
+
+        from pipelines.train_ema import ema_file, save_ema_state
 
         with tempfile.TemporaryDirectory(prefix="pyoco-ckpt-") as tmp:
             root = Path(tmp)
             self.engine.save_checkpoint(str(root), tag=CHECKPOINT_TAG, client_state={"step": self.step})
             state_dir = self._state_files(root)
-            torch.save(self._rng_state(), state_dir / f"rng_rank{self.rank:03d}.pt")
+            save_rng_state(state_dir / f"rng_rank{self.rank:03d}.safetensors", self.generator)
             if self.ema is not None and (self.ema.zero3 or self.rank == 0):
-                torch.save(self.ema.state_dict(), state_dir / f"ema_rank{self.rank:03d}.pt")
+                save_ema_state(self.ema.state_dict(), ema_file(state_dir, self.rank))
             if self.rank == 0:
                 self.module.unet.save_config(str(state_dir / "unet"))
                 state = {
@@ -415,6 +586,7 @@ class Trainer:
                     "scheduler_config": self.scheduler_config,
                     "noise": {"kind": self.prior.kind, "alpha": self.prior.alpha},
                     "mlflow_run_id": self.plan.run_id,
+                    "compat": {"hash": compat_hash(self.plan.compat), "fields": self.plan.compat},
                 }
                 (state_dir / TRAIN_STATE).write_text(json.dumps(state, indent=2, default=str))
             ray.train.report(
@@ -678,9 +850,12 @@ def consolidated_state_dict(ckpt_dir: Path, zero_stage: int) -> dict:
         with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115 - it prints per shard
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=CHECKPOINT_TAG)
         return {k: v.float() for k, v in sd.items()}
-    states = torch.load(
-        ckpt_dir / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-    )
+    from pipelines.train_ds import _safe_ds_globals
+
+    with torch.serialization.safe_globals(_safe_ds_globals()):
+        states = torch.load(
+            ckpt_dir / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True
+        )
     return {k: v.float() for k, v in states["module"].items()}
 
 
@@ -695,9 +870,7 @@ def export_checkpoint(
     """Consolidate the checkpoint at ``ckpt_dir`` into a model package at ``out_uri``; returns its facts."""
     import shutil
 
-    import torch
-
-    from pipelines.train_ema import consolidate
+    from pipelines.train_ema import consolidate, load_ema_shards
     from pyoco import storage
     from pyoco.model import VideoDenoiser
     from pyoco.package import PackageInfo, save_package
@@ -708,11 +881,7 @@ def export_checkpoint(
     weights = consolidated_state_dict(root, int(state["zero_stage"]))
     which = "raw"
     if state["ema"]:
-        shards = [
-            torch.load(f, map_location="cpu", weights_only=False)
-            for f in sorted(state_dir.glob("ema_rank*.pt"))
-        ]
-        ema = consolidate(shards)
+        ema = consolidate(load_ema_shards(state_dir))
         unknown = sorted(set(ema) - set(weights))
         if unknown:
             raise RuntimeError(f"EMA holds parameters the model does not have: {unknown[:3]}")
@@ -763,16 +932,10 @@ def export_checkpoint(
 
 # ================================================================================================ driver side
 def _ensure_ray(address: str | None) -> bool:
-    import ray
+    """Ray for this step: the workflow's session Ray when inside one (see pipelines.context)."""
+    from pipelines.context import ensure_ray
 
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
-    else:
-        ray.init(include_dashboard=False, configure_logging=False)
-    return True
+    return ensure_ray(address, log_to_driver=True)
 
 
 def _check_cpus(t: TrainConfig, embedded: bool) -> None:
@@ -850,15 +1013,20 @@ def _text_embeddings(cfg: PyocoConfig, geometry) -> tuple[dict, Any, Any, Any, A
         null, null_mask = enc.null_embedding(1)
         cond, mask = enc.encode(prompts) if prompts else (null[:0], null_mask[:0])
     else:  # pooled clips: pooled prompts, one token each
-        null = enc.pooled([""])[:, None, :]
-        cond = enc.pooled(prompts)[:, None, :]
-        null_mask = np.ones((1, 1), dtype=bool)
-        mask = np.ones((len(prompts), 1), dtype=bool)
+        from pyoco.text import PooledTextEncoder
+
+        enc = PooledTextEncoder(enc)
+        null, null_mask = enc.null_embedding(1)
+        cond, mask = enc.encode(prompts) if prompts else (null[:0], null_mask[:0])
     as_np = lambda x: x.numpy() if hasattr(x, "numpy") else np.asarray(x)  # noqa: E731
+    # The description goes into the package: sampling and evaluation rebuild this encoder from it (pooled
+    # and one token for pooled data, the data's token length otherwise).
     return enc.describe(), as_np(null), as_np(null_mask), as_np(cond), as_np(mask)
 
 
-def _mlflow_run(cfg: PyocoConfig, tracking_uri: str, *, kind: str, tags: dict, ds_config: dict) -> str:
+def _mlflow_run(
+    cfg: PyocoConfig, tracking_uri: str, experiment: str, *, kind: str, tags: dict, ds_config: dict
+) -> str:
     """The run of this training job: the one recorded next to the Ray run (a resumed job continues it), or a
     new one with params, the resolved config and the DeepSpeed config."""
     from pipelines import tracking
@@ -879,7 +1047,7 @@ def _mlflow_run(cfg: PyocoConfig, tracking_uri: str, *, kind: str, tags: dict, d
             console.print(f"note: not continuing the previous MLflow run ({type(err).__name__})")
     run_id = tracking.start_run(
         tracking_uri,
-        cfg.mlflow.experiment,
+        experiment,
         run_name=t.run_name,
         config=cfg,
         tags={**tags, tracking.TAG_KIND: kind},
@@ -891,9 +1059,19 @@ def _mlflow_run(cfg: PyocoConfig, tracking_uri: str, *, kind: str, tags: dict, d
     return run_id
 
 
-def run_train(cfg: PyocoConfig, *, image_pretrain: bool = False) -> dict:
+def run_train(
+    cfg: PyocoConfig,
+    *,
+    image_pretrain: bool = False,
+    ctx=None,
+    run_key: str | None = None,
+) -> dict:
     """Train (or image-pretrain) as ``cfg`` says; returns ``{"model_dir", "checkpoint", "mlflow_run_id",
-    "final_step", "weights", "metrics", ...}``. ``model_dir`` is the exported model package."""
+    "final_step", "weights", "metrics", ...}``. ``model_dir`` is the exported model package.
+
+    ``ctx`` (a :class:`pipelines.context.RunContext`) gives the MLflow server and experiment (default: from
+    ``cfg.mlflow`` and the environment). ``run_key`` (the workflow step's cache key) names the Ray Train run
+    when ``train.run_name`` is unset; without it the compatibility hash does."""
     from pipelines import tracking
     from pipelines.train_data import DataError, inspect_clips, manifest_hash
     from pipelines.train_ds import deepspeed_config
@@ -923,6 +1101,10 @@ def run_train(cfg: PyocoConfig, *, image_pretrain: bool = False) -> dict:
                 f"{geometry.text_dim}"
             )
     steps, per_epoch = total_steps(t, geometry.num_rows, t.num_workers)
+    mhash = manifest_hash(t.data)
+    compat = compat_fields(cfg, geometry, total=steps, data_hash=mhash)
+    t.run_name = t.run_name or f"{cfg.name}-{kind}-{(run_key or compat_hash(compat))[:12]}"
+    resume_step = _check_existing_checkpoints(t, compat)
     ds_config = deepspeed_config(t, world_size=t.num_workers)
     text_desc, null, null_mask, sample_cond, sample_mask = _text_embeddings(cfg, geometry)
 
@@ -934,15 +1116,17 @@ def run_train(cfg: PyocoConfig, *, image_pretrain: bool = False) -> dict:
     started = _ensure_ray(cfg.ray.address)
     try:
         _check_cpus(t, embedded=not (cfg.ray.address or os.environ.get("RAY_ADDRESS")))
-        tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-        mhash = manifest_hash(t.data)
+        tracking_uri = (
+            ctx.tracking_uri if ctx is not None else tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        )
+        experiment = ctx.experiment if ctx is not None else cfg.mlflow.experiment
         tags = {
             tracking.TAG_NOISE_KIND: "iid" if image else cfg.noise.kind,
             tracking.TAG_NOISE_ALPHA: cfg.noise.alpha,
             tracking.TAG_MANIFEST_HASH: mhash or "none",
             tracking.TAG_CONFIG_HASH: cfg.hash(),
         }
-        run_id = _mlflow_run(cfg, tracking_uri, kind=kind, tags=tags, ds_config=ds_config)
+        run_id = _mlflow_run(cfg, tracking_uri, experiment, kind=kind, tags=tags, ds_config=ds_config)
 
         dataset = _clips_dataset(t, geometry)
         store_fs, store_path = _arrow_fs(t.storage_path)
@@ -963,6 +1147,7 @@ def run_train(cfg: PyocoConfig, *, image_pretrain: bool = False) -> dict:
             if t.fail_at_step
             else None,
             env=forwarded,
+            compat=compat,
             credential_names=credential_names,
         )
         trainer = TorchTrainer(
@@ -984,7 +1169,8 @@ def run_train(cfg: PyocoConfig, *, image_pretrain: bool = False) -> dict:
         )
         console.print(
             f"{kind}: {t.num_workers} worker(s), ZeRO-{t.zero_stage}, {steps} steps, "
-            f"clips {geometry.num_frames}x{geometry.height}x{geometry.width} from {t.data}"
+            f"clips {geometry.num_frames}x{geometry.height}x{geometry.width} from {t.data}; run {t.run_name}"
+            + (f" (resuming from step {resume_step})" if resume_step is not None else "")
         )
         t0 = time.perf_counter()
         try:
@@ -992,29 +1178,40 @@ def run_train(cfg: PyocoConfig, *, image_pretrain: bool = False) -> dict:
         except Exception as err:
             tracking.end_run(tracking_uri, run_id, "FAILED")
             raise PyocoError(f"training failed: {tracking.scrub(str(err)).splitlines()[0][:500]}") from err
-        if result.checkpoint is None:
-            tracking.end_run(tracking_uri, run_id, "FAILED")
-            raise PyocoError("training finished without a checkpoint")
-        ckpt_uri = f"s3://{result.checkpoint.path}" if store_fs is not None else str(result.checkpoint.path)
-        lineage = {
-            "mlflow_run_id": run_id,
-            "data_manifest_hash": mhash,
-            "git_revision": tracking.git_revision(),
-            "checkpoint": ckpt_uri,
-            "kind": kind,
-        }
-        with result.checkpoint.as_directory() as d:
-            exported = export_checkpoint(d, t.output, cfg=cfg, text_encoder=text_desc, lineage=lineage)
-        tracking.set_tags(
-            tracking_uri,
-            run_id,
-            {
-                tracking.TAG_MODEL_DIR: t.output,
-                tracking.TAG_CHECKPOINT: ckpt_uri,
-                tracking.TAG_EXPORT_WEIGHTS: exported["weights"],
-            },
-        )
-        tracking.end_run(tracking_uri, run_id, "FINISHED")
+        try:
+            if result.checkpoint is None:
+                raise PyocoError("training finished without a checkpoint")
+            ckpt_uri = (
+                f"s3://{result.checkpoint.path}" if store_fs is not None else str(result.checkpoint.path)
+            )
+            lineage = {
+                "mlflow_run_id": run_id,
+                "data_manifest_hash": mhash,
+                "git_revision": tracking.git_revision(),
+                "checkpoint": ckpt_uri,
+                "kind": kind,
+            }
+            with result.checkpoint.as_directory() as d:
+                exported = export_checkpoint(d, t.output, cfg=cfg, text_encoder=text_desc, lineage=lineage)
+            tracking.set_tags(
+                tracking_uri,
+                run_id,
+                {
+                    tracking.TAG_MODEL_DIR: t.output,
+                    tracking.TAG_CHECKPOINT: ckpt_uri,
+                    tracking.TAG_EXPORT_WEIGHTS: exported["weights"],
+                },
+            )
+            tracking.end_run(tracking_uri, run_id, "FINISHED")
+        except BaseException as err:  # export or tagging failed: the run must not stay RUNNING
+            with contextlib.suppress(Exception):
+                tracking.end_run(tracking_uri, run_id, "FAILED")
+            if isinstance(err, PyocoError) or not isinstance(err, Exception):
+                raise
+            first = tracking.scrub(str(err)).strip().splitlines()[0][:500] if str(err).strip() else ""
+            raise PyocoError(
+                f"export after training failed: {type(err).__name__}: {first}", exit_code=1
+            ) from err
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
         return {
             "model_dir": t.output,
@@ -1052,7 +1249,9 @@ def register(app: typer.Typer) -> None:
         storage_path: str | None = typer.Option(
             None, "--storage-path", help="Ray Train storage (local or s3://)."
         ),
-        max_steps: int | None = typer.Option(None, "--max-steps", help="Optimizer steps to train for."),
+        max_steps: int | None = typer.Option(
+            None, "--max-steps", min=1, help="Optimizer steps to train for."
+        ),
         num_workers: int | None = typer.Option(None, "--num-workers", help="Ray Train workers."),
         zero_stage: int | None = typer.Option(None, "--zero-stage", help="DeepSpeed ZeRO stage 0-3."),
     ) -> None:
@@ -1062,11 +1261,12 @@ def register(app: typer.Typer) -> None:
             data=data,
             output=output,
             storage_path=storage_path,
-            max_steps=max_steps,
             num_workers=num_workers,
             zero_stage=zero_stage,
         )
         cfg = load_config(config, over)
+        if max_steps is not None:  # --max-steps replaces the config's stop (max_steps or epochs)
+            cfg.train = cfg.train.model_copy(update={"max_steps": max_steps, "epochs": None})
         _print_result(run_train(cfg))
 
     @app.command("pretrain-image")
@@ -1077,7 +1277,9 @@ def register(app: typer.Typer) -> None:
         ),
         data: str | None = typer.Option(None, "--data", help="Clips folder (default: train.data)."),
         output: str | None = typer.Option(None, "--output", help="Where the image model package goes."),
-        max_steps: int | None = typer.Option(None, "--max-steps", help="Optimizer steps to train for."),
+        max_steps: int | None = typer.Option(
+            None, "--max-steps", min=1, help="Optimizer steps to train for."
+        ),
     ) -> None:
         """Train the 2-D image UNet on single frames (T = 1, iid noise): a base model to finetune from."""
         cfg = load_config(config)
@@ -1087,7 +1289,7 @@ def register(app: typer.Typer) -> None:
         if output is not None:
             p.train.output = output
         if max_steps is not None:
-            p.train.max_steps = max_steps
+            p.train = p.train.model_copy(update={"max_steps": max_steps, "epochs": None})
         _print_result(run_train(p, image_pretrain=True))
 
 

@@ -269,8 +269,21 @@ def make_collate(geometry: ClipGeometry):
     return ClipCollate()
 
 
+# Manifest fields that change on every preprocess run without the data changing.
+VOLATILE_MANIFEST_FIELDS = ("created_at", "elapsed_s", "decode_nodes", "pyoco_version")
+
+
+def manifest_data_hash(manifest: dict) -> str:
+    """The data's identity: the manifest's own ``data_hash`` (same inputs + config = same hash, whatever the
+    cluster or the time), else a hash of the manifest without its volatile fields."""
+    if manifest.get("data_hash"):
+        return str(manifest["data_hash"])
+    return config_hash({k: v for k, v in manifest.items() if k not in VOLATILE_MANIFEST_FIELDS})
+
+
 def manifest_hash(clips_uri: str) -> str | None:
-    """Hash of the preprocess ``manifest.json`` next to ``clips/`` (None when there is none)."""
+    """The data hash (:func:`manifest_data_hash`) of the preprocess ``manifest.json`` next to ``clips/``
+    (None when there is none). The same value the workflow and the registry record as the data hash."""
     from pyoco.storage import join
 
     parent = clips_uri.rstrip("/").rsplit("/", 1)[0] if "/" in clips_uri.rstrip("/") else "."
@@ -279,7 +292,7 @@ def manifest_hash(clips_uri: str) -> str | None:
         try:
             if fs.exists(path):
                 with fs.open(path, "r") as f:
-                    return config_hash(json.load(f))
+                    return manifest_data_hash(json.load(f))
         except (OSError, json.JSONDecodeError):
             return None
     return None

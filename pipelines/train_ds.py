@@ -141,3 +141,57 @@ def setup_deepspeed(use_gpu: bool, *, quiet: bool = True):
 
         ds_logger.setLevel(logging.WARNING)
     return deepspeed
+
+
+# DeepSpeed classes its optimizer checkpoints hold (ZeRO 1-3 on CPU/fp32, checked by loading real checkpoints):
+# plain data holders, rebuilt from their fields by torch's restricted unpickler, never called as code.
+_SAFE_DS_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+
+
+def _safe_ds_globals() -> list:
+    import importlib
+
+    out = []
+    for module, name in _SAFE_DS_GLOBALS:
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version: what it lacks it cannot have saved
+            continue
+    return out
+
+
+def use_weights_only_loading(engine) -> None:
+    """Make ``engine.load_checkpoint`` unpickle with ``torch.load(weights_only=True)``.
+
+    DeepSpeed 0.19's ``load_checkpoint`` has no ``weights_only`` argument and its ``TorchCheckpointEngine``
+    hard-codes ``weights_only=False``; every file it reads (model states, ZeRO optimizer shards) goes through
+    ``engine.checkpoint_engine.load``, so that engine is replaced by one that loads with the restricted
+    unpickler and a short allowlist of DeepSpeed's data classes. A checkpoint holding any other global is
+    refused with a one-line error naming it, instead of running it."""
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    current = getattr(engine, "checkpoint_engine", None)
+    if current is None or type(current) is not TorchCheckpointEngine:
+        return  # DeepSpeed's other engines (async/decoupled, Nebula) are not used by pyoco; leave them be
+
+    safe = _safe_ds_globals()
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(safe):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as err:  # torch's UnpicklingError names the refused global
+                lines = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+                why = lines[0][:300] if lines else f"{type(err).__name__}: {str(err)[:200]}"
+                raise RuntimeError(f"{path}: refusing to unpickle DeepSpeed checkpoint ({why})") from None
+
+    replacement = WeightsOnlyCheckpointEngine.__new__(WeightsOnlyCheckpointEngine)
+    replacement.__dict__.update(current.__dict__)
+    engine.checkpoint_engine = replacement

@@ -18,12 +18,18 @@ initial weights):
 afterwards. Under ZeRO-3 "the model" is each rank's partition; persistent (small, always gathered) parameters
 are re-partitioned, overwritten and gathered again, the same sequence DeepSpeed runs after its optimizer step.
 With bf16 training the EMA is updated from the bf16 weights (the fp32 masters live inside the optimizer).
+
+On disk (:func:`save_ema_state` / :func:`load_ema_state`) a rank's EMA is one safetensors file: the shadow tensors,
+plus the scalars and full shapes as JSON in the file's metadata. Nothing is unpickled on load, so a checkpoint
+bucket cannot smuggle code into the workers or the exporting driver.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -127,6 +133,42 @@ class ShardedEMA:
         if persistent:
             persistent[0].all_gather(param_list=persistent)  # re-gather from the new partitions
         return old
+
+
+EMA_META_KEY = "pyoco_ema"
+
+
+def ema_file(state_dir: str | Path, rank: int) -> Path:
+    return Path(state_dir) / f"ema_rank{int(rank):03d}.safetensors"
+
+
+def save_ema_state(state: dict, path: str | Path) -> None:
+    """A :meth:`ShardedEMA.state_dict` as safetensors (shadow tensors) + JSON metadata (the rest)."""
+    from safetensors.torch import save_file
+
+    meta = {k: v for k, v in state.items() if k != "shadow"}
+    save_file(
+        {n: t.detach().contiguous().cpu() for n, t in state["shadow"].items()},
+        str(path),
+        metadata={EMA_META_KEY: json.dumps(meta)},
+    )
+
+
+def load_ema_state(path: str | Path) -> dict:
+    """The state dict :func:`save_ema_state` wrote (no pickle involved)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = (f.metadata() or {}).get(EMA_META_KEY)
+        if meta is None:
+            raise ValueError(f"{path}: not a pyoco EMA file (no {EMA_META_KEY!r} metadata)")
+        shadow = {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    return {**json.loads(meta), "shadow": shadow}
+
+
+def load_ema_shards(state_dir: str | Path) -> list[dict]:
+    """Every rank's EMA file in a checkpoint's state folder (one at ZeRO 0-2, one per rank at ZeRO-3)."""
+    return [load_ema_state(f) for f in sorted(Path(state_dir).glob("ema_rank*.safetensors"))]
 
 
 def consolidate(states: list[dict]) -> dict[str, torch.Tensor]:

@@ -13,10 +13,19 @@ resumes from it (earlier steps are skipped by their keys).
 
 MLflow mirrors it: one parent run per ``pyoco run`` with a nested run per step (skipped steps included,
 tagged ``pyoco.step.status=skipped``); the training run is re-parented under its step.
+
+Every step gets the same :class:`pipelines.context.RunContext`, built once from the config and the environment
+(``mlflow.tracking_uri`` else ``$MLFLOW_TRACKING_URI``): train, evaluate, register, promote and sample all use
+that one MLflow server and experiment, and the keys of the steps that read or write MLflow cover it. The whole
+workflow shares one Ray (:func:`pipelines.context.ray_session`).
+
+Adding a step: write ``_step_x(cfg, outs, ctx) -> dict`` and insert ``Step("x", enabled, key_inputs, _step_x)``
+into ``STEPS`` (and its name into ``STEP_ORDER``); ``key_inputs(cfg, outs, ctx)`` lists everything it reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -29,6 +38,7 @@ from typing import Any
 import typer
 
 from pipelines.common import PyocoError, cli_errors, console
+from pipelines.context import RunContext, ensure_ray, ray_session
 from pyoco.config import PyocoConfig, config_hash, load_config
 
 STEP_ORDER = ["synth", "preprocess", "pretrain", "train", "evaluate", "register", "promote", "sample"]
@@ -65,10 +75,12 @@ class WorkflowState:
         return cls(uri, data.get("steps", {}))
 
     def save(self) -> None:
-        fs, path = _fs(self.uri)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "w") as f:
-            json.dump({"steps": self.steps}, f, indent=2, sort_keys=True, default=str)
+        """Serialise first, then replace the file in one step (:func:`pyoco.storage.write_bytes`: a rename
+        locally, one PUT on S3), so a crash or an error mid-save leaves the previous state intact."""
+        from pyoco import storage
+
+        data = json.dumps({"steps": self.steps}, indent=2, sort_keys=True, default=str).encode()
+        storage.write_bytes(self.uri, data)
 
     def outputs(self, step: str) -> dict[str, Any]:
         return dict(self.steps.get(step, {}).get("outputs", {}))
@@ -79,8 +91,8 @@ class WorkflowState:
 class Step:
     name: str
     enabled: Callable[[PyocoConfig], bool]
-    key_inputs: Callable[[PyocoConfig, dict[str, dict]], Any]
-    run: Callable[[PyocoConfig, dict[str, dict]], dict[str, Any]]
+    key_inputs: Callable[[PyocoConfig, dict[str, dict], RunContext], Any]
+    run: Callable[..., dict[str, Any]]  # (cfg, outs, ctx, *, key) -> outputs
     describe: str = ""
 
 
@@ -118,7 +130,7 @@ def _resolved(cfg: PyocoConfig) -> PyocoConfig:
     return cfg
 
 
-def _step_synth(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
+def _step_synth(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     from pyoco.synth import write_dataset
 
     s = cfg.synth
@@ -128,35 +140,41 @@ def _step_synth(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
     return {"uri": s.out, "summary": {k: result[k] for k in ("videos", "bytes") if k in result}}
 
 
-def _step_preprocess(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
+def _step_preprocess(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     from pipelines.preprocess import run_preprocess
+    from pipelines.train_data import manifest_data_hash
 
+    ensure_ray(cfg.ray.address)  # the workflow's one Ray (run_preprocess then reuses it)
     manifest = run_preprocess(cfg.preprocess, ray_address=cfg.ray.address)
     return {
         "output": cfg.preprocess.output,
-        "manifest_hash": manifest.get("data_hash") or config_hash(manifest),
+        "manifest_hash": manifest_data_hash(manifest),  # the hash train and register record too
         "manifest": manifest,
     }
 
 
-def _step_pretrain(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
+def _step_pretrain(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     from pipelines.train import pretrain_config, run_train
 
-    result = run_train(pretrain_config(cfg), image_pretrain=True)
+    result = run_train(pretrain_config(cfg), image_pretrain=True, ctx=ctx, run_key=key)
     return {**result, "stamp": _dir_stamp(result["model_dir"])}
 
 
-def _step_train(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
+def _step_train(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
+    """Ray Train's run name comes from this step's key (unless train.run_name is set): a changed config
+    starts a new run instead of resuming the old one; a re-run after a crash resumes it."""
     from pipelines.train import run_train
 
     cfg = cfg.model_copy(deep=True)
     if "pretrain" in outs and cfg.model.pretrained is None:
         cfg.model.pretrained = outs["pretrain"]["model_dir"]
-    result = run_train(cfg)
+    result = run_train(cfg, ctx=ctx, run_key=key)
     return {**result, "stamp": _dir_stamp(result["model_dir"])}
 
 
-def _step_evaluate(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
+def _step_evaluate(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
+    """Scores the package under the noise prior it was trained with (recorded in the package), the same
+    prior that register tags the version with."""
     from pipelines.evaluate import run_evaluate
 
     data = cfg.preprocess.output if cfg.preprocess is not None else str(Path(cfg.train.data).parent)
@@ -165,50 +183,63 @@ def _step_evaluate(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
         data,
         cfg.evaluate,
         model_cfg=cfg.model,
-        noise=cfg.noise,
+        noise=None,
         mlflow_run_id=outs["train"].get("mlflow_run_id"),
+        tracking_uri=ctx.tracking_uri,
+        experiment=ctx.experiment,
     )
     return {"metrics": metrics, "metrics_hash": config_hash(metrics)}
 
 
-def _step_register(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
+def _step_register(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     from pipelines.registry import register_model
 
     result = register_model(
-        name=cfg.mlflow.registered_model,
+        name=ctx.registered_model,
         checkpoint=outs["train"]["model_dir"],
         run_id=outs["train"].get("mlflow_run_id"),
         metrics=outs.get("evaluate", {}).get("metrics"),
         manifest_hash=outs.get("preprocess", {}).get("manifest_hash"),
         config=cfg,
+        tracking_uri=ctx.tracking_uri,
+        experiment=ctx.experiment,
     )
-    return result if isinstance(result, dict) else {"version": str(result)}
+    result = result if isinstance(result, dict) else {"version": str(result)}
+    if "tracking_uri" in result:
+        from pipelines.tracking import redact_uri
+
+        result["tracking_uri"] = redact_uri(result["tracking_uri"])  # the state never holds credentials
+    return result
 
 
-def _step_promote(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
+def _step_promote(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     from pipelines.registry import promote
 
     result = promote(
-        cfg.mlflow.registered_model,
+        ctx.registered_model,
         metric=cfg.promote.metric,
         mode=cfg.promote.mode,
         min_improvement=cfg.promote.min_improvement,
         force=False,
         refuse_raises=False,
+        tracking_uri=ctx.tracking_uri,
     )
     return result if isinstance(result, dict) else {"result": str(result)}
 
 
-def _step_sample(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
+def _step_sample(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     """Sample the champion to {output}/sample.mp4 (+ .gif); remote outputs are written locally, then uploaded."""
     import tempfile
 
     from pipelines.core_cli import sample_to_files
+    from pipelines.registry import resolve_model_uri
 
     remote = "://" in cfg.output
     local_dir = Path(tempfile.mkdtemp(prefix="pyoco-sample-")) if remote else Path(cfg.output)
+    # Resolved here against the workflow's server (sample_to_files alone would use the default one).
+    model_dir = resolve_model_uri(f"models:/{ctx.registered_model}@champion", tracking_uri=ctx.tracking_uri)
     result = sample_to_files(
-        f"models:/{cfg.mlflow.registered_model}@champion",
+        str(model_dir),
         cfg.sample.prompt,
         local_dir / "sample.mp4",
         frames=cfg.sample.num_frames,
@@ -226,62 +257,70 @@ def _step_sample(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
     return result
 
 
+def _tracking(c: PyocoConfig, ctx: RunContext) -> list:
+    """The MLflow part of a key: the config's mlflow section and the server actually used (from the env
+    when the config leaves it unset), without credentials."""
+    return [_section(c, "mlflow"), ctx.cache_identity()]
+
+
 STEPS = [
-    Step("synth", lambda c: c.synth is not None, lambda c, o: _section(c, "synth"), _step_synth),
+    Step("synth", lambda c: c.synth is not None, lambda c, o, x: _section(c, "synth"), _step_synth),
     Step(
         "preprocess",
         lambda c: c.preprocess is not None,
-        lambda c, o: [_section(c, "preprocess"), o.get("synth", {}).get("summary")],
+        lambda c, o, x: [_section(c, "preprocess"), o.get("synth", {}).get("summary")],
         _step_preprocess,
     ),
     Step(
         "pretrain",
         lambda c: c.pretrain is not None and c.model.pretrained is None,
-        lambda c, o: [
+        lambda c, o, x: [
             _section(c, "pretrain"),
             _section(c, "model"),
             o.get("preprocess", {}).get("manifest_hash"),
+            _tracking(c, x),
         ],
         _step_pretrain,
     ),
     Step(
         "train",
         lambda c: True,
-        lambda c, o: [
+        lambda c, o, x: [
             _section(c, "train"),
             _section(c, "model"),
             _section(c, "noise"),
             o.get("preprocess", {}).get("manifest_hash"),
             o.get("pretrain", {}).get("stamp"),
+            _tracking(c, x),
         ],
         _step_train,
     ),
     Step(
         "evaluate",
         lambda c: True,
-        lambda c, o: [_section(c, "evaluate"), o["train"].get("stamp")],
+        lambda c, o, x: [_section(c, "evaluate"), o["train"].get("stamp"), _tracking(c, x)],
         _step_evaluate,
     ),
     Step(
         "register",
         lambda c: True,
-        lambda c, o: [
-            c.mlflow.registered_model,
-            o["train"].get("stamp"),
-            o.get("evaluate", {}).get("metrics_hash"),
-        ],
+        lambda c, o, x: [o["train"].get("stamp"), o.get("evaluate", {}).get("metrics_hash"), _tracking(c, x)],
         _step_register,
     ),
     Step(
         "promote",
         lambda c: True,
-        lambda c, o: [_section(c, "promote"), o["register"].get("version")],
+        lambda c, o, x: [_section(c, "promote"), o["register"].get("version"), _tracking(c, x)],
         _step_promote,
     ),
     Step(
         "sample",
         lambda c: True,
-        lambda c, o: [_section(c, "sample"), o.get("promote", {}).get("champion_version")],
+        lambda c, o, x: [
+            _section(c, "sample"),
+            o.get("promote", {}).get("champion_version"),
+            _tracking(c, x),
+        ],
         _step_sample,
     ),
 ]
@@ -297,18 +336,17 @@ class _Mirror:
     run_id: str
 
     @classmethod
-    def start(cls, cfg: PyocoConfig) -> _Mirror:
+    def start(cls, cfg: PyocoConfig, ctx: RunContext) -> _Mirror:
         from pipelines import tracking
 
-        uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
         run_id = tracking.start_run(
-            uri,
-            cfg.mlflow.experiment,
+            ctx.tracking_uri,
+            ctx.experiment,
             run_name=f"workflow:{cfg.name}",
             config=cfg,
             tags={"pyoco.workflow": cfg.name},
         )
-        return cls(uri, cfg.mlflow.experiment, run_id)
+        return cls(ctx.tracking_uri, ctx.experiment, run_id)
 
     def step(self, step: str, status: str, key: str, seconds: float, outputs: dict) -> None:
         from pipelines import tracking
@@ -341,12 +379,15 @@ def run_workflow(
     from_step: str | None = None,
     only: str | None = None,
     use_mlflow: bool = True,
+    ctx: RunContext | None = None,
 ) -> dict[str, Any]:
-    """Run the enabled steps in order; returns {step: {"status", "seconds", "outputs"}}."""
+    """Run the enabled steps in order, all with one RunContext (built from ``cfg`` and the environment
+    when not given) and one Ray; returns {step: {"status", "seconds", "outputs"}}."""
     for flag, value in (("--from", from_step), ("--only", only)):
         if value is not None and value not in STEP_ORDER:
             raise PyocoError(f"{flag} {value!r}: unknown step; steps are {', '.join(STEP_ORDER)}")
     cfg = _resolved(cfg)
+    ctx = ctx or RunContext.from_config(cfg)
     state = WorkflowState.load(cfg.output)
     enabled = [s for s in STEPS if s.enabled(cfg)]
     names = [s.name for s in enabled]
@@ -359,14 +400,16 @@ def run_workflow(
     summary: dict[str, Any] = {}
     outs: dict[str, dict] = {}
     dirty = False
-    mirror = _Mirror.start(cfg) if use_mlflow else None
+    mirror = _Mirror.start(cfg, ctx) if use_mlflow else None
     status = "FAILED"
+    session = contextlib.ExitStack()
     try:
+        session.enter_context(ray_session())  # one Ray for all steps, started by the first that needs it
         for i, step in enumerate(enabled):
             forced = (from_step is not None and i >= names.index(from_step)) or only == step.name
             selected = only is None or only == step.name
             prior = state.steps.get(step.name, {})
-            key = config_hash(step.key_inputs(cfg, outs))
+            key = config_hash(step.key_inputs(cfg, outs, ctx))
             unchanged = prior.get("status") == "done" and prior.get("key") == key
             if not selected or (unchanged and not dirty and not forced):
                 if not unchanged:
@@ -381,7 +424,7 @@ def run_workflow(
             console.print(f"[bold]> {step.name}[/bold] (key {key})")
             t0 = time.perf_counter()
             try:
-                result = step.run(cfg, outs)
+                result = step.run(cfg, outs, ctx, key=key)
             except Exception as err:  # noqa: BLE001 - recorded, then re-raised as a one-line error
                 seconds = time.perf_counter() - t0
                 message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -409,6 +452,7 @@ def run_workflow(
             console.print(f"  {step.name} done in {seconds:.1f}s")
         status = "FINISHED"
     finally:
+        session.close()
         if mirror is not None:
             mirror.end(status)
     return summary
@@ -453,15 +497,16 @@ def run_cmd(
     if from_step and only:
         raise PyocoError("use --from or --only, not both")
     cfg = load_config(config)
+    ctx = RunContext.from_config(cfg)
     t0 = time.perf_counter()
-    summary = run_workflow(cfg, from_step=from_step, only=only)
+    summary = run_workflow(cfg, from_step=from_step, only=only, ctx=ctx)
     print_summary(cfg, summary)
     console.print(
         f"workflow finished in {time.perf_counter() - t0:.1f}s; state: {join(cfg.output, 'workflow')}"
     )
-    from pipelines.tracking import redact_uri, resolve_tracking_uri
+    from pipelines.tracking import redact_uri
 
-    uri = redact_uri(resolve_tracking_uri(cfg.mlflow.tracking_uri))
+    uri = redact_uri(ctx.tracking_uri)
     ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
     console.print(f"MLflow: {uri}  (UI: {ui})")
 

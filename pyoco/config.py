@@ -170,10 +170,23 @@ class TrainConfig(_Section):
     sample_guidance: float = Field(3.0, ge=1.0)
     system_metrics_interval_s: float = Field(10.0, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_default_steps(cls, data: Any) -> Any:
+        # max_steps has a default (20); giving epochs alone means "stop after these epochs", not "whichever
+        # comes first", so the default must not apply.
+        if isinstance(data, dict) and data.get("epochs") is not None and "max_steps" not in data:
+            data = {**data, "max_steps": None}
+        return data
+
     @model_validator(mode="after")
-    def _has_stop(self) -> TrainConfig:
+    def _one_stop(self) -> TrainConfig:
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set max_steps or epochs (both are empty)")
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError(
+                f"set max_steps or epochs, not both (got max_steps {self.max_steps}, epochs {self.epochs})"
+            )
         return self
 
 

@@ -19,6 +19,7 @@ minutes of exponential backoff.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import os
@@ -248,12 +249,32 @@ def read_range(uri: str, start: int, end: int, *, endpoint_url: str | None = Non
 
 
 def write_bytes(uri: str, data: bytes, *, endpoint_url: str | None = None, options=None) -> None:
-    """Write a whole object (parents created locally), retried on transient errors."""
+    """Write a whole object atomically, retried on transient errors: readers see the old content or the
+    new, never a part. Locally: a temporary file in the same folder, fsynced, then renamed over the target.
+    Remote: one ``pipe_file`` of the complete bytes, which s3fs sends as a single PUT below 100 MB (and as a
+    multipart upload that only appears when completed above that), never a streamed file handle whose
+    ``close`` would publish whatever had been written so far."""
     fs, path = filesystem(uri, endpoint_url=endpoint_url, options=options)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent and not is_remote(uri):
-        fs.makedirs(parent, exist_ok=True)
-    retry_transient(lambda: fs.pipe_file(path, data), what=f"write {uri}")
+    data = bytes(data)
+    if is_remote(uri):
+        retry_transient(lambda: fs.pipe_file(path, data), what=f"write {uri}")
+        return
+    import tempfile
+
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def remove(uri: str, *, recursive: bool = True, endpoint_url: str | None = None, options=None) -> None:

@@ -29,6 +29,7 @@ import torch
 __all__ = [
     "CLIPTextEncoder",
     "MiniLMTextEncoder",
+    "PooledTextEncoder",
     "TextEncoder",
     "load_text_encoder",
     "minilm_model_path",
@@ -226,10 +227,36 @@ class CLIPTextEncoder(TextEncoder):
 # ----------------------------------------------------------------------------------------------------------
 
 
+class PooledTextEncoder(TextEncoder):
+    """One pooled sentence vector per prompt as a single token: ``(B, 1, D)`` with an all-true ``(B, 1)``
+    mask. This is the conditioning a model trained on pooled-embedding clips saw (``caption_embedding`` of
+    shape (D,)), so sampling and evaluation must use it too. Its description is the inner encoder's plus
+    ``"pooled": true``."""
+
+    max_length = 1
+
+    def __init__(self, inner: TextEncoder):
+        if not hasattr(inner, "pooled"):
+            raise ValueError(f"text encoder {inner.describe().get('kind')!r} has no pooled embedding")
+        self.inner = inner
+        self.dim = inner.dim
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        vectors = self.inner.pooled(prompts)  # (B, D)
+        return vectors[:, None, :], torch.ones(vectors.shape[0], 1, dtype=torch.bool, device=vectors.device)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.inner.describe(), "pooled": True}
+
+
 def load_text_encoder(spec: str | os.PathLike | dict[str, Any], **kw: Any) -> TextEncoder:
     """``"minilm"`` → `MiniLMTextEncoder`; any other string/path → `CLIPTextEncoder.from_pretrained(spec)`;
     a `TextEncoder.describe()` dict → the encoder it describes (keyword arguments override its fields)."""
     if isinstance(spec, dict):
+        if spec.get("pooled"):
+            return PooledTextEncoder(
+                load_text_encoder({k: v for k, v in spec.items() if k != "pooled"}, **kw)
+            )
         kind = spec.get("kind")
         if kind == "minilm":
             return MiniLMTextEncoder(**{"max_length": spec.get("max_length", 32), **kw})

@@ -180,7 +180,7 @@ def ema_zero3_worker(rank: int, world: int, port: int, out: str) -> None:
     """One rank of tests/test_train_unit.py's ZeRO-3 EMA check (spawned; kept here so children import little)."""
     import torch
 
-    from pipelines.train_ema import ShardedEMA, consolidate
+    from pipelines.train_ema import ShardedEMA, consolidate, load_ema_state, save_ema_state
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -223,7 +223,7 @@ def ema_zero3_worker(rank: int, world: int, port: int, out: str) -> None:
         d = min(0.8, (1 + n_upd) / (10 + n_upd))
         now = full()
         ref = {n: d * ref[n] + (1 - d) * now[n] for n in ref}
-    torch.save(ema.state_dict(), Path(out) / f"ema_rank{rank}.pt")
+    save_ema_state(ema.state_dict(), Path(out) / f"ema_rank{rank}.safetensors")
     x = torch.linspace(-1, 1, 24).reshape(4, 6)
     with torch.no_grad():
         y_before = engine.module(x)
@@ -232,7 +232,7 @@ def ema_zero3_worker(rank: int, world: int, port: int, out: str) -> None:
         y_after = engine.module(x)
     torch.distributed.barrier()
     if rank == 0:
-        shards = [torch.load(Path(out) / f"ema_rank{r}.pt", weights_only=False) for r in range(world)]
+        shards = [load_ema_state(Path(out) / f"ema_rank{r}.safetensors") for r in range(world)]
         merged = consolidate(shards)
         reference = _net()
         reference.load_state_dict(ref)

@@ -142,7 +142,10 @@ def test_zero3_s3_storage_resume_after_clean_stop_then_fault_injection(
     )
     assert second["final_step"] == 6
     assert second["metrics"]["attempt_start_step"] == 4  # the attempt after the crash started from step 4
-    marker = storage.read_bytes(f"{store}/t-train/{FAULT_MARKER.format(step=5)}").decode()
+    # No run_name given: both runs get the one derived from their (identical) compatibility hash.
+    assert second["run_name"] == first["run_name"] and second["run_name"].startswith("t-train-")
+    run = f"{store}/{second['run_name']}"
+    marker = storage.read_bytes(f"{run}/{FAULT_MARKER.format(step=5)}").decode()
     assert marker.startswith("rank 1 exited at step 5")
     assert second["mlflow_run_id"] == first["mlflow_run_id"]  # one MLflow run for the whole job
 
@@ -151,15 +154,16 @@ def test_zero3_s3_storage_resume_after_clean_stop_then_fault_injection(
     # Every step logged exactly once: nothing was replayed from step 0 (or from 2) after the restart.
     assert [s for s, _ in _history(client, rid, "loss")] == [1, 2, 3, 4, 5, 6]
     assert sorted({v for _, v in _history(client, rid, "resumed_from_step")}) == [2.0, 4.0]
-    fs, root = storage.filesystem(f"{store}/t-train")
+    fs, root = storage.filesystem(run)
     assert [p.rsplit("/", 1)[1] for p in fs.ls(root) if "/checkpoint_0" in p] == ["checkpoint_00000006"]
 
     # ZeRO-3 export: DeepSpeed's fp32 consolidation of the shards plus the consolidated sharded EMA.
-    assert second["checkpoint"] == f"{store}/t-train/checkpoint_00000006"
+    assert second["checkpoint"] == f"{run}/checkpoint_00000006"
     ckpt = tmp_path / "ckpt"
     fs.get(f"{root}/checkpoint_00000006/", str(ckpt) + "/", recursive=True)
     assert len(list((ckpt / "ds").glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))) == 2
-    assert len(list((ckpt / "pyoco").glob("ema_rank*.pt"))) == 2
+    assert len(list((ckpt / "pyoco").glob("ema_rank*.safetensors"))) == 2
+    assert not list((ckpt / "pyoco").glob("*.pt"))  # pyoco's own state holds no pickles
     pkg = load_package(second["model_dir"])
     assert pkg.info.weights == "ema" and pkg.info.lineage["zero_stage"] == 3 and pkg.info.lineage["step"] == 6
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -214,6 +218,63 @@ def test_pretrain_image_cli_exports_a_2d_unet_that_finetuning_inflates(ray_local
     cond, t = torch.randn(1, 4, 384), torch.tensor([500])
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, cond), pkg.denoiser(x, t, cond), rtol=0, atol=1e-4)
+
+
+def test_changed_config_never_resumes_and_a_failed_export_ends_the_run_failed(
+    ray_local, tmp_path, monkeypatch
+):
+    """Issue 12 items 2 and 8. (a) Training whose export fails after fit ends its MLflow run FAILED, not
+    RUNNING. (b) Its checkpoint refuses a resume under another alpha or worker count, in one line. (c) The
+    same change without an explicit run name starts a new run from step 0 whose package and tags carry the
+    new alpha."""
+    from pipelines.common import PyocoError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    clips = write_clips(tmp_path / "data", num_clips=4, num_frames=4, size=8)
+    (tmp_path / "not-a-folder").write_text("a file where the export's parent folder should be")
+    base = {
+        "num_workers": 1,
+        "zero_stage": 0,
+        "max_steps": 2,
+        "checkpoint_every": 2,
+        "ema_decay": 0.9,
+        "sample_every": None,
+    }
+
+    def cfg(alpha: float, **train):
+        c = tiny_config(tmp_path, clips, **{**base, **train})
+        c["noise"]["alpha"] = alpha
+        return parse_config(c)
+
+    # (a) fit succeeds, the export cannot write its folder: one-line error, run FAILED.
+    with pytest.raises(PyocoError, match="export after training failed") as err:
+        run_train(cfg(1.0, run_name="fixed", output=str(tmp_path / "not-a-folder" / "model")))
+    assert "\n" not in str(err.value)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (failed,) = client.search_runs(
+        [client.get_experiment_by_name("pyoco-tests").experiment_id], "attributes.run_name = 'fixed'"
+    )
+    assert failed.info.status == "FAILED"
+    assert (tmp_path / "ray" / "fixed" / "checkpoint_00000002" / "pyoco" / "train_state.json").is_file()
+
+    # (b) same run name, other settings: refused before any training, naming the fields.
+    with pytest.raises(
+        PyocoError, match=r"checkpoint_00000002: refusing to resume .*noise\.alpha 1\.0 -> 2\.0"
+    ):
+        run_train(cfg(2.0, run_name="fixed"))
+    with pytest.raises(PyocoError, match=r"written by 1 workers, this run has train.num_workers 2"):
+        run_train(cfg(1.0, run_name="fixed", num_workers=2, resources_per_worker={"CPU": 0.5}))
+
+    # (c) no run name: alpha 2 gets its own run, trained from step 0, and everything downstream says 2.0.
+    res = run_train(cfg(2.0))
+    assert res["run_name"] != "fixed" and res["run_name"].startswith("t-train-")
+    assert res["final_step"] == 2 and res["metrics"]["attempt_start_step"] == 0
+    pkg = load_package(res["model_dir"])
+    assert pkg.info.noise == {"kind": "progressive", "alpha": 2.0}
+    assert float(client.get_run(res["mlflow_run_id"]).data.tags[tracking.TAG_NOISE_ALPHA]) == 2.0
+    state = json.loads((Path(res["checkpoint"]) / "pyoco" / "train_state.json").read_text())
+    assert state["compat"]["fields"]["noise.alpha"] == 2.0 and state["world_size"] == 1
 
 
 @pytest.fixture(autouse=True)

@@ -130,7 +130,7 @@ def test_lr_schedule_shapes():
 def test_total_steps_from_epochs_and_max_steps():
     t = TrainConfig(max_steps=None, epochs=3, batch_size_per_worker=2, grad_accum_steps=1)
     assert total_steps(t, num_rows=10, world_size=2) == (6, 2)  # 5 rows/worker -> 2 batches
-    t = TrainConfig(max_steps=4, epochs=3, batch_size_per_worker=2)
+    t = TrainConfig(max_steps=4, batch_size_per_worker=2)
     assert total_steps(t, num_rows=10, world_size=2) == (4, 2)
     with pytest.raises(Exception, match="too few"):
         total_steps(TrainConfig(batch_size_per_worker=4), num_rows=6, world_size=2)
@@ -214,13 +214,10 @@ def test_resolve_config_defaults(tmp_path):
     assert r.train.data == str(tmp_path / "pp" / "clips")
     assert r.train.output == str(tmp_path / "o" / "model")
     assert r.train.storage_path == str(tmp_path / "o" / "ray")
-    assert r.train.run_name == "demo-train"
+    assert r.train.run_name is None  # run_train names the run after the settings' key (issue 12)
     p = resolve_config(pretrain_config(cfg), image_pretrain=True)
     assert p.train.image_pretrain and p.model.train_layers == "all"
-    assert (
-        p.train.output == str(tmp_path / "o" / "pretrained-image")
-        and p.train.run_name == "demo-pretrain-image"
-    )
+    assert p.train.output == str(tmp_path / "o" / "pretrained-image")
     assert p.train.zero_stage == 0 and p.train.num_workers == 1
     with pytest.raises(Exception, match="train.data is not set"):
         resolve_config(PyocoConfig())
@@ -260,3 +257,189 @@ def test_typed_config_rejects_unknown_train_field():
         parse_config({"train": {"zero_stages": 2}})
     assert math.isfinite(parse_config({"train": {"precision": "bf16"}}).train.lr)
     assert np.isclose(TrainConfig().sample_guidance, 3.0)
+
+
+# ------------------------------------------------------------------------------- issue 12: stop, resume
+def test_epochs_alone_is_not_capped_by_the_default_max_steps():
+    """Issue 12 item 8: ``train: {epochs: 5}`` used to stop at the default max_steps (20)."""
+    from pyoco.config import ConfigError
+
+    t = parse_config({"train": {"epochs": 5, "batch_size_per_worker": 2}}).train
+    assert (t.max_steps, t.epochs) == (None, 5)
+    assert total_steps(t, num_rows=100, world_size=2) == (5 * 25, 25)  # 50 rows/worker -> 25 batches
+    assert parse_config({"train": {}}).train.max_steps == 20  # neither given: the default stop
+    with pytest.raises(ConfigError, match=r"train: .*set max_steps or epochs, not both") as err:
+        parse_config({"train": {"epochs": 5, "max_steps": 30}})
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="both are empty"):
+        parse_config({"train": {"max_steps": None}})
+    # The typed config round-trips (workers rebuild it from model_dump).
+    assert TrainConfig.model_validate(t.model_dump()).epochs == 5
+
+
+def _compat(tmp_path, **over):
+    from pipelines.train import compat_fields
+
+    clips = write_clips(tmp_path / "data", num_clips=4, num_frames=4, size=8)
+    cfg = parse_config(tiny_config(tmp_path, clips))
+    for dotted, value in over.items():
+        section, field = dotted.split(".")
+        setattr(getattr(cfg, section), field, value)
+    g = inspect_clips(str(clips))
+    return compat_fields(cfg, g, total=cfg.train.max_steps or 0, data_hash=manifest_hash(str(clips)))
+
+
+def test_resume_check_names_the_changed_settings_and_the_worker_count(tmp_path):
+    """Issue 12 item 2: a checkpoint records what was learned with; restore refuses another config in one
+    line naming the fields, and another worker count."""
+    from pipelines.common import PyocoError
+    from pipelines.train import check_resume, compat_hash
+
+    base = _compat(tmp_path)
+    state = {"world_size": 2, "compat": {"hash": compat_hash(base), "fields": base}}
+    check_resume(state, base, 2, where="ckpt")  # same config, same world: resumes
+    # Things that do not change what is learned keep the hash: logging, checkpointing, the stop under a
+    # constant LR schedule (extending a run), fault injection.
+    same = _compat(
+        tmp_path,
+        **{"train.max_steps": 9, "train.log_every": 3, "train.fail_at_step": 2, "train.num_to_keep": 5},
+    )
+    assert compat_hash(same) == compat_hash(base)
+    with pytest.raises(PyocoError, match=r"noise\.alpha 1\.0 -> 2\.0") as err:
+        check_resume(state, _compat(tmp_path, **{"noise.alpha": 2.0}), 2, where="ckpt")
+    assert "\n" not in str(err.value) and str(err.value).startswith("ckpt: refusing to resume")
+    with pytest.raises(PyocoError, match=r"train\.lr 0\.001 -> 0\.002.*train\.seed 0 -> 1"):
+        check_resume(state, _compat(tmp_path, **{"train.lr": 2e-3, "train.seed": 1}), 2, where="ckpt")
+    with pytest.raises(PyocoError, match="model.train_layers 'all' -> 'temporal'"):
+        check_resume(state, _compat(tmp_path, **{"model.train_layers": "temporal"}), 2, where="ckpt")
+    # Under a decaying schedule the horizon is part of what is learned.
+    cosine = _compat(tmp_path, **{"train.lr_schedule": "cosine"})
+    longer = _compat(tmp_path, **{"train.lr_schedule": "cosine", "train.max_steps": 9})
+    assert cosine["train.total_steps"] == 4 and compat_hash(cosine) != compat_hash(longer)
+    with pytest.raises(PyocoError, match=r"written by 2 workers, this run has train.num_workers 1"):
+        check_resume(state, base, 1, where="ckpt")
+    with pytest.raises(PyocoError, match="no compatibility record"):
+        check_resume({"world_size": 2, "step": 20}, base, 2, where="ckpt")
+
+
+# ----------------------------------------------------------------------------- issue 12: no pickles
+def test_rng_and_ema_state_are_tensors_and_json_not_pickles(tmp_path):
+    """Issue 12 item 7: checkpoint RNG/EMA state loads without unpickling anything."""
+    import random
+
+    from pipelines.train import load_rng_state, save_rng_state
+    from pipelines.train_ema import load_ema_state, save_ema_state
+
+    torch.manual_seed(3)
+    net = torch.nn.Linear(3, 2)
+    ema = ShardedEMA(net.named_parameters(), 0.9, rank=1)
+    ema.update()
+    save_ema_state(ema.state_dict(), tmp_path / "ema.safetensors")
+    back = load_ema_state(tmp_path / "ema.safetensors")
+    assert {k: back[k] for k in ("decay", "num_updates", "zero3", "rank")} == {
+        "decay": 0.9,
+        "num_updates": 1,
+        "zero3": False,
+        "rank": 1,
+    }
+    assert back["shapes"] == {"weight": [2, 3], "bias": [2]}
+    for n, t in ema.shadow.items():
+        torch.testing.assert_close(back["shadow"][n], t, rtol=0, atol=0)
+
+    g = torch.Generator().manual_seed(11)
+    np.random.seed(5)
+    random.seed(7)
+    torch.randn(3, generator=g)
+    save_rng_state(tmp_path / "rng.safetensors", g)
+    expected = (torch.randn(4, generator=g), torch.rand(2), np.random.rand(2), random.random())
+    torch.randn(9, generator=g), torch.rand(9), np.random.rand(9), random.random()  # move every stream on
+    load_rng_state(tmp_path / "rng.safetensors", g)
+    got = (torch.randn(4, generator=g), torch.rand(2), np.random.rand(2), random.random())
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)
+    assert np.array_equal(got[2], expected[2]) and got[3] == expected[3]
+
+    # Both files are safetensors: an 8-byte header length, a JSON header, raw tensor bytes; no pickle.
+    for name in ("ema.safetensors", "rng.safetensors"):
+        blob = (tmp_path / name).read_bytes()
+        n = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8 : 8 + n])
+        assert "__metadata__" in header and not blob.startswith(b"\x80")  # pickle protocol 2+ opens with 0x80
+        assert b"\x80\x02" not in blob[:16] and b"PK\x03\x04" not in blob  # nor a torch.save zip
+
+
+# -------------------------------------------------------------------------- issue 12: data hash, pooled
+def test_manifest_hash_is_the_stable_data_hash(tmp_path):
+    """Issue 12 item 8: train tagged a hash of the whole manifest (new on every preprocess run); now it is the
+    manifest's data_hash, the value the workflow and the registry record."""
+    clips = write_clips(tmp_path, num_clips=2)
+    manifest = {"inputs": 2, "data_hash": "0123456789abcdef", "created_at": "2026-01-01T00:00:00+00:00"}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert manifest_hash(str(clips)) == "0123456789abcdef"
+    manifest.update(created_at="2026-06-01T00:00:00+00:00", elapsed_s=12.5)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert manifest_hash(str(clips)) == "0123456789abcdef"
+    # A manifest without data_hash: its volatile fields do not count either.
+    (tmp_path / "manifest.json").write_text(json.dumps({"inputs": 2, "created_at": "a"}))
+    h = manifest_hash(str(clips))
+    (tmp_path / "manifest.json").write_text(json.dumps({"inputs": 2, "created_at": "b", "elapsed_s": 1}))
+    assert manifest_hash(str(clips)) == h
+
+
+def test_pooled_clips_sample_with_the_one_pooled_token_they_trained_on(tmp_path):
+    """Issue 12 item 8: a pooled-embedding dataset trains on 1 token; the package's text encoder must give
+    the same conditioning at sampling/evaluation, not 32 token states."""
+    from pipelines.train import _text_embeddings
+    from pyoco.text import load_text_encoder
+
+    clips = write_clips(tmp_path, num_clips=2, embedding="pooled")
+    cfg = parse_config(tiny_config(tmp_path, clips, sample_prompts=["a red square moves right", "a dot"]))
+    g = inspect_clips(str(clips))
+    desc, null, null_mask, cond, mask = _text_embeddings(cfg, g)
+    assert cond.shape == (2, 1, 384) and null.shape == (1, 1, 384) and mask.all()
+    enc = load_text_encoder(desc)  # what pyoco.package.ModelPackage.text_encoder() builds
+    c, m = enc.encode(["a red square moves right", "a dot"])
+    assert tuple(c.shape) == (2, 1, 384) and m.all()
+    torch.testing.assert_close(c.numpy(), cond, rtol=0, atol=1e-6)
+    n, _ = enc.null_embedding(1)
+    torch.testing.assert_close(n.numpy(), null, rtol=0, atol=1e-6)
+    # Token-level clips keep their token length.
+    tok = write_clips(tmp_path / "tok", num_clips=2, text_len=4)
+    desc_tok = _text_embeddings(cfg, inspect_clips(str(tok)))[0]
+    assert not desc_tok.get("pooled") and load_text_encoder(desc_tok).encode(["a"])[0].shape == (1, 4, 384)
+
+
+def test_deepspeed_checkpoint_loading_refuses_code_in_the_pickle(tmp_path):
+    """Issue 12 item 7: DeepSpeed 0.19 loads its checkpoint files with weights_only=False; the engine pyoco
+    installs before ``load_checkpoint`` unpickles only tensors, plain data and DeepSpeed's data classes."""
+    import os
+    import types
+
+    from pipelines.train_ds import setup_deepspeed, use_weights_only_loading
+
+    setup_deepspeed(use_gpu=False)
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    engine = types.SimpleNamespace(checkpoint_engine=TorchCheckpointEngine())
+    use_weights_only_loading(engine)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"module": {"w": torch.ones(2)}, "evil": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(RuntimeError, match=r"evil.pt: refusing to unpickle DeepSpeed checkpoint .*system"):
+        engine.checkpoint_engine.load(str(tmp_path / "evil.pt"), map_location="cpu")
+    assert not marker.exists()
+    # What DeepSpeed's ZeRO optimizer shards really hold still loads.
+    ok = {
+        "loss_scaler": LossScaler(1.0),
+        "zero_stage": ZeroStageEnum.gradients,
+        "state": {"m": torch.zeros(3)},
+    }
+    torch.save(ok, tmp_path / "ok.pt")
+    back = engine.checkpoint_engine.load(str(tmp_path / "ok.pt"), map_location="cpu")
+    assert back["zero_stage"] == ZeroStageEnum.gradients and back["loss_scaler"].cur_scale == 1.0

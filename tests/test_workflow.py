@@ -131,3 +131,48 @@ def test_workflow_runs_caches_and_resumes(tmp_path):
         "sample",
     }
     assert any(r.data.tags["pyoco.step.status"] == "skipped" for r in steps)
+
+
+def test_workflow_uses_the_mlflow_server_from_the_yaml_and_a_changed_alpha_retrains(tmp_path, mlflow_server):
+    """Issue 12 items 1 and 2. The tracking URI is set in the YAML only (no MLFLOW_TRACKING_URI): every step
+    (train, evaluate, register, promote, sample) uses that `mlflow server`, and nothing lands in a local
+    store. Then noise.alpha changes: train starts a new run from step 0 (not a resume of the finished one), and
+    the package, the evaluation and the registered version all carry alpha 2.0."""
+    import os
+
+    import mlflow
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    name = f"wf-server-{tmp_path.name[-20:]}".replace("_", "-")
+    cfg = json.loads(json.dumps(TINY))
+    cfg["mlflow"] = {"tracking_uri": mlflow_server.uri, "experiment": name, "registered_model": name}
+    first = _run(_write(tmp_path, cfg), env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    st = _state(tmp_path)
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.uri)
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == st["register"]["outputs"]["version"] == "1"
+    train_run = client.get_run(st["train"]["outputs"]["mlflow_run_id"])
+    assert "eval.val_loss" in train_run.data.metrics  # evaluate logged into the training run, on the server
+    assert champion.run_id == train_run.info.run_id  # register logged the pyfunc into that run
+    assert champion.tags["pyoco.data_manifest_hash"] == st["preprocess"]["outputs"]["manifest_hash"]
+    assert train_run.data.tags["pyoco.data_manifest_hash"] == st["preprocess"]["outputs"]["manifest_hash"]
+    assert client.get_experiment_by_name(name) is not None
+    # Nothing in the local default stores (sqlite in the working folder, or ./mlruns).
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    assert (tmp_path / "out" / "sample.mp4").stat().st_size > 0
+
+    cfg["noise"]["alpha"] = 2.0
+    second = _run(_write(tmp_path, cfg), env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    st2 = _state(tmp_path)
+    train = st2["train"]["outputs"]
+    assert train["run_name"] != st["train"]["outputs"]["run_name"]
+    assert train["metrics"]["attempt_start_step"] == 0 and train["final_step"] == 2  # trained, not resumed
+    package = json.loads((Path(train["model_dir"]) / "pyoco_package.json").read_text())
+    assert package["noise"]["alpha"] == 2.0
+    assert st2["evaluate"]["outputs"]["metrics"]["noise"]["alpha"] == 2.0
+    v2 = client.get_model_version(name, st2["register"]["outputs"]["version"])
+    assert v2.version == "2" and float(v2.tags["pyoco.noise_alpha"]) == 2.0
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
