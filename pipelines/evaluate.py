@@ -2,7 +2,8 @@
 
     run_evaluate("out/model", "out/data", EvaluateConfig(num_clips=16)) -> results dict (JSON-able)
 
-Validation loss. The evaluation clips are the ``num_clips`` smallest ``clip_id`` values of the data folder
+Validation loss, under the model's own prior. The evaluation clips are the ``num_clips`` smallest ``clip_id``
+values of the held-out split ``clips/val`` (never the training clips)
 (clip ids are content hashes, so this is a fixed pseudo-random subset that does not depend on file order).
 Every clip gets its own noise stream ``clip_generators(seed, [id(clip)])`` and one draw eps from the prior,
 reused at every timestep of the grid (common random numbers: the per-timestep numbers differ only by t).
@@ -304,6 +305,11 @@ def run_evaluate(
         else "epsilon",
         "timesteps": [int(t) for t in per_t],
         "val_loss": val_loss,
+        # The irreducible error depends on the prior's covariance: val_loss of models trained with different
+        # priors is not comparable (the promotion gate uses a sample metric when an evaluator is configured).
+        "val_loss_under": "the model's own prior"
+        if prior.describe() == package.prior().describe()
+        else "a prior other than the model's own",
         "val_loss_per_timestep": {str(t): v for t, v in per_t.items()},
         "sample": {
             "prompts": list(cfg.prompts),
@@ -401,7 +407,10 @@ def evaluate_cmd(
             experiment=cfg.mlflow.experiment,
         )
     per_t = ", ".join(f"t={t}: {v:.5f}" for t, v in results["val_loss_per_timestep"].items())
-    console.print(f"val_loss {results['val_loss']:.6f} ({per_t})")
+    console.print(
+        f"val_loss {results['val_loss']:.6f} on the val split, under {results['val_loss_under']} "
+        f"{results['noise']} ({per_t})"
+    )
     s = results["sample"]
     console.print(
         f"temporal consistency: generated {s['temporal_consistency_generated']:.4f}, "

@@ -73,6 +73,7 @@ def test_reevaluate_scores_the_champion_on_the_challengers_eval_data(
     ev_b = run_evaluate(str(tiny_package), str(data_b), cfg, log_to_mlflow=False)
     assert (ev_a["eval_data_hash"], ev_b["eval_data_hash"]) == ("hash-a", "hash-b")
     assert ev_a["val_loss"] != ev_b["val_loss"]
+    assert ev_a["val_loss_under"] == "the model's own prior"  # reported as such, not as a fair gate
 
     v1 = registry.register_model(name, checkpoint=str(tiny_package), metrics=ev_a)["version"]
     registry.promote(name)
