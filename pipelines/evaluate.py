@@ -2,7 +2,8 @@
 
     run_evaluate("out/model", "out/data", EvaluateConfig(num_clips=16)) -> results dict (JSON-able)
 
-Validation loss. The evaluation clips are the ``num_clips`` smallest ``clip_id`` values of the data folder
+Validation loss, under the model's own prior. The evaluation clips are the ``num_clips`` smallest ``clip_id``
+values of the held-out split ``clips/val`` (never the training clips)
 (clip ids are content hashes, so this is a fixed pseudo-random subset that does not depend on file order).
 Every clip gets its own noise stream ``clip_generators(seed, [id(clip)])`` and one draw eps from the prior,
 reused at every timestep of the grid (common random numbers: the per-timestep numbers differ only by t).
@@ -80,22 +81,20 @@ def _embedding_rows(column, embed_dim: int, source: str):
 
 
 def load_eval_clips(data: str, num_clips: int, *, embed_dim: int) -> EvalClips:
-    """The first ``num_clips`` clips by clip_id from ``data``/clips/*.parquet (local or s3://)."""
+    """The first ``num_clips`` clips by clip_id of the held-out split, ``data``/clips/val/*.parquet (local or
+    s3://): evaluate never reads the training clips."""
     import numpy as np
     import pyarrow.parquet as pq
 
+    from pyoco import clips as clipfmt
     from pyoco.storage import filesystem
 
-    clips_uri = data.rstrip("/") + "/clips"
-    fs, root = filesystem(clips_uri)
+    clips_uri = clipfmt.split_uri(data, "val")
+    fs, _ = filesystem(clips_uri)
     try:
-        files = sorted(f for f in fs.find(root) if f.endswith(".parquet"))
-    except FileNotFoundError:
-        files = []
-    if not files:
-        raise PyocoError(
-            f"{clips_uri}: no clips/*.parquet files (expected a `pyoco preprocess` output folder)"
-        )
+        files = [filesystem(u)[1] for u in clipfmt.clip_files(data, "val")]
+    except clipfmt.DataError as err:
+        raise PyocoError(str(err)) from None
     required = {"clip_id", "frames", "num_frames", "height", "width", "caption_embedding"}
     ids: list[tuple[str, int]] = []
     for i, f in enumerate(files):
@@ -289,10 +288,14 @@ def run_evaluate(
     if fvd["status"] == "computed":
         flat["fvd"] = fvd["value"]
     from pipelines.tracking import pyoco_version, redact_uri
+    from pyoco.clips import eval_data_hash
 
     results: dict[str, Any] = {
         "checkpoint": redact_uri(str(checkpoint)),
         "data": redact_uri(str(data)),
+        # which clips these numbers are about: the registry refuses to compare different ones
+        "eval_data_hash": eval_data_hash(data),
+        "evaluate_config": cfg.model_dump(mode="json", exclude={"output"}),
         "num_clips": int(n),
         "clip_shape": [int(num_frames), int(height), int(width), 3],
         "seed": cfg.seed,
@@ -302,6 +305,11 @@ def run_evaluate(
         else "epsilon",
         "timesteps": [int(t) for t in per_t],
         "val_loss": val_loss,
+        # The irreducible error depends on the prior's covariance: val_loss of models trained with different
+        # priors is not comparable (the promotion gate uses a sample metric when an evaluator is configured).
+        "val_loss_under": "the model's own prior"
+        if prior.describe() == package.prior().describe()
+        else "a prior other than the model's own",
         "val_loss_per_timestep": {str(t): v for t, v in per_t.items()},
         "sample": {
             "prompts": list(cfg.prompts),
@@ -345,7 +353,14 @@ def _log_to_mlflow(results: dict, run_id: str | None, tracking_uri: str | None, 
             uri, experiment, run_name="evaluate", tags={tracking.TAG_KIND: "evaluate"}
         )
     tracking.log_metrics(uri, run_id, {f"eval.{k}": v for k, v in results["metrics"].items()}, step=0)
-    tracking.set_tags(uri, run_id, {"pyoco.eval.fvd": results["fvd"]["status"]})
+    tracking.set_tags(
+        uri,
+        run_id,
+        {
+            "pyoco.eval.fvd": results["fvd"]["status"],
+            "pyoco.eval_data_hash": str(results.get("eval_data_hash") or "unknown"),
+        },
+    )
     tracking.log_text(uri, run_id, json.dumps(results, indent=2, sort_keys=True), "evaluate/results.json")
     if created:
         tracking.end_run(uri, run_id)
@@ -392,7 +407,10 @@ def evaluate_cmd(
             experiment=cfg.mlflow.experiment,
         )
     per_t = ", ".join(f"t={t}: {v:.5f}" for t, v in results["val_loss_per_timestep"].items())
-    console.print(f"val_loss {results['val_loss']:.6f} ({per_t})")
+    console.print(
+        f"val_loss {results['val_loss']:.6f} on the val split, under {results['val_loss_under']} "
+        f"{results['noise']} ({per_t})"
+    )
     s = results["sample"]
     console.print(
         f"temporal consistency: generated {s['temporal_consistency_generated']:.4f}, "

@@ -123,7 +123,7 @@ def _resolved(cfg: PyocoConfig) -> PyocoConfig:
     if cfg.synth is not None and cfg.preprocess is not None and not cfg.preprocess.input:
         cfg.preprocess.input = cfg.synth.out
     if cfg.preprocess is not None and cfg.train.data is None:
-        cfg.train.data = join(cfg.preprocess.output, "clips")
+        cfg.train.data = join(cfg.preprocess.output, "clips", "train")
     # train.output / train.storage_path defaults are filled once, by pipelines.train.resolve_config.
     if cfg.evaluate.output is None:
         cfg.evaluate.output = join(cfg.output, "eval", "metrics.json")
@@ -177,7 +177,12 @@ def _step_evaluate(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, 
     prior that register tags the version with."""
     from pipelines.evaluate import run_evaluate
 
-    data = cfg.preprocess.output if cfg.preprocess is not None else str(Path(cfg.train.data).parent)
+    if cfg.preprocess is not None:
+        data = cfg.preprocess.output
+    else:  # train.data is DATA/clips/train (or DATA/clips, or DATA): evaluate wants DATA
+        data = str(cfg.train.data).rstrip("/")
+        for tail in ("/clips/train", "/clips"):
+            data = data.removesuffix(tail)
     metrics = run_evaluate(
         outs["train"]["model_dir"],
         data,
@@ -223,6 +228,9 @@ def _step_promote(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, k
         force=False,
         refuse_raises=False,
         tracking_uri=ctx.tracking_uri,
+        evaluator=cfg.evaluate.evaluator,
+        reevaluate=cfg.promote.reevaluate,
+        evaluate_cfg=cfg.evaluate,
     )
     return result if isinstance(result, dict) else {"result": str(result)}
 
