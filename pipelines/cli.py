@@ -23,6 +23,7 @@ app = typer.Typer(
 # Order is the order of `pyoco --help`.
 COMMAND_MODULES = [
     "pipelines.core_cli",  # noise stats, sample
+    "pipelines.noise_fit",  # noise fit
     "pipelines.data_cli",  # data synth
     "pipelines.preprocess",
     "pipelines.train",

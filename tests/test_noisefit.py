@@ -95,3 +95,89 @@ def test_plot_writes_a_png(tmp_path):
     out = tmp_path / "fit.png"
     nf.plot(result, str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _val_folder(root, n: int = 6, frames: int = 6, size: int = SIZE):
+    """A preprocess-shaped folder with synth clips in clips/val (pyoco.clips format, zero captions)."""
+    from pyoco import clips as clipfmt
+
+    rows = []
+    for i in range(n):
+        spec = make_spec(i, frames=frames, size=size)
+        rows.append({
+            "clip_id": f"c{i:03d}", "source": "test", "key": spec.key, "clip_index": 0, "start_frame": 0,
+            "num_frames": frames, "fps": 8.0, "height": size, "width": size,
+            "frames": render(spec).tobytes(), "caption": spec.caption,
+            "caption_embedding": np.zeros((4, 384), np.float32), "caption_mask": [True] * 4,
+            "labels": spec.attributes(), "node_id": "test",
+        })  # fmt: skip
+    clipfmt.write_clip_table(rows, str(root / "clips" / "val" / "part-0.parquet"))
+    return root
+
+
+def test_noise_fit_cli_writes_the_report_the_plot_and_an_mlflow_run(tmp_path, image_model, monkeypatch):
+    import json
+
+    import mlflow
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pyoco.package import PackageInfo, save_package
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    data = _val_folder(tmp_path / "data")
+    model = save_package(tmp_path / "image", image_model, scheduler_config={}, info=PackageInfo(num_frames=1))
+    out, png = tmp_path / "fit.json", tmp_path / "fit.png"
+    args = ["noise", "fit", "--model", str(model), "--data", str(data), "--steps", "3", "--num-clips", "6"]
+    res = CliRunner().invoke(app, [*args, "--out", str(out), "--png", str(png)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["num_clips"] == 6 and report["num_frames"] == 6 and len(report["lag_correlation"]) == 5
+    assert report["fit"]["kind"] in ("mixed", "progressive") and report["fit"]["alpha"] >= 0
+    assert "best fit: noise.kind=" in res.output
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    runs = mlflow.MlflowClient(tracking).search_runs(
+        [mlflow.MlflowClient(tracking).get_experiment_by_name("pyoco-noise-fit").experiment_id]
+    )
+    assert len(runs) == 1 and runs[0].data.metrics["lag_correlation_1"] == pytest.approx(
+        report["lag_correlation"][0]
+    )
+    assert runs[0].data.tags["pyoco.noise_fit.kind"] == report["fit"]["kind"]
+
+
+def test_noise_fit_cli_bad_inputs_are_one_line_errors(tmp_path, image_model):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pyoco.model import inflate
+    from pyoco.package import PackageInfo, save_package
+
+    def one_error_line(res) -> bool:  # the console's progress line may precede it; no traceback
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        return len(errors) == 1 and "Traceback" not in res.stderr
+
+    data = _val_folder(tmp_path / "data", n=2)
+    runner = CliRunner()
+    base = [
+        "noise",
+        "fit",
+        "--data",
+        str(data),
+        "--no-mlflow",
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "f.json"),
+    ]
+    res = runner.invoke(app, [*base, "--model", str(tmp_path / "missing")])
+    assert res.exit_code == 2 and "not found" in res.stderr and one_error_line(res)
+    video = save_package(
+        tmp_path / "video", VideoDenoiser(inflate(image_model.unet)), scheduler_config={}, info=PackageInfo()
+    )
+    res = runner.invoke(app, [*base, "--model", str(video)])
+    assert res.exit_code == 2 and "image model" in res.stderr and one_error_line(res)
+    res = runner.invoke(
+        app, [*base[:2], "--data", str(tmp_path / "nodata"), *base[4:], "--model", str(video)]
+    )
+    assert res.exit_code == 2 and "clips/val" in res.stderr and one_error_line(res)
