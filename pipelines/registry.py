@@ -63,6 +63,7 @@ from typing import Any
 import typer
 
 from pipelines.common import EXIT_BAD_INPUT, EXIT_REFUSED, PyocoError, cli_errors, console
+from pyoco.errors import InputError
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -747,11 +748,11 @@ def _metrics_from(metrics: dict | None, eval_file: str | Path | None) -> dict[st
         try:
             data = json.loads(p.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{p}: invalid JSON ({err.msg} at line {err.lineno})") from None
+            raise InputError(f"{p}: invalid JSON ({err.msg} at line {err.lineno})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"evaluation metrics must be a JSON object (got {type(data).__name__})")
+        raise InputError(f"evaluation metrics must be a JSON object (got {type(data).__name__})")
     if isinstance(data.get("metrics"), dict):
         data = data["metrics"]
     out = {}
@@ -760,7 +761,7 @@ def _metrics_from(metrics: dict | None, eval_file: str | Path | None) -> dict[st
             continue
         out[str(k)] = float(v)
     if eval_file is not None and not out:
-        raise ValueError(f"{eval_file}: no numeric metrics found (expected pyoco evaluate output)")
+        raise InputError(f"{eval_file}: no numeric metrics found (expected pyoco evaluate output)")
     return out
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pyoco.config import config_hash
+from pyoco.errors import InputError
 
 FRAMES = "frames"
 EMBEDDING = "caption_embedding"
@@ -67,7 +68,7 @@ class ClipGeometry:
         return cols
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """The clip shards are missing or do not have the expected columns; the message names file and column."""
 
 

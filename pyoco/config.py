@@ -21,10 +21,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pyoco.errors import InputError
+
 SECRET_KEY_MARKERS = ("secret", "password", "token", "credential", "access_key", "api_key")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem; the message names the file and the field."""
 
 

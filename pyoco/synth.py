@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from pyoco.errors import InputError
+
 SHAPES = ("circle", "square", "triangle")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),
@@ -128,7 +130,7 @@ def caption_for(shape: str, color: str, direction: str, speed: str, rng: random.
 def make_spec(index: int, *, seed: int = 0, frames: int = 24, size: int = 64, fps: int = 8) -> ShapeSpec:
     """The attributes of video ``index``; a pure function of its arguments."""
     if frames < 1 or size < 8 or fps < 1:
-        raise ValueError(f"need frames >= 1, size >= 8, fps >= 1 (got {frames}, {size}, {fps})")
+        raise InputError(f"need frames >= 1, size >= 8, fps >= 1 (got {frames}, {size}, {fps})")
     rng = _rng(seed, index)
     shape = rng.choice(SHAPES)
     color = rng.choice(sorted(COLORS))
@@ -180,7 +182,7 @@ def _shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float
         return (np.abs(dx) <= s) & (np.abs(dy) <= s)
     if shape == "triangle":  # pointing up, base at cy + r
         return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)  # base 2r, height 2r
-    raise ValueError(f"unknown shape {shape!r}")
+    raise InputError(f"unknown shape {shape!r}")
 
 
 def render(spec: ShapeSpec) -> np.ndarray:
@@ -271,7 +273,7 @@ def write_dataset(
     from pyoco import storage
 
     if videos < 1 or shards < 1:
-        raise ValueError(f"need videos >= 1 and shards >= 1 (got {videos}, {shards})")
+        raise InputError(f"need videos >= 1 and shards >= 1 (got {videos}, {shards})")
     done = 0
     names = []
     total_bytes = 0

@@ -31,10 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from pyoco.errors import InputError
+
 DECODE_REASONS = ("empty_file", "no_video_stream", "decode_error", "too_short")
 
 
-class VideoDecodeError(ValueError):
+class VideoDecodeError(InputError):
     """A video that can't be used. ``reason`` is a stable code (see DECODE_REASONS), ``detail`` says why."""
 
     def __init__(self, reason: str, detail: str = ""):
@@ -151,10 +153,10 @@ def clip_step(src_fps: float, *, frame_stride: int = 1, target_fps: float | None
     """Source frames per clip frame: ``frame_stride``, or ``src_fps / target_fps`` when a target is set."""
     if target_fps is not None:
         if target_fps <= 0:
-            raise ValueError(f"target_fps must be > 0 (got {target_fps})")
+            raise InputError(f"target_fps must be > 0 (got {target_fps})")
         return src_fps / target_fps
     if frame_stride < 1:
-        raise ValueError(f"frame_stride must be >= 1 (got {frame_stride})")
+        raise InputError(f"frame_stride must be >= 1 (got {frame_stride})")
     return float(frame_stride)
 
 
@@ -455,7 +457,7 @@ def write_video(frames: Any, path_or_uri: str | os.PathLike, fps: float = 8) -> 
     ext = str(path_or_uri).rsplit(".", 1)[-1].lower()
     fmt = {"mp4": "mp4", "gif": "gif", "webm": "webm", "mkv": "matroska"}.get(ext)
     if fmt is None:
-        raise ValueError(f"{path_or_uri}: unknown video extension .{ext} (mp4, gif, webm, mkv)")
+        raise InputError(f"{path_or_uri}: unknown video extension .{ext} (mp4, gif, webm, mkv)")
     _write(encode_video(frames, fps, format=fmt), path_or_uri)
 
 
