@@ -90,6 +90,8 @@ def _open(src: Any):
     f = _as_file(src)
     try:
         return av.open(f, mode="r", metadata_errors="ignore")
+    except MemoryError:
+        raise
     except av.error.InvalidDataError as err:
         raise VideoDecodeError("decode_error", f"not a readable video container ({_short(err)})") from None
     except (av.error.FFmpegError, OSError, ValueError, EOFError) as err:
@@ -108,7 +110,12 @@ def _video_stream(container):
     if not streams:
         kinds = sorted({s.type for s in container.streams}) or ["none"]
         raise VideoDecodeError("no_video_stream", f"streams: {', '.join(kinds)}")
-    return streams[0]
+    stream = streams[0]
+    # A file cut off inside its first frame's description can list a video stream whose codec was never
+    # set up; decoding it (threaded, especially) dereferences nothing and may crash the process.
+    if stream.codec_context is None:
+        raise VideoDecodeError("decode_error", "the video stream has no codec context (file cut off early?)")
+    return stream
 
 
 def _fps(stream) -> float:
@@ -128,6 +135,8 @@ def _count_frames(container, stream) -> int:
         for packet in container.demux(stream):
             if packet.size:
                 n += 1
+    except MemoryError:
+        raise
     except Exception as err:  # noqa: BLE001 - FFmpeg errors of many kinds
         raise VideoDecodeError("decode_error", f"while counting frames: {_short(err)}") from None
     container.seek(0, stream=stream, backward=True, any_frame=False)
@@ -242,8 +251,8 @@ def decode_clips(
                 key=key,
             )
             _decode_into(container, stream, clips, size=size, fps=fps, seek=seek)
-        except VideoDecodeError:
-            raise
+        except (VideoDecodeError, MemoryError):
+            raise  # out of memory is the worker's problem, never a property of the video
         except (av.error.FFmpegError, ValueError, OSError, EOFError, RuntimeError) as err:
             raise VideoDecodeError("decode_error", _short(err)) from None
     done = [c for c in clips if c.frames is not None]
@@ -280,8 +289,8 @@ def decode(
             idx = [start_frame + round(i * step) for i in range(num_frames)]
             clip = Clip(start_frame=start_frame, frame_indices=idx, fps=fps / step)
             _decode_into(container, stream, [clip], size=size, fps=fps, seek=seek)
-        except VideoDecodeError:
-            raise
+        except (VideoDecodeError, MemoryError):
+            raise  # out of memory is the worker's problem, never a property of the video
         except (av.error.FFmpegError, ValueError, OSError, EOFError, RuntimeError) as err:
             raise VideoDecodeError("decode_error", _short(err)) from None
     if clip.frames is None:
