@@ -26,6 +26,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -264,6 +265,14 @@ def resolve_component(uri: str | os.PathLike, subfolder: str, *, storage_options
     )
 
 
+def _unsafe_key(rel: str) -> bool:
+    """A remote key that must not become a local path: ``..`` / ``.`` / empty parts, an absolute path, a
+    drive letter, a backslash or a NUL byte (the same rule preprocess applies to tar members)."""
+    if not rel or "\x00" in rel or "\\" in rel or rel.startswith("/") or re.match(r"^[a-zA-Z]:", rel):
+        return True
+    return any(part in ("", ".", "..") for part in rel.split("/"))
+
+
 def localize(
     uri: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, storage_options: dict | None = None
 ) -> Path:
@@ -290,6 +299,8 @@ def localize(
     entries = []
     for path, info in sorted(listing.items()):
         rel = path[len(root) :].lstrip("/")
+        if _unsafe_key(rel):  # never build a local path from it: it would land outside the cache
+            raise InputError(f"{uri}: refusing to download {path!r} (a '..', absolute or empty path part)")
         tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
         entries.append((rel, info.get("size"), str(tag)))
     key = hashlib.sha256(json.dumps([uri, entries]).encode()).hexdigest()[:32]
