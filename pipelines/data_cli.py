@@ -24,9 +24,10 @@ def synth_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pyoco.config import SynthConfig
-    from pyoco.synth import write_dataset
+    from pyoco.synth import previous_shards, write_dataset
 
     cfg = SynthConfig(out=out, videos=videos, shards=shards, seed=seed, frames=frames, size=size, fps=fps)
+    previous_shards(cfg.out)  # refuse a foreign folder before drawing a progress bar
     with Progress(
         TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as bar:

@@ -30,6 +30,11 @@ Output (ARCHITECTURE.md)::
     OUT/manifest.json                    counts (per split too), rejects by reason, config, data and
                                          eval-data hashes, pyoco version, decode nodes
 
+A run writes ``clips/`` and ``rejects/`` under ``OUT/.staging/`` and swaps them in for the previous run's
+only once it has succeeded (accounting holds, reject fraction within ``max_reject_fraction``), writing
+``manifest.json`` last (:func:`_publish`). A failed run leaves ``OUT/`` as it was and its own outputs, with
+``manifest.incomplete.json``, in ``OUT/.staging/``.
+
 The clip columns, and how a video is assigned to train or val (``preprocess.val_fraction``, a threshold on
 a hash of the video's key: stable when videos are added), are documented in :mod:`pyoco.clips`. We store
 the token-level ``(L, D)`` caption states and the mask rather than a pooled ``(D,)`` vector because that is
@@ -49,11 +54,15 @@ Reject reasons (``rejects/`` ``stage`` / ``reason``):
 - ``labels``: ``bad_labels`` (a ``.json`` member that is not a JSON object or is over 64 KiB, a ``.cls``
   member that is empty or over 1 KiB: a sample whose labels would be silently lost);
 - ``caption``: the ``caption_*`` codes of :mod:`pyoco.captions`; ``dedupe``: ``duplicate_caption``;
+- ``read`` (storage): ``access_denied`` and ``storage_error``, a *permanent* storage error on one object
+  (forbidden, invalid range, ...), recorded at once, never retried;
 - ``decode``: :data:`pyoco.video.DECODE_REASONS` (``empty_file``, ``decode_error``, ``no_video_stream``,
-  ``too_short``).
+  ``too_short``), and ``decode_crash``: the video killed its decode worker process (segfault, OOM kill)
+  when decoded alone (:func:`decode_batch`).
 
-A storage error that outlasts the retries (see :mod:`pyoco.storage`) fails the job with an error; it is
-never recorded as a property of the data.
+A transient storage error that outlasts the retries (see :mod:`pyoco.storage`) fails the job with an
+error, and so does ``MemoryError``; neither is ever recorded as a property of the data. More than
+``max_reject_fraction`` (default 0.5) of the inputs rejected fails the step, naming the top reasons.
 
 Accounting: every input (a sample of a shard, a video of a folder, a damaged shard or tail of a shard)
 is exactly one row of the index. The step fails, without writing a manifest, unless
@@ -67,6 +76,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import io
 import json
@@ -106,7 +116,9 @@ EXECUTION_ONLY_FIELDS = {
     "resource",
     "num_cpus_per_task",
     "s3_endpoint_url",
+    "max_reject_fraction",
 }
+STAGING = ".staging"  # OUT/.staging/{clips,rejects}: where a run writes until it has succeeded
 
 # Stage names in rejects/.
 STAGE_READ, STAGE_CAPTION, STAGE_DEDUPE, STAGE_DECODE = "read", "caption", "dedupe", "decode"
@@ -465,11 +477,33 @@ def index_shard(uri: str, settings: StepSettings, options) -> list[dict]:
     """Index rows for one WebDataset shard: tar headers and captions only; video bytes stay in storage.
 
     Transient storage errors are retried (re-indexing the shard); a file that is not a tar, a damaged tail,
-    a truncated member, an unsafe member name: each becomes a reject row.
+    a truncated member, an unsafe member name: each becomes a reject row, and so does a permanent storage
+    error on the shard (``access_denied``, ``storage_error``...: see :func:`_storage_reject`).
     """
     from pyoco import storage
 
-    return storage.retry_transient(lambda: _index_shard_once(uri, settings, options), what=f"index {uri}")
+    try:
+        return storage.retry_transient(lambda: _index_shard_once(uri, settings, options), what=f"index {uri}")
+    except Exception as err:  # noqa: BLE001 - sorted by _storage_reject; anything else re-raised
+        reason = _storage_reject(err)
+        if reason is None:
+            raise
+        return [_reject(uri, "", STAGE_READ, reason, f"{uri}: {type(err).__name__}: {err}")]
+
+
+def _storage_reject(err: BaseException) -> str | None:
+    """The reject reason for a *permanent* storage error on one input (``read_error``: gone or shorter
+    than listed; ``access_denied``; ``storage_error``: any other permanent OS/S3 error), or None when
+    ``err`` must fail the step instead: a transient error that outlasted the retries, MemoryError, or a
+    non-storage exception (a bug)."""
+    from pyoco import storage
+
+    if isinstance(err, MemoryError) or storage.is_transient(err):
+        return None
+    mod = type(err).__module__ or ""
+    if isinstance(err, OSError | EOFError) or mod.startswith(("botocore", "aiobotocore", "s3fs", "fsspec")):
+        return storage.error_reason(err)
+    return None
 
 
 class _StorageFailure(Exception):
@@ -672,7 +706,10 @@ def _node_id() -> str:
 
 
 def decode_row(row: dict, settings: StepSettings, options, node_id: str = "local") -> list[dict]:
-    """One index row → clip rows (``reason`` None) or one reject row. Storage errors propagate (retried)."""
+    """One index row → clip rows (``reason`` None) or one reject row.
+
+    Transient storage errors are retried and, past the deadline, fail the step; a permanent one (gone,
+    shrunk, forbidden) rejects this video. ``MemoryError`` always propagates: it is never bad data."""
     from pyoco import storage, video
 
     base = {
@@ -699,8 +736,12 @@ def decode_row(row: dict, settings: StepSettings, options, node_id: str = "local
             data = storage.read_range(uri, row["offset"], row["offset"] + row["size"], options=options)
         else:
             data = storage.read_bytes(uri, options=options)
-    except (FileNotFoundError, storage.ShortReadError) as err:  # gone or shrunk since it was indexed
-        return [{**base, "reason": "read_error", "stage": STAGE_READ, "detail": f"{uri}: {err}"[:500]}]
+    except Exception as err:  # noqa: BLE001 - sorted by _storage_reject; anything else re-raised
+        reason = _storage_reject(err)
+        if reason is None:
+            raise
+        detail = f"{uri}: {type(err).__name__}: {err}"[:500]
+        return [{**base, "reason": reason, "stage": STAGE_READ, "detail": detail}]
     try:
         clips = video.decode_clips(
             data,
@@ -715,6 +756,8 @@ def decode_row(row: dict, settings: StepSettings, options, node_id: str = "local
         )
     except video.VideoDecodeError as err:
         return [{**base, "reason": err.reason, "stage": STAGE_DECODE, "detail": err.detail[:500]}]
+    except MemoryError:
+        raise  # the worker ran out of memory: not a property of the video
     except Exception as err:  # noqa: BLE001 - a decoder bug on odd input must not kill the job
         return [
             {
@@ -744,15 +787,90 @@ def decode_row(row: dict, settings: StepSettings, options, node_id: str = "local
     return out
 
 
-def decode_batch(batch, *, settings: StepSettings, options):
-    """Ray Data UDF (tasks): index rows → decoded clip rows and decode rejects."""
+CRASH_TEST_ENV = "PYOCO_TEST_CRASH_ON_KEY"  # test hook: a decode task that meets this key kills its worker
+
+
+def decode_rows(rows: list[dict], settings: StepSettings, options, crash_on_key: str | None = None):
+    """Plain Ray task body: index rows → decoded clip rows and decode rejects (a pyarrow table).
+
+    ``crash_on_key`` is a test hook (from ``$PYOCO_TEST_CRASH_ON_KEY`` on the driver): the worker exits
+    with ``os._exit(1)`` on that key, as a segfaulting decoder or an OOM kill would end it.
+    """
     import pyarrow as pa
 
     node = _node_id()
-    rows: list[dict] = []
-    for row in batch.to_pylist():
-        rows.extend(decode_row(row, settings, options, node))
-    return pa.Table.from_pylist(rows, schema=decoded_schema())
+    out: list[dict] = []
+    for row in rows:
+        if crash_on_key is not None and row["key"] == crash_on_key:
+            os._exit(1)
+        out.extend(decode_row(row, settings, options, node))
+    return pa.Table.from_pylist(out, schema=decoded_schema())
+
+
+@functools.cache
+def _decode_task():
+    """:func:`decode_rows` as a Ray remote function (made once per process)."""
+    import ray
+
+    return ray.remote(decode_rows)
+
+
+def _worker_died(err: BaseException) -> bool:
+    """A task whose worker process died (segfault, ``os._exit``, OOM kill) rather than raised."""
+    import ray.exceptions as rexc
+
+    if isinstance(err, rexc.WorkerCrashedError | rexc.OutOfMemoryError):
+        return True
+    return isinstance(err, rexc.RayTaskError) and isinstance(
+        getattr(err, "cause", None), rexc.WorkerCrashedError | rexc.OutOfMemoryError
+    )
+
+
+def _crash_reject(row: dict, err: BaseException) -> dict:
+    return {
+        **{name: None for name in decoded_schema().names},
+        "source": row["source"],
+        "key": row["key"],
+        "caption": row["caption"],
+        "node_id": "",
+        "reason": "decode_crash",
+        "stage": STAGE_DECODE,
+        "detail": f"the decode worker died on this video, alone in its task ({type(err).__name__})",
+    }
+
+
+def decode_batch(batch, *, settings: StepSettings, options, task_args: dict, crash_on_key: str | None = None):
+    """Ray Data UDF (tasks): index rows → decoded clip rows and decode rejects.
+
+    The decoding itself runs in a plain Ray task (``task_args``: its CPUs and resource label; this UDF
+    only waits, and Ray lends its CPU back while it does). A decoder that kills its worker process
+    (FFmpeg segfault, OOM kill) cannot be caught in-process, and inside Ray Data it would fail the whole
+    dataset. So when the batch's task dies (``WorkerCrashedError`` / ``OutOfMemoryError``), each of its
+    videos is decoded again alone, in its own task; a video whose lone task dies again is recorded as
+    ``decode_crash``, and the others keep their clips. Every row of the batch comes back exactly once.
+    """
+    import pyarrow as pa
+    import ray
+
+    rows = batch.to_pylist()
+    if not rows:
+        return pa.Table.from_pylist([], schema=decoded_schema())
+    task = _decode_task().options(max_retries=0, **task_args)
+    try:
+        return ray.get(task.remote(rows, settings, options, crash_on_key))
+    except Exception as err:  # noqa: BLE001 - only a dead worker is handled here
+        if not _worker_died(err):
+            raise
+    alone = [task.remote([row], settings, options, crash_on_key) for row in rows]
+    tables = []
+    for row, ref in zip(rows, alone, strict=True):
+        try:
+            tables.append(ray.get(ref))
+        except Exception as err:  # noqa: BLE001
+            if not _worker_died(err):
+                raise
+            tables.append(pa.Table.from_pylist([_crash_reject(row, err)], schema=decoded_schema()))
+    return pa.concat_tables(tables)
 
 
 # ----------------------------------------------------------------------------------------- stage 3: embed
@@ -941,19 +1059,82 @@ def _remote_args(cfg: PreprocessConfig, num_cpus: float) -> dict:
 
 
 def _prepare_output(cfg: PreprocessConfig, options) -> tuple[str, str]:
+    """Empty ``OUT/.staging/`` and return its ``(clips, rejects)`` URIs. The previous run's outputs in
+    ``OUT/`` are not touched until this run has succeeded (:func:`_publish`)."""
     from pyoco import storage
 
     out = cfg.output.rstrip("/")
     if out == cfg.input.rstrip("/"):
         raise PyocoError(f"output {cfg.output} is the input folder; choose another output")
-    clips_uri, rejects_uri = storage.join(out, "clips"), storage.join(out, "rejects")
-    # A rerun replaces this step's own outputs (and only those).
-    for uri in (clips_uri, rejects_uri, storage.join(out, "manifest.json")):
-        storage.remove(uri, options=options)
+    staging = storage.join(out, STAGING)
+    storage.remove(staging, options=options)  # a failed run's leftovers (this run starts afresh)
+    clips_uri, rejects_uri = storage.join(staging, "clips"), storage.join(staging, "rejects")
     if not storage.is_remote(out):
         Path(clips_uri).mkdir(parents=True, exist_ok=True)
         Path(rejects_uri).mkdir(parents=True, exist_ok=True)
     return clips_uri, rejects_uri
+
+
+OUTPUT_DIRS = ("clips", "rejects")
+OUTPUT_FILES = ("manifest.json", "manifest.incomplete.json")
+
+
+def _publish(out: str, manifest: dict, options) -> None:
+    """Swap the staged ``clips/`` and ``rejects/`` in for the previous run's, then write ``manifest.json``
+    last, so a manifest only ever sits next to the files it describes.
+
+    Local: the old folders are renamed aside, the staged ones renamed in (atomic per folder), and the old
+    ones deleted afterwards. S3 has no rename: the old manifest goes first, then the old objects, then the
+    staged objects are copied in (server-side) and the manifest written; a crash in between leaves no
+    manifest (the output reads as unfinished) and the staged copy intact.
+    """
+    import shutil
+    import uuid
+
+    from pyoco import storage
+
+    out = out.rstrip("/")
+    staging = storage.join(out, STAGING)
+    body = json.dumps(manifest, indent=2).encode()
+    if not storage.is_remote(out):
+        root = Path(storage.filesystem(out)[1])
+        trash = root / f".replaced-{uuid.uuid4().hex[:8]}"
+        trash.mkdir()
+        for name in (*OUTPUT_FILES, *OUTPUT_DIRS):
+            if (root / name).exists():
+                os.replace(root / name, trash / name)
+        for name in OUTPUT_DIRS:
+            os.replace(root / STAGING / name, root / name)
+        tmp = root / f".manifest.json.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.write_bytes(body)
+        os.replace(tmp, root / "manifest.json")
+        shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(root / STAGING, ignore_errors=True)
+        return
+    fs, path = storage.filesystem(out, options=options)
+    for name in OUTPUT_FILES:
+        storage.remove(storage.join(out, name), options=options)
+    for name in OUTPUT_DIRS:
+        storage.remove(storage.join(out, name), options=options)
+        src = f"{path}/{STAGING}/{name}"
+        if fs.exists(src):
+            for f in fs.find(src):
+                dst = f"{path}/{name}/{f[len(src) :].lstrip('/')}"
+                storage.retry_transient(lambda f=f, dst=dst: fs.copy(f, dst), what=f"copy {f}")
+    storage.write_bytes(storage.join(out, "manifest.json"), body, options=options)
+    storage.remove(staging, options=options)
+
+
+def _check_reject_fraction(cfg: PreprocessConfig, inputs: int, rejected: dict[str, int]) -> str | None:
+    """A one-line problem when more than ``max_reject_fraction`` of the inputs were rejected."""
+    total = sum(rejected.values())
+    if inputs == 0 or total / inputs <= cfg.max_reject_fraction:
+        return None
+    top = ", ".join(f"{r} {n}" for r, n in sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0]))[:3])
+    return (
+        f"{total} of {inputs} inputs rejected ({total / inputs:.0%} > preprocess.max_reject_fraction "
+        f"{cfg.max_reject_fraction:g}); top reasons: {top}"
+    )
 
 
 def rows_per_file(cfg: PreprocessConfig) -> int:
@@ -1076,8 +1257,13 @@ def run_preprocess(
                     decode_batch,
                     batch_size=None,
                     batch_format="pyarrow",
-                    fn_kwargs={"settings": settings, "options": task_options},
-                    **task_args,
+                    fn_kwargs={
+                        "settings": settings,
+                        "options": task_options,
+                        "task_args": task_args,  # the decode task's; this UDF only waits for it
+                        "crash_on_key": os.environ.get(CRASH_TEST_ENV) or None,
+                    },
+                    **light_args,
                 )
                 .map_batches(
                     CaptionEmbedder,
@@ -1205,16 +1391,20 @@ def run_preprocess(
         problems.append(f"inputs {inputs} != accepted {accepted_videos} + rejected {sum(rejected.values())}")
     if decode_seen != to_decode:
         problems.append(f"{to_decode} videos went to decode but {decode_seen} came back")
-    if problems:
+    failure = "preprocess accounting failed: " + "; ".join(problems) if problems else None
+    if failure is None:
+        too_many = _check_reject_fraction(cfg, inputs, rejected)
+        failure = f"preprocess failed: {too_many}" if too_many else None
+    if failure is not None:
+        # The previous outputs stay as they were; this run's are kept in OUT/.staging/ for inspection.
+        staging = storage.join(cfg.output, STAGING)
         storage.write_bytes(
-            storage.join(cfg.output, "manifest.incomplete.json"),
+            storage.join(staging, "manifest.incomplete.json"),
             json.dumps(manifest, indent=2).encode(),
             options=options,
         )
-        raise PyocoError("preprocess accounting failed: " + "; ".join(problems), exit_code=1)
-    storage.write_bytes(
-        storage.join(cfg.output, "manifest.json"), json.dumps(manifest, indent=2).encode(), options=options
-    )
+        raise PyocoError(f"{failure} (this run's outputs are in {staging}; {cfg.output} is unchanged)", 1)
+    _publish(cfg.output, manifest, options)
     return manifest
 
 

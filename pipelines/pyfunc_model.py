@@ -23,6 +23,8 @@ from typing import Any
 import mlflow
 from mlflow.pyfunc import PythonModel
 
+from pyoco.errors import InputError
+
 PARAM_NAMES = ("frames", "steps", "guidance", "seed", "noise", "alpha", "height", "width", "eta")
 
 
@@ -39,7 +41,7 @@ def prompts_from_input(model_input: Any) -> list[str]:
         values = list(model_input)
     prompts = [str(v) for v in (v[0] if isinstance(v, list | tuple) and len(v) == 1 else v for v in values)]
     if not prompts:
-        raise ValueError("predict needs at least one prompt")
+        raise InputError("predict needs at least one prompt")
     return prompts
 
 
@@ -73,7 +75,7 @@ class PyocoVideoModel(PythonModel):
         p = self.defaults()
         unknown = sorted(set(params or {}) - set(PARAM_NAMES))
         if unknown:
-            raise ValueError(f"unknown predict params {unknown}; expected some of {list(PARAM_NAMES)}")
+            raise InputError(f"unknown predict params {unknown}; expected some of {list(PARAM_NAMES)}")
         p.update({k: v for k, v in (params or {}).items() if v is not None})
         prompts = prompts_from_input(model_input)
         prior = self.package.prior(str(p["noise"]), float(p["alpha"]))

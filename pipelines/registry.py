@@ -78,6 +78,7 @@ from typing import Any
 import typer
 
 from pipelines.common import EXIT_BAD_INPUT, EXIT_REFUSED, PyocoError, cli_errors, console
+from pyoco.errors import InputError
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -913,7 +914,7 @@ def _eval_payload(metrics: dict | None, eval_file: str | Path | None) -> Any:
         try:
             data = json.loads(p.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{p}: invalid JSON ({err.msg} at line {err.lineno})") from None
+            raise InputError(f"{p}: invalid JSON ({err.msg} at line {err.lineno})") from None
     return data
 
 
@@ -950,7 +951,7 @@ def _metrics_from(metrics: dict | None, eval_file: str | Path | None) -> dict[st
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"evaluation metrics must be a JSON object (got {type(data).__name__})")
+        raise InputError(f"evaluation metrics must be a JSON object (got {type(data).__name__})")
     if isinstance(data.get("metrics"), dict):
         data = data["metrics"]
     out = {}
@@ -959,7 +960,7 @@ def _metrics_from(metrics: dict | None, eval_file: str | Path | None) -> dict[st
             continue
         out[str(k)] = float(v)
     if eval_file is not None and not out:
-        raise ValueError(f"{eval_file}: no numeric metrics found (expected pyoco evaluate output)")
+        raise InputError(f"{eval_file}: no numeric metrics found (expected pyoco evaluate output)")
     return out
 
 
@@ -1292,39 +1293,48 @@ def resolve_model_uri(uri: str, *, dst: str | None = None, tracking_uri: str | N
     key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:24]
     target = Path(dst) if dst else _cache_root() / key
     if (target / ".complete").exists():
-        package = _package_in_model(target)
-        if package is not None:
-            return str(package)
-    tmp = target.parent / f".{target.name}.partial-{os.getpid()}-{threading.get_ident()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        with _quiet_downloads():
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=artifact_uri, dst_path=str(tmp), tracking_uri=client.tracking_uri
-            )
-    except PyocoError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        shutil.rmtree(tmp, ignore_errors=True)
-        if kind == "run":
-            raise PyocoError(f"run {a} has no model at {b!r} ({_one_line(err, 160)})") from None
-        raise PyocoError(f"{uri}: could not download the model ({_one_line(err, 200)})") from None
-    # download_artifacts puts a folder's files under dst/<last path component>/
-    found = [tmp] if (tmp / "MLmodel").is_file() else [m.parent for m in tmp.glob("*/MLmodel")]
-    if not found or _package_in_model(found[0]) is None:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise PyocoError(f"{uri}: not a pyoco model (no 'package' artifact in its MLmodel)")
-    root = found[0]
-    (root / ".complete").write_text(uri)
-    if target.exists():
-        shutil.rmtree(target, ignore_errors=True)
+        return _complete_package(target, uri)
+    # Download into a folder of our own (unique per call), then rename it into place. A complete copy is
+    # never deleted or replaced: whoever renames first wins, the others use that copy and drop their own.
     target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
     try:
-        os.replace(root, target)
-    except OSError:  # a concurrent resolver won the race; use its copy
-        pass
-    shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            with _quiet_downloads():
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=artifact_uri, dst_path=str(tmp), tracking_uri=client.tracking_uri
+                )
+        except PyocoError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            if kind == "run":
+                raise PyocoError(f"run {a} has no model at {b!r} ({_one_line(err, 160)})") from None
+            raise PyocoError(f"{uri}: could not download the model ({_one_line(err, 200)})") from None
+        # download_artifacts puts a folder's files under dst/<last path component>/
+        found = [tmp] if (tmp / "MLmodel").is_file() else [m.parent for m in tmp.glob("*/MLmodel")]
+        if not found or _package_in_model(found[0]) is None:
+            raise PyocoError(f"{uri}: not a pyoco model (no 'package' artifact in its MLmodel)")
+        root = found[0]
+        (root / ".complete").write_text(uri)
+        if target.exists() and not (target / ".complete").exists():
+            # An incomplete folder at the target (an interrupted copy from an older pyoco, or a partial
+            # --dst): nobody can be using it as a model; move it aside atomically, then delete it.
+            aside = target.parent / f".{target.name}.stale-{uuid.uuid4().hex[:12]}"
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(target, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        try:
+            os.replace(root, target)  # atomic; fails when a concurrent resolver's copy is already there
+        except OSError:
+            if not (target / ".complete").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _complete_package(target, uri)
+
+
+def _complete_package(target: Path, uri: str) -> str:
     package = _package_in_model(target)
     if package is None:
         raise PyocoError(f"{uri}: downloaded model at {target} has no package folder")

@@ -24,6 +24,7 @@ import os
 from typing import Any
 
 from pyoco.config import TrainConfig
+from pyoco.errors import InputError
 
 ADAM_EPS = 1e-8
 
@@ -82,7 +83,7 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, kind: str) 
         return 1.0 - progress
     if kind == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown lr_schedule {kind!r}")
+    raise InputError(f"unknown lr_schedule {kind!r}")
 
 
 def make_lr_scheduler(train: TrainConfig, total_steps: int):

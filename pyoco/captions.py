@@ -35,6 +35,8 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
+from pyoco.errors import InputError
+
 REASONS = (
     "caption_missing",
     "caption_invalid_utf8",
@@ -135,7 +137,7 @@ def dedupe_key(text: str, mode: str = "normalized") -> str | None:
     elif mode == "normalized":
         basis = normalize(text)
     else:
-        raise ValueError(f"dedupe mode must be none, exact or normalized (got {mode!r})")
+        raise InputError(f"dedupe mode must be none, exact or normalized (got {mode!r})")
     return hashlib.sha256(basis.encode("utf-8")).hexdigest()[:32]
 
 

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pyoco.errors import InputError
+
 SPLITS = ("train", "val")
 CLIPS_DIR = "clips"
 EMBEDDING = "caption_embedding"
@@ -45,7 +47,7 @@ MASK = "caption_mask"
 LABELS = "labels"
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Clip files are missing or do not have the expected columns; the message names the file and column."""
 
 

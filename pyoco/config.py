@@ -21,10 +21,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pyoco.errors import InputError
+
 SECRET_KEY_MARKERS = ("secret", "password", "token", "credential", "access_key", "api_key")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem; the message names the file and the field."""
 
 
@@ -99,6 +101,9 @@ class PreprocessConfig(_Section):
     resource: str | None = "preprocess"
     num_cpus_per_task: float = Field(1.0, gt=0)
     s3_endpoint_url: str | None = None
+    # The step fails (naming the top reasons) when more than this fraction of its inputs is rejected:
+    # a decoder or caption-rule regression must not "succeed" with few or no clips.
+    max_reject_fraction: float = Field(0.5, ge=0, le=1)
 
 
 # ----------------------------------------------------------------------------------------------------- model

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyoco.errors import InputError
+
 
 # ------------------------------------------------------------------------------------------------ Fréchet
 def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -146,7 +148,7 @@ def load_feature_extractor(path: str | Path, *, batch_size: int = 8) -> Callable
     try:
         module = torch.jit.load(str(p), map_location="cpu")
     except Exception as err:  # torch raises RuntimeError / ValueError / zipfile errors for non-TorchScript
-        raise ValueError(f"{p}: not a TorchScript module ({type(err).__name__}: {str(err)[:200]})") from None
+        raise InputError(f"{p}: not a TorchScript module ({type(err).__name__}: {str(err)[:200]})") from None
     module.eval()
     return FeatureExtractor(module, str(p), batch_size=batch_size)
 

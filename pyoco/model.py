@@ -26,6 +26,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -38,6 +39,8 @@ import torch
 from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from torch import nn
+
+from pyoco.errors import InputError
 
 __all__ = [
     "TinyUNetConfig",
@@ -90,18 +93,18 @@ class TinyUNetConfig:
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(
+            raise InputError(
                 f"TinyUNetConfig: down_block_types/up_block_types need {n} entries "
                 f"(one per block_out_channels), got {self.down_block_types} / {self.up_block_types}"
             )
         for ch in self.block_out_channels:
             if ch % self.norm_num_groups:
-                raise ValueError(
+                raise InputError(
                     f"TinyUNetConfig: block_out_channels {self.block_out_channels} must be divisible by "
                     f"norm_num_groups={self.norm_num_groups}"
                 )
         if self.sample_size % self.downsample_factor:
-            raise ValueError(
+            raise InputError(
                 f"TinyUNetConfig: sample_size={self.sample_size} must be divisible by {self.downsample_factor}"
             )
 
@@ -154,7 +157,7 @@ def inflate(
     channels = tuple(cfg.block_out_channels)
     bad = [ch for ch in channels if ch % motion_num_attention_heads]
     if bad:
-        raise ValueError(
+        raise InputError(
             f"inflate: motion_num_attention_heads={motion_num_attention_heads} must divide every "
             f"block_out_channels entry {channels}"
         )
@@ -251,15 +254,23 @@ def resolve_component(uri: str | os.PathLike, subfolder: str, *, storage_options
     if not fs.exists(root):
         raise FileNotFoundError(f"model folder not found: {uri}")
     if not fs.isdir(root):
-        raise ValueError(f"not a diffusers model folder (it is a file): {uri}")
+        raise InputError(f"not a diffusers model folder (it is a file): {uri}")
     if fs.exists(f"{root}/{subfolder}/config.json"):
         return uri.rstrip("/") + "/" + subfolder
     if fs.exists(f"{root}/config.json"):
         return uri
-    raise ValueError(
+    raise InputError(
         f"not a diffusers model folder: {uri} has neither {subfolder}/config.json (pipeline folder) "
         f"nor config.json (bare {subfolder} folder)"
     )
+
+
+def _unsafe_key(rel: str) -> bool:
+    """A remote key that must not become a local path: ``..`` / ``.`` / empty parts, an absolute path, a
+    drive letter, a backslash or a NUL byte (the same rule preprocess applies to tar members)."""
+    if not rel or "\x00" in rel or "\\" in rel or rel.startswith("/") or re.match(r"^[a-zA-Z]:", rel):
+        return True
+    return any(part in ("", ".", "..") for part in rel.split("/"))
 
 
 def localize(
@@ -288,6 +299,8 @@ def localize(
     entries = []
     for path, info in sorted(listing.items()):
         rel = path[len(root) :].lstrip("/")
+        if _unsafe_key(rel):  # never build a local path from it: it would land outside the cache
+            raise InputError(f"{uri}: refusing to download {path!r} (a '..', absolute or empty path part)")
         tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
         entries.append((rel, info.get("size"), str(tag)))
     key = hashlib.sha256(json.dumps([uri, entries]).encode()).hexdigest()[:32]
@@ -318,7 +331,7 @@ def _read_config(folder: Path, uri: str) -> dict:
     try:
         return json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"not a diffusers model folder: cannot read {uri}/config.json ({err})") from err
+        raise InputError(f"not a diffusers model folder: cannot read {uri}/config.json ({err})") from err
 
 
 def _local_component(
@@ -340,7 +353,7 @@ def load_unet2d(
     class_name = _read_config(folder, component_uri).get("_class_name")
     if class_name != "UNet2DConditionModel":
         hint = " (a video model: use load_video_denoiser)" if class_name == "UNetMotionModel" else ""
-        raise ValueError(
+        raise InputError(
             f"{component_uri} holds a {class_name!r}, expected a UNet2DConditionModel folder{hint}"
         )
     return UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
@@ -390,7 +403,7 @@ class VideoDenoiser(nn.Module):
             if unet.config.get(k) is not None
         }
         if unsupported:
-            raise ValueError(
+            raise InputError(
                 f"VideoDenoiser conditions on text only; this UNet needs extra conditioning: {unsupported}"
             )
         self.unet = unet
@@ -541,7 +554,7 @@ class VideoDenoiser(nn.Module):
         if info_file.exists():
             class_name = json.loads(info_file.read_text()).get("unet_class", class_name)
         if class_name not in _MODEL_CLASSES:
-            raise ValueError(
+            raise InputError(
                 f"{component_uri} holds a {class_name!r}; expected one of {sorted(_MODEL_CLASSES)}"
             )
         return cls(_MODEL_CLASSES[class_name].from_pretrained(folder, local_files_only=True))
@@ -662,7 +675,7 @@ def load_vae(
     folder, component_uri = _local_component(uri, "vae", cache_dir, storage_options)
     class_name = _read_config(folder, component_uri).get("_class_name")
     if class_name != "AutoencoderKL":
-        raise ValueError(f"{component_uri} holds a {class_name!r}, expected an AutoencoderKL folder")
+        raise InputError(f"{component_uri} holds a {class_name!r}, expected an AutoencoderKL folder")
     return AutoencoderKL.from_pretrained(folder, local_files_only=True)
 
 

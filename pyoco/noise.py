@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pyoco.errors import InputError
+
 KINDS = ("iid", "mixed", "progressive")
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
@@ -36,15 +38,15 @@ def _check_alpha(alpha: float) -> float:
     try:
         a = float(alpha)
     except (TypeError, ValueError):
-        raise ValueError(f"alpha must be a number (got {alpha!r})") from None
+        raise InputError(f"alpha must be a number (got {alpha!r})") from None
     if not math.isfinite(a) or a < 0:
-        raise ValueError(f"alpha must be a finite number >= 0 (got {alpha!r})")
+        raise InputError(f"alpha must be a finite number >= 0 (got {alpha!r})")
     return a
 
 
 def _check_kind(kind: str) -> str:
     if kind not in KINDS:
-        raise ValueError(f"unknown noise kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise InputError(f"unknown noise kind {kind!r}; expected one of {', '.join(KINDS)}")
     return kind
 
 
@@ -67,10 +69,10 @@ def rho_to_alpha(rho: float, kind: str = "progressive") -> float:
     kind = _check_kind(kind)
     r = float(rho)
     if not math.isfinite(r) or not 0.0 <= r < 1.0:
-        raise ValueError(f"rho must be in [0, 1) (got {rho!r})")
+        raise InputError(f"rho must be in [0, 1) (got {rho!r})")
     if kind == "iid":
         if r != 0.0:
-            raise ValueError(f"iid noise has rho = 0 (got {rho!r})")
+            raise InputError(f"iid noise has rho = 0 (got {rho!r})")
         return 0.0
     if kind == "mixed":
         return math.sqrt(r / (1.0 - r))

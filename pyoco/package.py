@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyoco.errors import InputError
+
 PACKAGE_FILE = "pyoco_package.json"
 FORMAT_VERSION = 1
 
@@ -43,9 +45,9 @@ class PackageInfo:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown fields {unknown}")
+            raise InputError(f"{source}: unknown fields {unknown}")
         if int(data.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{source}: format_version {data['format_version']} is newer than this pyoco")
+            raise InputError(f"{source}: format_version {data['format_version']} is newer than this pyoco")
         return cls(**data)
 
 
@@ -107,7 +109,7 @@ def read_info(root: Path) -> PackageInfo:
     try:
         data = json.loads(meta.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{meta}: invalid JSON ({err.msg} at line {err.lineno})") from None
+        raise InputError(f"{meta}: invalid JSON ({err.msg} at line {err.lineno})") from None
     return PackageInfo.from_json(data, source=str(meta))
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pyoco.diffusion import make_scheduler_config
+from pyoco.errors import InputError
 from pyoco.noise import NoisePrior, clip_generators
 
 
@@ -63,11 +64,11 @@ def sample_video(
     ``generator`` may be one generator or B of them (one stream per video, as in evaluation).
     """
     if steps < 1:
-        raise ValueError(f"steps must be >= 1 (got {steps})")
+        raise InputError(f"steps must be >= 1 (got {steps})")
     if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1 (got {num_frames})")
+        raise InputError(f"num_frames must be >= 1 (got {num_frames})")
     if eta < 0:
-        raise ValueError(f"eta must be >= 0 (got {eta})")
+        raise InputError(f"eta must be >= 0 (got {eta})")
     b = cond.shape[0]
     device = cond.device
     dtype = next(model.parameters()).dtype
@@ -77,7 +78,7 @@ def sample_video(
         h, w = height // factor, width // factor
     else:
         if channels != 3:
-            raise ValueError(f"a pixel-space model must have 3 channels (got {channels}); pass its VAE")
+            raise InputError(f"a pixel-space model must have 3 channels (got {channels}); pass its VAE")
         h, w = height, width
     shape = (b, channels, num_frames, h, w)
 
@@ -142,7 +143,7 @@ def generate(
     so a prompt's video does not change when other prompts are added to the batch."""
     prompts = list(prompts)
     if not prompts:
-        raise ValueError("need at least one prompt")
+        raise InputError("need at least one prompt")
     cond, mask = text_encoder.encode(prompts)
     null_cond, null_mask = text_encoder.null_embedding(1)
     gens = clip_generators(seed, range(len(prompts)))

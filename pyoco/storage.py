@@ -14,14 +14,19 @@ Retries: S3 requests retry on connection errors, timeouts and truncated bodies a
 ("standard" mode, 2 attempts), s3fs (4 retries of dropped reads), and :func:`retry_transient` around each
 whole read/write (:func:`read_range`, :func:`read_bytes`, :func:`write_bytes`): capped backoff (≤ 2 s) until
 a 120 s deadline. So an endpoint that drops every connection for a few seconds costs about the outage, not
-minutes of exponential backoff.
+minutes of exponential backoff. Only the errors :func:`is_transient` lists are retried (connection errors,
+timeouts, incomplete reads, HTTP 5xx / 429, S3 SlowDown and throttling); a full disk, a bad parameter, a
+missing or forbidden object fail at once (:func:`error_reason` gives a reject reason for the per-object
+ones).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fnmatch
+import http.client
 import os
 import random
 import time
@@ -193,19 +198,16 @@ def match(name: str, patterns: tuple[str, ...]) -> bool:
 def retry_transient(
     fn: Callable[[], T], *, deadline_s: float = READ_DEADLINE_S, what: str = "storage call"
 ) -> T:
-    """Call ``fn`` until it succeeds, retrying transient I/O errors with capped backoff until a deadline.
-
-    FileNotFoundError / PermissionError / IsADirectoryError are not transient and are raised at once.
-    """
+    """Call ``fn`` until it succeeds, retrying transient I/O errors (:func:`is_transient`) with capped
+    backoff until a deadline. Any other error (a full disk, a missing or forbidden object, a bad
+    parameter, a bug) is raised at once, unchanged."""
     start = time.monotonic()
     attempt = 0
     while True:
         try:
             return fn()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
-            raise
-        except Exception as err:  # noqa: BLE001 - s3fs/aiohttp/botocore raise many types
-            if not _is_transient(err):
+        except Exception as err:  # noqa: BLE001 - s3fs/aiohttp/botocore raise many types; sorted below
+            if not is_transient(err):
                 raise
             attempt += 1
             elapsed = time.monotonic() - start
@@ -214,14 +216,129 @@ def retry_transient(
             time.sleep(min(0.2 * 2 ** min(attempt, 4), 2.0) * (0.5 + random.random() / 2))
 
 
-def _is_transient(err: BaseException) -> bool:
-    if isinstance(err, ShortReadError):
+# The transient errors, explicitly: everything else is permanent and fails (or is rejected) at once.
+# errno values of network trouble, plus the two s3fs maps throttling / 5xx to (EBUSY: SlowDown and
+# ServiceUnavailable, EREMOTEIO: InternalError / 500).
+TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNRESET",
+        "ECONNREFUSED",
+        "ECONNABORTED",
+        "ETIMEDOUT",
+        "EPIPE",
+        "ENETDOWN",
+        "ENETUNREACH",
+        "ENETRESET",
+        "EHOSTDOWN",
+        "EHOSTUNREACH",
+        "EAGAIN",
+        "EBUSY",
+        "EREMOTEIO",
+    )
+    if hasattr(errno, name)
+)
+# S3 error codes that mean "try again" (throttling, server trouble); any other code is permanent
+# (NoSuchKey, NoSuchBucket, AccessDenied, InvalidRange, InvalidArgument, ...).
+TRANSIENT_S3_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "TooManyRequests",
+        "RequestLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "503",
+        "500",
+    }
+)
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    """Exception classes that are transient whatever their message (imported lazily: optional deps)."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError, http.client.IncompleteRead]
+    try:
+        import botocore.exceptions as bexc
+
+        # HTTPClientError covers ReadTimeoutError, ConnectionClosedError, ResponseStreamingError;
+        # ConnectionError covers EndpointConnectionError, ConnectTimeoutError, ProxyConnectionError.
+        types += [bexc.HTTPClientError, bexc.ConnectionError, bexc.IncompleteReadError]
+    except ImportError:  # pragma: no cover - botocore ships with s3fs
+        pass
+    try:
+        import aiohttp
+
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import urllib3.exceptions as uexc
+
+        types += [uexc.ProtocolError, uexc.TimeoutError, uexc.NewConnectionError]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+_PERMANENT_TYPES = (
+    MemoryError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
+def _verdict(err: BaseException) -> bool | None:
+    """True: transient; False: permanent; None: this link says nothing (look at its cause)."""
+    if isinstance(err, (ShortReadError, *_PERMANENT_TYPES)):
         return False
-    if isinstance(err, (ConnectionError, TimeoutError, OSError)):
+    response = getattr(err, "response", None)
+    if isinstance(response, dict) and "Error" in response:  # botocore ClientError
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return status >= 500 or status == 429 or code in TRANSIENT_S3_CODES
+    status = getattr(err, "status", None)  # aiohttp.ClientResponseError
+    if isinstance(status, int) and type(err).__module__.startswith("aiohttp"):
+        return status >= 500 or status == 429
+    if isinstance(err, _transient_types()):
         return True
-    mod = type(err).__module__ or ""
-    # botocore/aiohttp/s3fs connection and payload errors
-    return mod.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3", "s3fs", "fsspec"))
+    if isinstance(err, OSError) and err.errno is not None:
+        if err.errno in TRANSIENT_ERRNOS:
+            return True
+        if err.errno == errno.EIO:  # s3fs's wrapper for an unmapped S3 code: its cause decides
+            return None
+        return False  # ENOSPC, EDQUOT, EROFS, EINVAL, EACCES, ENAMETOOLONG, ...
+    return None
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether retrying ``err`` can help: connection errors, timeouts, truncated bodies, HTTP 5xx / 429
+    and S3 throttling. Wrappers (s3fs's ``OSError(EIO)``, our own re-raises) are judged by their cause;
+    anything not known to be transient is permanent."""
+    seen: set[int] = set()
+    link: BaseException | None = err
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        verdict = _verdict(link)
+        if verdict is not None:
+            return verdict
+        link = link.__cause__ or link.__context__
+    return False
+
+
+def error_reason(err: BaseException) -> str:
+    """A stable reject reason for a permanent per-object storage error."""
+    if isinstance(err, FileNotFoundError | ShortReadError):
+        return "read_error"  # gone or shorter than when it was listed
+    if isinstance(err, PermissionError):
+        return "access_denied"
+    return "storage_error"
 
 
 class ShortReadError(EOFError):

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from pyoco.errors import InputError
+
 SHAPES = ("circle", "square", "triangle")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),
@@ -128,7 +130,7 @@ def caption_for(shape: str, color: str, direction: str, speed: str, rng: random.
 def make_spec(index: int, *, seed: int = 0, frames: int = 24, size: int = 64, fps: int = 8) -> ShapeSpec:
     """The attributes of video ``index``; a pure function of its arguments."""
     if frames < 1 or size < 8 or fps < 1:
-        raise ValueError(f"need frames >= 1, size >= 8, fps >= 1 (got {frames}, {size}, {fps})")
+        raise InputError(f"need frames >= 1, size >= 8, fps >= 1 (got {frames}, {size}, {fps})")
     rng = _rng(seed, index)
     shape = rng.choice(SHAPES)
     color = rng.choice(sorted(COLORS))
@@ -180,7 +182,7 @@ def _shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float
         return (np.abs(dx) <= s) & (np.abs(dy) <= s)
     if shape == "triangle":  # pointing up, base at cy + r
         return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)  # base 2r, height 2r
-    raise ValueError(f"unknown shape {shape!r}")
+    raise InputError(f"unknown shape {shape!r}")
 
 
 def render(spec: ShapeSpec) -> np.ndarray:
@@ -253,6 +255,43 @@ def iter_shards(
         yield f"shard-{k:06d}.tar", specs, build_shard(specs)
 
 
+SYNTH_MARKER = ".pyoco-synth.json"  # in the output folder: the shards this tool wrote there
+
+
+def _existing_files(out: str) -> set[str]:
+    """Paths of the files under ``out``, relative to it."""
+    from pyoco import storage
+
+    fs, root = storage.filesystem(out)
+    if not fs.exists(root):
+        return set()
+    return {p[len(root) :].lstrip("/") for p in fs.find(root)}
+
+
+def previous_shards(out: str) -> list[str]:
+    """The shards an earlier run wrote to ``out`` ([] when it is empty or absent); InputError when ``out``
+    holds anything else."""
+    from pyoco import storage
+
+    existing = _existing_files(out)
+    if not existing:
+        return []
+    if SYNTH_MARKER not in existing:
+        raise InputError(
+            f"{out}: not empty and not a `pyoco data synth` output (no {SYNTH_MARKER}); "
+            "choose an empty or new folder"
+        )
+    previous = list(json.loads(storage.read_bytes(storage.join(out, SYNTH_MARKER))).get("shards", []))
+    foreign = sorted(existing - {SYNTH_MARKER, *previous})
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise InputError(
+            f"{out}: holds files that `pyoco data synth` did not write ({foreign[0]}{more}); "
+            "choose an empty or new folder"
+        )
+    return previous
+
+
 def write_dataset(
     out: str,
     *,
@@ -267,11 +306,21 @@ def write_dataset(
     """Write the shards under ``out`` (local folder or s3:// prefix); returns a small summary.
 
     ``progress(videos_done, videos_total)`` is called after each shard.
+
+    ``out`` must be empty or a previous output of this function, recognised by its ``.pyoco-synth.json``
+    marker, which lists the shards it wrote. A rerun replaces those, so a smaller rerun never leaves stale
+    shards of a larger one for preprocess to ingest. The marker always covers every shard present (it is
+    written before the shards with the old and new names, and rewritten with the new ones at the end), so
+    an interrupted run can be rerun too. Any other file in ``out`` is refused, never deleted.
     """
     from pyoco import storage
 
     if videos < 1 or shards < 1:
-        raise ValueError(f"need videos >= 1 and shards >= 1 (got {videos}, {shards})")
+        raise InputError(f"need videos >= 1 and shards >= 1 (got {videos}, {shards})")
+    marker = storage.join(out, SYNTH_MARKER)
+    previous = previous_shards(out)
+    new_names = [f"shard-{k:06d}.tar" for k in range(len(shard_ranges(videos, shards)))]
+    storage.write_bytes(marker, json.dumps({"shards": sorted({*previous, *new_names})}).encode())
     done = 0
     names = []
     total_bytes = 0
@@ -284,4 +333,7 @@ def write_dataset(
         done += len(specs)
         if progress is not None:
             progress(done, videos)
+    for stale in sorted(set(previous) - set(names)):
+        storage.remove(storage.join(out, stale))
+    storage.write_bytes(marker, json.dumps({"shards": names}).encode())
     return {"out": out, "videos": videos, "shards": names, "bytes": total_bytes, "seed": seed}

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from pyoco.errors import InputError
+
 __all__ = [
     "CLIPTextEncoder",
     "MiniLMTextEncoder",
@@ -115,7 +117,7 @@ class MiniLMTextEncoder(TextEncoder):
 
     def __init__(self, max_length: int = 32, device: str | torch.device = "cpu", batch_size: int = 64):
         if max_length < 2:
-            raise ValueError(f"max_length must be >= 2 ([CLS] and [SEP]), got {max_length}")
+            raise InputError(f"max_length must be >= 2 ([CLS] and [SEP]), got {max_length}")
         self.max_length = int(max_length)
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
@@ -176,7 +178,7 @@ class CLIPTextEncoder(TextEncoder):
         tok_max = getattr(tokenizer, "model_max_length", None) or limit
         self.max_length = int(max_length or min(tok_max, limit))
         if self.max_length > limit:
-            raise ValueError(f"max_length={self.max_length} exceeds the CLIP position table ({limit})")
+            raise InputError(f"max_length={self.max_length} exceeds the CLIP position table ({limit})")
         self.dim = int(model.config.hidden_size)
 
     @classmethod
@@ -206,7 +208,7 @@ class CLIPTextEncoder(TextEncoder):
         try:
             tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         except (OSError, ValueError, TypeError) as err:
-            raise ValueError(f"cannot load a CLIP tokenizer from {tok_uri}: {err}") from err
+            raise InputError(f"cannot load a CLIP tokenizer from {tok_uri}: {err}") from err
         model = CLIPTextModel.from_pretrained(str(enc_dir), local_files_only=True)
         return cls(tokenizer, model, source=folder, max_length=max_length, device=device)
 
@@ -264,7 +266,7 @@ def load_text_encoder(spec: str | os.PathLike | dict[str, Any], **kw: Any) -> Te
             return CLIPTextEncoder.from_pretrained(
                 spec["path"], **{"max_length": spec.get("max_length"), **kw}
             )
-        raise ValueError(f"unknown text encoder kind {kind!r} in {spec}")
+        raise InputError(f"unknown text encoder kind {kind!r} in {spec}")
     if str(spec).lower() == "minilm":
         return MiniLMTextEncoder(**kw)
     return CLIPTextEncoder.from_pretrained(spec, **kw)

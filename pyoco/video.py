@@ -31,10 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from pyoco.errors import InputError
+
 DECODE_REASONS = ("empty_file", "no_video_stream", "decode_error", "too_short")
 
 
-class VideoDecodeError(ValueError):
+class VideoDecodeError(InputError):
     """A video that can't be used. ``reason`` is a stable code (see DECODE_REASONS), ``detail`` says why."""
 
     def __init__(self, reason: str, detail: str = ""):
@@ -88,6 +90,8 @@ def _open(src: Any):
     f = _as_file(src)
     try:
         return av.open(f, mode="r", metadata_errors="ignore")
+    except MemoryError:
+        raise
     except av.error.InvalidDataError as err:
         raise VideoDecodeError("decode_error", f"not a readable video container ({_short(err)})") from None
     except (av.error.FFmpegError, OSError, ValueError, EOFError) as err:
@@ -106,7 +110,12 @@ def _video_stream(container):
     if not streams:
         kinds = sorted({s.type for s in container.streams}) or ["none"]
         raise VideoDecodeError("no_video_stream", f"streams: {', '.join(kinds)}")
-    return streams[0]
+    stream = streams[0]
+    # A file cut off inside its first frame's description can list a video stream whose codec was never
+    # set up; decoding it (threaded, especially) dereferences nothing and may crash the process.
+    if stream.codec_context is None:
+        raise VideoDecodeError("decode_error", "the video stream has no codec context (file cut off early?)")
+    return stream
 
 
 def _fps(stream) -> float:
@@ -126,6 +135,8 @@ def _count_frames(container, stream) -> int:
         for packet in container.demux(stream):
             if packet.size:
                 n += 1
+    except MemoryError:
+        raise
     except Exception as err:  # noqa: BLE001 - FFmpeg errors of many kinds
         raise VideoDecodeError("decode_error", f"while counting frames: {_short(err)}") from None
     container.seek(0, stream=stream, backward=True, any_frame=False)
@@ -151,10 +162,10 @@ def clip_step(src_fps: float, *, frame_stride: int = 1, target_fps: float | None
     """Source frames per clip frame: ``frame_stride``, or ``src_fps / target_fps`` when a target is set."""
     if target_fps is not None:
         if target_fps <= 0:
-            raise ValueError(f"target_fps must be > 0 (got {target_fps})")
+            raise InputError(f"target_fps must be > 0 (got {target_fps})")
         return src_fps / target_fps
     if frame_stride < 1:
-        raise ValueError(f"frame_stride must be >= 1 (got {frame_stride})")
+        raise InputError(f"frame_stride must be >= 1 (got {frame_stride})")
     return float(frame_stride)
 
 
@@ -240,8 +251,8 @@ def decode_clips(
                 key=key,
             )
             _decode_into(container, stream, clips, size=size, fps=fps, seek=seek)
-        except VideoDecodeError:
-            raise
+        except (VideoDecodeError, MemoryError):
+            raise  # out of memory is the worker's problem, never a property of the video
         except (av.error.FFmpegError, ValueError, OSError, EOFError, RuntimeError) as err:
             raise VideoDecodeError("decode_error", _short(err)) from None
     done = [c for c in clips if c.frames is not None]
@@ -278,8 +289,8 @@ def decode(
             idx = [start_frame + round(i * step) for i in range(num_frames)]
             clip = Clip(start_frame=start_frame, frame_indices=idx, fps=fps / step)
             _decode_into(container, stream, [clip], size=size, fps=fps, seek=seek)
-        except VideoDecodeError:
-            raise
+        except (VideoDecodeError, MemoryError):
+            raise  # out of memory is the worker's problem, never a property of the video
         except (av.error.FFmpegError, ValueError, OSError, EOFError, RuntimeError) as err:
             raise VideoDecodeError("decode_error", _short(err)) from None
     if clip.frames is None:
@@ -455,7 +466,7 @@ def write_video(frames: Any, path_or_uri: str | os.PathLike, fps: float = 8) -> 
     ext = str(path_or_uri).rsplit(".", 1)[-1].lower()
     fmt = {"mp4": "mp4", "gif": "gif", "webm": "webm", "mkv": "matroska"}.get(ext)
     if fmt is None:
-        raise ValueError(f"{path_or_uri}: unknown video extension .{ext} (mp4, gif, webm, mkv)")
+        raise InputError(f"{path_or_uri}: unknown video extension .{ext} (mp4, gif, webm, mkv)")
     _write(encode_video(frames, fps, format=fmt), path_or_uri)
 
 

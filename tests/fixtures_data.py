@@ -317,3 +317,21 @@ def two_node_main(config_json: str, out_json: str) -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def truncated_in_first_frame_mp4() -> bytes:
+    """An mp4 cut off inside its header, where FFmpeg still lists a video stream but never set up its codec
+    (PyAV's ``stream.codec_context`` is None). Found by cutting a real encoded clip byte by byte, so the
+    fixture follows whatever layout the encoder writes; asserts that such a cut exists."""
+    import av
+
+    data = shape_video(1, frames=12, size=32)
+    for cut in range(8, len(data), 4):
+        try:
+            with av.open(io.BytesIO(data[:cut]), metadata_errors="ignore") as c:
+                streams = [s for s in c.streams if s.type == "video"]
+                if streams and streams[0].codec_context is None:
+                    return data[:cut]
+        except (av.error.FFmpegError, EOFError, OSError):
+            continue
+    raise AssertionError("no cut of the fixture mp4 leaves a video stream without a codec context")

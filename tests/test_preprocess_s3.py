@@ -107,3 +107,24 @@ def test_s3_outage_mid_read_same_counts(s3_run, moto_s3):
     b, _ = _read_table(f"s3://{BUCKET}/clips-outage/clips")
     cols = [c for c in a.schema.names if c != "node_id"]
     assert a.select(cols).sort_by("clip_id").equals(b.select(cols).sort_by("clip_id"))
+
+
+def test_s3_failed_rerun_keeps_the_previous_outputs(s3_run):
+    """Issue 12: a rerun that fails (here: every input rejected, past max_reject_fraction) leaves the
+    previous run's clips, rejects and manifest on S3 untouched; its own outputs stay under .staging/."""
+    from pipelines.common import PyocoError
+
+    fs, root = storage.filesystem(f"s3://{BUCKET}/clips")
+    fs.invalidate_cache()
+    before = {p: fs.info(p)["ETag"] for p in fs.find(root)}
+    assert f"{root}/manifest.json" in before and any("/clips/clips/" in p for p in before)
+    storage.write_bytes(f"s3://{BUCKET}/junk/shard-000000.tar", b"not a tar at all")
+    with pytest.raises(PyocoError, match=r"1 of 1 inputs rejected .*not_a_tar 1"):
+        run_preprocess(
+            PreprocessConfig(input=f"s3://{BUCKET}/junk", output=f"s3://{BUCKET}/clips"), progress=False
+        )
+    fs.invalidate_cache()
+    after = {p: fs.info(p)["ETag"] for p in fs.find(root) if "/.staging/" not in p}
+    assert after == before
+    staged = json.loads(storage.read_bytes(f"s3://{BUCKET}/clips/.staging/manifest.incomplete.json"))
+    assert staged["rejected"] == {"not_a_tar": 1}

@@ -110,8 +110,9 @@ def test_cli_writes_webdataset_shards(tmp_path):
         ],
     )
     assert res.exit_code == 0, res.output
-    shards = sorted(p.name for p in out.iterdir())
+    shards = sorted(p.name for p in out.iterdir() if p.name != synth.SYNTH_MARKER)
     assert shards == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert json.loads((out / synth.SYNTH_MARKER).read_text()) == {"shards": shards}
     keys = []
     for name in shards:
         with tarfile.open(out / name) as tar:
@@ -132,3 +133,40 @@ def test_cli_rejects_bad_flags(tmp_path):
 
     res = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path), "--videos", "0"])
     assert res.exit_code == 2
+
+
+def test_smaller_rerun_leaves_no_stale_shards_for_preprocess(tmp_path):
+    """Issue 12: a rerun with fewer shards used to leave the earlier run's extra shards, which preprocess
+    then ingested. Only this run's shards remain, and preprocess's discovery sees exactly those."""
+    from pipelines.preprocess import StepSettings, discover_inputs
+    from pyoco.config import PreprocessConfig
+
+    out = tmp_path / "raw"
+    synth.write_dataset(str(out), videos=8, shards=4, frames=6, size=32)
+    assert len(list(out.glob("shard-*.tar"))) == 4
+    summary = synth.write_dataset(str(out), videos=4, shards=2, frames=6, size=32)
+    assert summary["shards"] == ["shard-000000.tar", "shard-000001.tar"]
+    assert sorted(p.name for p in out.glob("*.tar")) == summary["shards"]
+    settings = StepSettings.from_config(PreprocessConfig(input=str(out), output=str(tmp_path / "o")))
+    plan = discover_inputs(str(out), "auto", settings, None)
+    assert [p.rsplit("/", 1)[-1] for p in plan.shards] == summary["shards"]
+
+
+def test_refuses_a_folder_it_did_not_write(tmp_path):
+    from pipelines.cli import app
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    res = CliRunner().invoke(app, ["data", "synth", "--out", str(out), "--videos", "2", "--shards", "1"])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "not a `pyoco data synth` output" in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # a synth output with a foreign file added later is refused too, and nothing is deleted
+    raw = tmp_path / "raw"
+    synth.write_dataset(str(raw), videos=2, shards=1, frames=6, size=32)
+    (raw / "extra.tar").write_bytes(b"x")
+    with pytest.raises(ValueError, match="did not write"):
+        synth.write_dataset(str(raw), videos=2, shards=1, frames=6, size=32)
+    assert (raw / "extra.tar").exists() and (raw / "shard-000000.tar").exists()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from pyoco import video
 from pyoco.video import VideoDecodeError
-from tests.fixtures_data import audio_only_mp4, smooth_frames
+from tests.fixtures_data import audio_only_mp4, smooth_frames, truncated_in_first_frame_mp4
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +134,32 @@ def test_threaded_decode_matches_single_thread(mp4):
     auto = video.decode_clips(mp4, num_frames=8, size=24, threads=0, seed=1)
     np.testing.assert_array_equal(one, many)
     np.testing.assert_array_equal(auto[0].frames, one[auto[0].frame_indices])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stream_without_codec_context_is_one_reason_coded_reject(threads):
+    """An mp4 cut inside its first frame's description: a video stream whose codec_context is None. Every
+    entry point gives one decode_error naming the cause, never an AttributeError/PermissionError."""
+    data = truncated_in_first_frame_mp4()
+    calls = [
+        lambda: video.decode_clips(data, num_frames=4, size=16, threads=threads),
+        lambda: video.decode(data, size=16, threads=threads),
+        lambda: video.probe(data),
+    ]
+    for call in calls:
+        with pytest.raises(VideoDecodeError) as info:
+            call()
+        assert info.value.reason == "decode_error" and "no codec context" in info.value.detail
+
+
+def test_pyav_pin_excludes_the_deadlocking_release_and_admits_the_tested_one():
+    from importlib.metadata import version
+
+    import tomllib
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    av_req = next(Requirement(d) for d in deps["dependencies"] if Requirement(d).name == "av")
+    assert version("av") in av_req.specifier  # the installed version is the tested one
+    assert "17.0.1" not in av_req.specifier
+    assert any(s.operator in ("<", "<=", "~=", "==") for s in av_req.specifier), "no upper bound"
