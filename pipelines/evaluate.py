@@ -80,22 +80,20 @@ def _embedding_rows(column, embed_dim: int, source: str):
 
 
 def load_eval_clips(data: str, num_clips: int, *, embed_dim: int) -> EvalClips:
-    """The first ``num_clips`` clips by clip_id from ``data``/clips/*.parquet (local or s3://)."""
+    """The first ``num_clips`` clips by clip_id of the held-out split, ``data``/clips/val/*.parquet (local or
+    s3://): evaluate never reads the training clips."""
     import numpy as np
     import pyarrow.parquet as pq
 
+    from pyoco import clips as clipfmt
     from pyoco.storage import filesystem
 
-    clips_uri = data.rstrip("/") + "/clips"
-    fs, root = filesystem(clips_uri)
+    clips_uri = clipfmt.split_uri(data, "val")
+    fs, _ = filesystem(clips_uri)
     try:
-        files = sorted(f for f in fs.find(root) if f.endswith(".parquet"))
-    except FileNotFoundError:
-        files = []
-    if not files:
-        raise PyocoError(
-            f"{clips_uri}: no clips/*.parquet files (expected a `pyoco preprocess` output folder)"
-        )
+        files = [filesystem(u)[1] for u in clipfmt.clip_files(data, "val")]
+    except clipfmt.DataError as err:
+        raise PyocoError(str(err)) from None
     required = {"clip_id", "frames", "num_frames", "height", "width", "caption_embedding"}
     ids: list[tuple[str, int]] = []
     for i, f in enumerate(files):

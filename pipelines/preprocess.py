@@ -24,18 +24,20 @@ about 256 MiB.
 
 Output (ARCHITECTURE.md)::
 
-    OUT/clips/part-<hash>.parquet   one row per clip (schema: CLIP_SCHEMA below)
-    OUT/rejects/part-00000.parquet  one row per rejected input: source, key, stage, reason, detail
-    OUT/manifest.json               counts, rejects by reason, config hash, pyoco version, decode nodes
+    OUT/clips/train/part-<hash>.parquet  one row per clip of a training video (schema: pyoco.clips)
+    OUT/clips/val/part-<hash>.parquet    one row per clip of a held-out video
+    OUT/rejects/part-00000.parquet       one row per rejected input: source, key, stage, reason, detail
+    OUT/manifest.json                    counts (per split too), rejects by reason, config, data and
+                                         eval-data hashes, pyoco version, decode nodes
 
-Clip columns: ``clip_id`` (stable hash of source/key/start), ``source`` (URI of the shard or file), ``key``,
-``clip_index``, ``start_frame``, ``num_frames``, ``fps``, ``height``, ``width``, ``frames`` (uint8
-``(T, H, W, 3)`` C-order bytes; see :func:`frames_array`), ``caption`` (cleaned), ``caption_embedding``
-(float32 ``(L, 384)`` MiniLM token states, stored row-major as one fixed-size list of ``L * 384`` floats
-whose field metadata says ``shape: [L, 384]``; see :func:`embedding_arrays`),
-``caption_mask`` (bool ``(L,)``, True = real token), ``node_id`` (the Ray node that decoded it).
-We store the token-level ``(L, 384)`` states and the mask rather than a pooled ``(384,)`` vector because
-that is exactly the cross-attention input training needs (so training never runs the text encoder).
+The clip columns, and how a video is assigned to train or val (``preprocess.val_fraction``, a threshold on
+a hash of the video's key: stable when videos are added), are documented in :mod:`pyoco.clips`. We store
+the token-level ``(L, D)`` caption states and the mask rather than a pooled ``(D,)`` vector because that is
+exactly the cross-attention input training needs (so training never runs the text encoder).
+
+Labels (the ``labels`` column, JSON object text): a WebDataset sample's ``.json`` member (the object as-is,
+e.g. the synth ground truth), ``{"class": TEXT}`` from a ``.cls`` member (merged into the ``.json`` object
+when a sample has both), ``{"class": NAME}`` for a UCF-101 class folder; null otherwise.
 
 Reject reasons (``rejects/`` ``stage`` / ``reason``):
 
@@ -44,6 +46,8 @@ Reject reasons (``rejects/`` ``stage`` / ``reason``):
   members: never extracted, never used as a path), ``missing_video`` (a key with no video member, or a
   captions-file line naming a missing file), ``duplicate_entry`` (a file listed twice), ``read_error``
   (a file that disappeared between listing and reading);
+- ``labels``: ``bad_labels`` (a ``.json`` member that is not a JSON object or is over 64 KiB, a ``.cls``
+  member that is empty or over 1 KiB: a sample whose labels would be silently lost);
 - ``caption``: the ``caption_*`` codes of :mod:`pyoco.captions`; ``dedupe``: ``duplicate_caption``;
 - ``decode``: :data:`pyoco.video.DECODE_REASONS` (``empty_file``, ``decode_error``, ``no_video_stream``,
   ``too_short``).
@@ -79,11 +83,14 @@ from typing import Any
 import typer
 
 from pipelines.common import PyocoError, cli_errors, console
+from pyoco import clips as clipfmt
 from pyoco.config import ConfigError, PreprocessConfig, PyocoConfig, config_hash, parse_config, read_yaml
 
 VIDEO_EXTS = ("mp4", "avi", "mkv", "webm", "mov", "m4v", "gif", "mpg", "mpeg", "ogv", "wmv", "flv", "ts")
 CAPTION_EXTS = ("txt", "caption", "cap", "text")
 CAPTION_FILES = ("captions.csv", "captions.jsonl")
+MAX_JSON_BYTES = 1 << 16  # a .json member larger than this is not per-sample metadata
+MAX_CLS_BYTES = 1 << 10
 MAX_FILE_BYTES = 256 * 2**20  # target upper bound of one clips parquet file
 RESOURCE_FRACTION = 0.001  # custom-resource request per task: a placement label, not a concurrency cap
 EMBED_DIM = 384
@@ -103,6 +110,7 @@ EXECUTION_ONLY_FIELDS = {
 
 # Stage names in rejects/.
 STAGE_READ, STAGE_CAPTION, STAGE_DEDUPE, STAGE_DECODE = "read", "caption", "dedupe", "decode"
+STAGE_LABELS = "labels"
 
 
 # ------------------------------------------------------------------------------------------------- schemas
@@ -122,6 +130,7 @@ def index_schema():
             ("offset", pa.int64()),  # -1: the whole object
             ("size", pa.int64()),
             ("caption", pa.string()),
+            ("labels", pa.string()),
             ("dedupe_key", pa.string()),
             ("reason", pa.string()),
             ("stage", pa.string()),
@@ -145,36 +154,11 @@ def decoded_schema():
             ("width", pa.int32()),
             ("frames", pa.large_binary()),
             ("caption", pa.string()),
+            ("labels", pa.string()),
             ("node_id", pa.string()),
             ("reason", pa.string()),
             ("stage", pa.string()),
             ("detail", pa.string()),
-        ]
-    )
-
-
-def clip_schema(text_len: int):
-    pa = _pa()
-    return pa.schema(
-        [
-            ("clip_id", pa.string()),
-            ("source", pa.string()),
-            ("key", pa.string()),
-            ("clip_index", pa.int32()),
-            ("start_frame", pa.int32()),
-            ("num_frames", pa.int32()),
-            ("fps", pa.float32()),
-            ("height", pa.int32()),
-            ("width", pa.int32()),
-            ("frames", pa.large_binary()),
-            ("caption", pa.string()),
-            pa.field(
-                "caption_embedding",
-                pa.list_(pa.float32(), text_len * EMBED_DIM),
-                metadata={"shape": json.dumps([text_len, EMBED_DIM])},
-            ),
-            ("caption_mask", pa.list_(pa.bool_(), text_len)),
-            ("node_id", pa.string()),
         ]
     )
 
@@ -201,36 +185,13 @@ def summary_schema():
             ("key", pa.string()),
             ("clip_index", pa.int32()),
             ("node_id", pa.string()),
+            ("split", pa.string()),
             ("file", pa.string()),
             ("reason", pa.string()),
             ("stage", pa.string()),
             ("detail", pa.string()),
         ]
     )
-
-
-def frames_array(row_or_bytes: Any, shape: tuple[int, int, int] | None = None):
-    """uint8 ``(T, H, W, 3)`` from a clip row (dict with frames/num_frames/height/width) or raw bytes."""
-    import numpy as np
-
-    if isinstance(row_or_bytes, dict):
-        shape = (int(row_or_bytes["num_frames"]), int(row_or_bytes["height"]), int(row_or_bytes["width"]))
-        row_or_bytes = row_or_bytes["frames"]
-    if shape is None:
-        raise ValueError("frames_array: pass a row or a (T, H, W) shape")
-    return np.frombuffer(row_or_bytes, dtype=np.uint8).reshape(*shape, 3)
-
-
-def embedding_arrays(table) -> tuple[Any, Any]:
-    """``(B, L, 384)`` float32 and ``(B, L)`` bool numpy arrays from a clips pyarrow table."""
-    import numpy as np
-
-    emb_col = table.column("caption_embedding").combine_chunks()
-    mask_col = table.column("caption_mask").combine_chunks()
-    length = mask_col.type.list_size
-    emb = np.asarray(emb_col.flatten().to_numpy(zero_copy_only=False), np.float32)
-    mask = np.asarray(mask_col.flatten().to_numpy(zero_copy_only=False), bool)
-    return emb.reshape(len(table), length, EMBED_DIM), mask.reshape(len(table), length)
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -242,6 +203,7 @@ def _row(source: str, key: str, **kw) -> dict:
         "offset": -1,
         "size": -1,
         "caption": None,
+        "labels": None,
         "dedupe_key": None,
         "reason": None,
         "stage": None,
@@ -491,7 +453,7 @@ def _plan_ucf101(files, rel, settings: StepSettings) -> InputPlan:
             continue
         n_videos += 1
         cls = r.split("/", 1)[0]
-        row = _row(f, r, video_uri=f)
+        row = _row(f, r, video_uri=f, labels=json.dumps({"class": cls}))
         rows.append(_apply_caption(row, class_name_caption(cls), settings, cf))
     if not rows:
         raise FileNotFoundError("no videos in class folders (expected ROOT/ClassName/video.ext)")
@@ -630,7 +592,11 @@ def _group_members(uri, members, shard_size: int, f, settings: StepSettings, cf)
         if video.size == 0:
             rows.append(_reject(uri, key, STAGE_DECODE, "empty_file", f"{video.name}: 0 bytes"))
             continue
-        row = _row(uri, key, video_uri=uri, offset=video.offset_data, size=video.size)
+        obj, labels, bad = _sample_labels(by_ext, f)
+        if bad is not None:
+            rows.append(_reject(uri, key, STAGE_LABELS, "bad_labels", bad))
+            continue
+        row = _row(uri, key, video_uri=uri, offset=video.offset_data, size=video.size, labels=labels)
         cap = next((by_ext[e] for e in CAPTION_EXTS if e in by_ext), None)
         raw: Any = None
         if cap is not None:
@@ -644,17 +610,45 @@ def _group_members(uri, members, shard_size: int, f, settings: StepSettings, cf)
                 continue
             f.seek(cap.offset_data)
             raw = f.read(cap.size)
-        elif "json" in by_ext and by_ext["json"].size <= 1 << 16:
-            j = by_ext["json"]
-            f.seek(j.offset_data)
-            try:
-                obj = json.loads(f.read(j.size))
-                raw = obj.get("caption") if isinstance(obj, dict) else None
-                raw = None if raw is None else str(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raw = None
+        elif obj is not None and obj.get("caption") is not None:
+            raw = str(obj["caption"])
         rows.append(_apply_caption(row, raw, settings, cf))
     return rows
+
+
+def _sample_labels(by_ext: dict, f) -> tuple[dict | None, str | None, str | None]:
+    """``(json object, labels JSON text, reject detail)`` of one WebDataset sample's ``.json``/``.cls``
+    members (labels None when it has neither; detail None unless a member is unusable)."""
+    obj = None
+    j = by_ext.get("json")
+    if j is not None:
+        if j.size > MAX_JSON_BYTES:
+            return None, None, f"{j.name}: {j.size} bytes > {MAX_JSON_BYTES}"
+        f.seek(j.offset_data)
+        try:
+            obj = json.loads(f.read(j.size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return None, None, f"{j.name}: not JSON ({err})"
+        if not isinstance(obj, dict):
+            return None, None, f"{j.name}: a JSON {type(obj).__name__}, expected an object"
+    c = by_ext.get("cls")
+    cls = None
+    if c is not None:
+        if c.size > MAX_CLS_BYTES:
+            return None, None, f"{c.name}: {c.size} bytes > {MAX_CLS_BYTES}"
+        f.seek(c.offset_data)
+        try:
+            cls = f.read(c.size).decode("utf-8").strip()
+        except UnicodeDecodeError as err:
+            return None, None, f"{c.name}: not UTF-8 ({err})"
+        if not cls:
+            return None, None, f"{c.name}: empty class"
+    if obj is None and cls is None:
+        return None, None, None
+    labels = dict(obj or {})
+    if cls is not None:
+        labels["class"] = cls
+    return obj, json.dumps(labels, sort_keys=True, ensure_ascii=False), None
 
 
 def index_batch(batch, *, settings: StepSettings, options):
@@ -685,6 +679,7 @@ def decode_row(row: dict, settings: StepSettings, options, node_id: str = "local
         "source": row["source"],
         "key": row["key"],
         "caption": row["caption"],
+        "labels": row.get("labels"),
         "node_id": node_id,
         "clip_id": None,
         "clip_index": None,
@@ -813,47 +808,51 @@ class CaptionEmbedder:
 
 
 # ----------------------------------------------------------------------------------------- stage 4: write
-def write_batch(batch, *, clips_uri: str, text_len: int, options):
-    """Ray Data UDF (tasks): write the batch's clips to one parquet file; return one summary row per row.
+def write_batch(batch, *, clips_uri: str, text_len: int, val_fraction: float, options):
+    """Ray Data UDF (tasks): write the batch's clips to one parquet file per split (``clips/train/``,
+    ``clips/val/``; the side of a clip is :func:`pyoco.clips.split_of` of its video's key); return one
+    summary row per row.
 
-    The file name is a hash of its clip ids, so a retried task overwrites its own file.
+    A file's name is a hash of its clip ids, so a retried task overwrites its own file.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from pyoco import storage
 
-    ok = pc.is_null(batch.column("reason"))
-    clips = batch.filter(ok)
-    file_name = None
-    if clips.num_rows:
-        schema = clip_schema(text_len)
-        table = clips.select(schema.names).cast(schema)
+    ok = pc.is_null(batch.column("reason")).to_pylist()
+    keys = batch.column("key").to_pylist()
+    splits = [clipfmt.split_of(k, val_fraction) if o else None for k, o in zip(keys, ok, strict=True)]
+    files: list[str | None] = [None] * batch.num_rows
+    emb_type = batch.schema.field(clipfmt.EMBEDDING).type
+    embed_dim = emb_type.list_size // text_len if pa.types.is_fixed_size_list(emb_type) else 0
+    for split in clipfmt.SPLITS:
+        idx = [i for i, s in enumerate(splits) if s == split]
+        if not idx:
+            continue
+        schema = clipfmt.clip_schema(text_len, embed_dim)
+        table = batch.take(idx).select(schema.names).cast(schema)
         ids = "\n".join(sorted(table.column("clip_id").to_pylist()))
-        file_name = f"part-{hashlib.sha256(ids.encode()).hexdigest()[:20]}.parquet"
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd", compression_level=1)
-        storage.write_bytes(storage.join(clips_uri, file_name), buf.getvalue(), options=options)
-    n = batch.num_rows
-    files = [file_name if o else None for o in ok.to_pylist()]
-    return (
-        pa.Table.from_arrays(
-            [
-                batch.column("clip_id"),
-                batch.column("source"),
-                batch.column("key"),
-                batch.column("clip_index"),
-                batch.column("node_id"),
-                pa.array(files, pa.string()),
-                batch.column("reason"),
-                batch.column("stage"),
-                batch.column("detail"),
-            ],
-            schema=summary_schema(),
-        )
-        if n
-        else pa.Table.from_pylist([], schema=summary_schema())
+        file_name = f"{split}/part-{hashlib.sha256(ids.encode()).hexdigest()[:20]}.parquet"
+        clipfmt.write_clip_table(table, storage.join(clips_uri, file_name), storage_options=options)
+        for i in idx:
+            files[i] = file_name
+    if not batch.num_rows:
+        return pa.Table.from_pylist([], schema=summary_schema())
+    return pa.Table.from_arrays(
+        [
+            batch.column("clip_id"),
+            batch.column("source"),
+            batch.column("key"),
+            batch.column("clip_index"),
+            batch.column("node_id"),
+            pa.array(splits, pa.string()),
+            pa.array(files, pa.string()),
+            batch.column("reason"),
+            batch.column("stage"),
+            batch.column("detail"),
+        ],
+        schema=summary_schema(),
     )
 
 
@@ -1060,6 +1059,7 @@ def run_preprocess(
         nodes: Counter = Counter()
         clip_files: set[str] = set()
         clips_digest = 0  # order-independent digest of every clip id written
+        per_split = {sp: {"clips": 0, "videos": 0, "digest": 0} for sp in clipfmt.SPLITS}
         decode_seen = 0
         if to_decode > 0:
             per_file = rows_per_file(cfg)
@@ -1091,7 +1091,12 @@ def run_preprocess(
                     write_batch,
                     batch_size=per_file,
                     batch_format="pyarrow",
-                    fn_kwargs={"clips_uri": clips_uri, "text_len": cfg.text_max_length, "options": options},
+                    fn_kwargs={
+                        "clips_uri": clips_uri,
+                        "text_len": cfg.text_max_length,
+                        "val_fraction": cfg.val_fraction,
+                        "options": options,
+                    },
                     **light_args,  # parquet + zstd of a few MB: a quarter CPU, so decode keeps its slots
                 )
             )
@@ -1105,9 +1110,13 @@ def run_preprocess(
                     clips_written += 1
                     clip_files.add(r["file"])
                     clips_digest = (clips_digest + int(r["clip_id"], 16)) % (1 << 128)
+                    side = per_split[r["split"]]
+                    side["clips"] += 1
+                    side["digest"] = (side["digest"] + int(r["clip_id"], 16)) % (1 << 128)
                     if r["clip_index"] == 0:
                         decode_seen += 1
                         accepted_videos += 1
+                        side["videos"] += 1
                         nodes[r["node_id"]] += 1
                 if on_progress is not None and decode_seen != before:
                     on_progress(decode_seen, to_decode)
@@ -1126,6 +1135,15 @@ def run_preprocess(
             ray.shutdown()
 
     rejected = dict(sorted(rejects.by_reason.items()))
+    content_config = cfg.model_dump(mode="json", exclude=EXECUTION_ONLY_FIELDS)
+    warnings = []
+    if cfg.val_fraction > 0 and accepted_videos and per_split["val"]["videos"] == 0:
+        warnings.append(
+            f"val split is empty: none of the {accepted_videos} accepted videos hashed below val_fraction "
+            f"{cfg.val_fraction} (the split is a per-video hash threshold, so tiny datasets can get no val "
+            "video; add videos or raise preprocess.val_fraction)"
+        )
+        console.print(f"[yellow]warning:[/] {warnings[-1]}")
     manifest = {
         "pyoco_version": pyoco_version(),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -1138,17 +1156,33 @@ def run_preprocess(
         "inputs": inputs,
         "accepted_videos": accepted_videos,
         "clips_written": clips_written,
+        "train_videos": per_split["train"]["videos"],
+        "val_videos": per_split["val"]["videos"],
+        "train_clips": per_split["train"]["clips"],
+        "val_clips": per_split["val"]["clips"],
+        "val_fraction": cfg.val_fraction,
+        "split_rule": "val iff sha256(key)[:8] / 2**64 < val_fraction (pyoco.clips.split_of)",
         "rejected": rejected,
         "invariant": "inputs == accepted_videos + sum(rejected.values())",
         # Same inputs + config -> same data_hash, whatever the cluster (file names depend on batching).
         "data_hash": config_hash(
             {
-                "config": cfg.model_dump(mode="json", exclude=EXECUTION_ONLY_FIELDS),
+                "config": content_config,
                 "inputs": inputs,
                 "rejected": rejected,
                 "clips": clips_digest,
             }
         ),
+        # What evaluate measures on: the val clip ids and the config that shapes their content. Metrics with
+        # different eval_data_hash were computed on different clips and are not comparable.
+        "eval_data_hash": config_hash(
+            {
+                "config": {k: v for k, v in content_config.items() if k not in ("input", "val_fraction")},
+                "val_clips": per_split["val"]["clips"],
+                "val_digest": per_split["val"]["digest"],
+            }
+        ),
+        "warnings": warnings,
         "clip_files": sorted(clip_files),
         "reject_files": rejects.files,
         "ignored_files": plan.ignored,
@@ -1216,6 +1250,11 @@ def print_summary(manifest: dict) -> None:
     for reason, n in manifest["rejected"].items():
         table.add_row(f"rejected: {reason}", str(n))
     table.add_row("clips written", str(manifest["clips_written"]))
+    for split in ("train", "val"):
+        if f"{split}_videos" in manifest:
+            table.add_row(
+                f"  {split}", f"{manifest[f'{split}_videos']} videos, {manifest[f'{split}_clips']} clips"
+            )
     console.print(table)
     console.print(
         f"invariant holds: {manifest['inputs']} = {manifest['accepted_videos']} + "

@@ -123,7 +123,7 @@ def resolve_config(cfg: PyocoConfig, *, image_pretrain: bool = False) -> PyocoCo
     if t.data is None:
         if cfg.preprocess is None:
             raise PyocoError("train.data is not set and there is no preprocess: section to take it from")
-        t.data = _join(cfg.preprocess.output, "clips")
+        t.data = _join(cfg.preprocess.output, "clips", "train")
     t.output = t.output or _join(cfg.output, "pretrained-image" if image_pretrain else "model")
     t.storage_path = t.storage_path or _join(cfg.output, "ray-pretrain" if image_pretrain else "ray")
     t.data, t.output, t.storage_path = _abs(t.data), _abs(t.output), _abs(t.storage_path)
@@ -1014,7 +1014,7 @@ def register(app: typer.Typer) -> None:
             ..., "--config", help="Workflow YAML (train:, model:, noise:, mlflow: sections)."
         ),
         data: str | None = typer.Option(
-            None, "--data", help="Clips folder (default: {preprocess.output}/clips)."
+            None, "--data", help="Clips folder (default: {preprocess.output}/clips/train)."
         ),
         output: str | None = typer.Option(None, "--output", help="Where the exported model package goes."),
         storage_path: str | None = typer.Option(

@@ -1,6 +1,9 @@
 """Clip shards -> training batches.
 
-Input: the preprocess output ``clips/*.parquet`` (local or s3://), one row per clip. Columns read here:
+Input: the training split of a preprocess output, ``DATA/clips/train/*.parquet`` (local or s3://; format in
+:mod:`pyoco.clips`), one row per clip. ``train.data`` may name that folder, ``DATA/clips`` or ``DATA``
+(both resolve to ``clips/train``), or any folder of clip parquet files; files of a ``val`` split are never
+read (see :func:`list_shards`). Columns read here:
 
 - ``frames``: uint8 (T, H, W, 3), stored as a fixed-shape tensor column (Ray's or Arrow's), a (nested) list, or
   raw bytes (``binary``; then ``num_frames``/``height``/``width`` give the shape);
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyoco.clips import SPLITS, DataError, embedding_shape
 from pyoco.config import config_hash
 
 FRAMES = "frames"
@@ -67,8 +71,7 @@ class ClipGeometry:
         return cols
 
 
-class DataError(ValueError):
-    """The clip shards are missing or do not have the expected columns; the message names file and column."""
+__all__ = ["ClipGeometry", "DataError", "collate_clips", "inspect_clips", "list_shards", "make_collate"]
 
 
 def _fs(uri: str):
@@ -78,14 +81,28 @@ def _fs(uri: str):
 
 
 def list_shards(uri: str) -> list[str]:
-    """The ``*.parquet`` files under ``uri`` (fs paths, sorted)."""
+    """The training ``*.parquet`` files under ``uri`` (fs paths, sorted).
+
+    A preprocess output (``DATA`` or ``DATA/clips``, holding ``clips/train`` and ``clips/val``) resolves to
+    its ``train`` split. Train never reads val: a ``val`` folder named directly is refused, and files under
+    a ``val/`` folder of ``uri`` are left out.
+    """
     fs, path = _fs(uri)
     if not fs.exists(path):
         raise DataError(f"{uri}: clips folder not found (run `pyoco preprocess` first or set train.data)")
+    path = path.rstrip("/")
+    if path.rsplit("/", 1)[-1] == "val" and fs.isdir(path):
+        raise DataError(f"{uri}: is a val split; training never reads held-out clips (use clips/train)")
     if fs.isfile(path):
         files = [path] if path.endswith(".parquet") else []
     else:
-        files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
+        for sub in ("clips/train", "train"):
+            if fs.isdir(f"{path}/{sub}"):
+                path = f"{path}/{sub}"
+                break
+        files = sorted(
+            f for f in fs.find(path) if f.endswith(".parquet") and "/val/" not in f[len(path) :] + "/"
+        )
     if not files:
         raise DataError(f"{uri}: no *.parquet clip shards found")
     return files
@@ -136,11 +153,13 @@ def inspect_clips(uri: str) -> ClipGeometry:
             raise DataError(f"{path}: frames must be (T, H, W, 3) uint8, got shape {arr.shape}")
         t, h, w = (int(d) for d in arr.shape[:3])
     emb = np.asarray(row[EMBEDDING], dtype=np.float32)
-    meta = schema.field(EMBEDDING).metadata or {}
     mask_len = len(row[MASK]) if row.get(MASK) is not None else None
-    if b"shape" in meta:  # flat (L * D) list with its shape in the field metadata (preprocess's layout)
-        shape = [int(d) for d in json.loads(meta[b"shape"])]
-        if len(shape) != 2 or shape[0] * shape[1] != emb.size:
+    try:
+        shape = embedding_shape(schema.field(EMBEDDING))
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
+    if shape is not None:  # flat (L * D) list with its shape in the field metadata (pyoco.clips layout)
+        if shape[0] * shape[1] != emb.size:
             raise DataError(f"{path}: caption_embedding has {emb.size} values but its metadata says {shape}")
         emb = emb.reshape(shape)
     elif emb.ndim == 1 and mask_len and mask_len > 1 and emb.size % mask_len == 0:
@@ -273,8 +292,14 @@ def manifest_hash(clips_uri: str) -> str | None:
     """Hash of the preprocess ``manifest.json`` next to ``clips/`` (None when there is none)."""
     from pyoco.storage import join
 
-    parent = clips_uri.rstrip("/").rsplit("/", 1)[0] if "/" in clips_uri.rstrip("/") else "."
-    for candidate in (join(clips_uri, "manifest.json"), join(parent, "manifest.json")):
+    def up(uri: str) -> str:
+        return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
+
+    parent = up(clips_uri)
+    candidates = [join(clips_uri, "manifest.json"), join(parent, "manifest.json")]
+    if clips_uri.rstrip("/").rsplit("/", 1)[-1] in SPLITS:  # DATA/clips/train -> DATA/manifest.json
+        candidates.append(join(up(parent), "manifest.json"))
+    for candidate in candidates:
         fs, path = _fs(candidate)
         try:
             if fs.exists(path):

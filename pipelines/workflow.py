@@ -111,7 +111,7 @@ def _resolved(cfg: PyocoConfig) -> PyocoConfig:
     if cfg.synth is not None and cfg.preprocess is not None and not cfg.preprocess.input:
         cfg.preprocess.input = cfg.synth.out
     if cfg.preprocess is not None and cfg.train.data is None:
-        cfg.train.data = join(cfg.preprocess.output, "clips")
+        cfg.train.data = join(cfg.preprocess.output, "clips", "train")
     # train.output / train.storage_path defaults are filled once, by pipelines.train.resolve_config.
     if cfg.evaluate.output is None:
         cfg.evaluate.output = join(cfg.output, "eval", "metrics.json")

@@ -79,6 +79,8 @@ class PreprocessConfig(_Section):
     size: int = Field(32, ge=8)
     max_clips_per_video: int = Field(1, ge=1)
     seed: int = 0
+    # Share of source videos held out for evaluation (clips/val); a per-video hash threshold, see pyoco.clips.
+    val_fraction: float = Field(0.1, ge=0, lt=1)
     rows_per_file: int = Field(256, ge=1)
     captions: CaptionFilterConfig = Field(default_factory=CaptionFilterConfig)
     text_encoder: str = "minilm"
@@ -195,6 +197,9 @@ class EvaluateConfig(_Section):
     sample_steps: int = Field(10, ge=1)
     guidance: float = 3.0
     fvd_extractor: str | None = None
+    # A TorchScript video classifier with a features output (`pyoco evaluator train`, or a user's I3D).
+    # When set, evaluate reports fvd and the promotion gate defaults to it.
+    evaluator: str | None = None
     output: str | None = None
 
 

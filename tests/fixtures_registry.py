@@ -76,7 +76,8 @@ def make_clips_dir(
     files: int = 2,
     seed: int = 0,
 ) -> Path:
-    """A preprocess-shaped output folder: clips/*.parquet with the columns ARCHITECTURE.md lists.
+    """A preprocess-shaped output folder: clips/val/*.parquet (the held-out split evaluate reads) in the
+    pyoco.clips format (labels included; a pooled variant keeps the old columns).
 
     Frames are a bright square moving one pixel per frame on a dark background (uint8 (T, H, W, 3)
     bytes); ``caption_embedding`` is L*384 float32 (fixed-size list with a shape in the field metadata, as
@@ -109,6 +110,10 @@ def make_clips_dir(
     if not pooled:
         fields.append(("caption_mask", pa.list_(pa.bool_(), text_len)))
     schema = pa.schema(fields)
+    if not pooled:
+        from pyoco.clips import clip_schema
+
+        schema = clip_schema(text_len, dim)
     rows = []
     for i in range(num_clips):
         video = np.full((frames, size, size, 3), 20, dtype=np.uint8)
@@ -127,11 +132,14 @@ def make_clips_dir(
             "frames": video.tobytes(),
             "caption": f"a shape number {i} moves right",
             "caption_embedding": rng.standard_normal(emb_len).astype(np.float32).tolist(),
+            "clip_index": 0,
+            "labels": json.dumps({"shape": "square", "color": "red", "direction": "right"}),
+            "node_id": "fixture",
         }
         if not pooled:
             row["caption_mask"] = [j < 3 + i % 4 for j in range(text_len)]
         rows.append(row)
-    clips = out / "clips"
+    clips = out / "clips" / "val"
     clips.mkdir(parents=True, exist_ok=True)
     per_file = -(-num_clips // files)
     for f in range(files):

@@ -1,4 +1,4 @@
-"""Clip shards for the training tests, written directly in the preprocess output schema (no preprocess run).
+"""Clip shards for the training tests, written directly in the clip format (pyoco.clips; no preprocess run).
 
 Frames: a coloured square that moves one pixel per frame, its colour and direction set by the clip index;
 caption embeddings: fixed random (L, 384) states per (colour, direction) class, with a mask, so the tiny model
@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pyoco import clips as clipfmt
 
 EMBED_DIM = 384
 COLOURS = [(230, 40, 40), (40, 200, 60), (40, 80, 230), (220, 220, 40)]
@@ -44,10 +46,14 @@ def write_clips(
     embedding: str = "flat",  # flat (L*D, preprocess's layout) | nested (L, D) | pooled (D,); + mask
     manifest: bool = True,
 ) -> Path:
-    """Write ``out/clips/part-*.parquet`` (+ ``out/manifest.json``); returns the clips folder."""
+    """Write ``out/clips/train/part-*.parquet`` (+ ``out/manifest.json``); returns that training folder.
+
+    ``frames_format="binary"`` with ``embedding="flat"`` is exactly :func:`pyoco.clips.clip_schema`
+    (labels included); the other layouts are what other producers may write and train must still read.
+    """
     rng = np.random.default_rng(seed)
     classes = rng.standard_normal((len(COLOURS) * 2, text_len, EMBED_DIM)).astype(np.float32)
-    clips = Path(out) / "clips"
+    clips = Path(out) / "clips" / "train"
     clips.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(num_clips):
@@ -58,12 +64,15 @@ def write_clips(
             "clip_id": f"clip{i:04d}",
             "source": "fixture",
             "key": f"video{i:04d}",
+            "clip_index": 0,
             "start_frame": 0,
             "num_frames": num_frames,
             "fps": 8.0,
             "height": size,
             "width": size,
             "caption": f"shape {i % len(COLOURS)} moves {'right' if i % 2 == 0 else 'down'}",
+            "labels": json.dumps({"color": i % len(COLOURS), "direction": "right" if i % 2 == 0 else "down"}),
+            "node_id": "fixture",
         }
         emb = classes[(i % len(COLOURS)) * 2 + i % 2]
         if embedding in ("flat", "nested"):
@@ -105,6 +114,8 @@ def write_clips(
     else:
         fields.append(("caption_embedding", pa.list_(pa.float32(), EMBED_DIM)))
     schema = pa.schema(fields)
+    if frames_format == "binary" and embedding == "flat":
+        schema = clipfmt.clip_schema(text_len, EMBED_DIM)
     per = -(-num_clips // shards)
     for s in range(shards):
         part = rows[s * per : (s + 1) * per]

@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.preprocess import embedding_arrays, frames_array, run_preprocess
+from pipelines.preprocess import run_preprocess
 from pyoco import synth, video
+from pyoco.clips import embedding_arrays, frames_array
 from pyoco.config import PreprocessConfig
 from tests.fixtures_data import build_bad_corpus, env_without_ray, shape_video
 
@@ -39,7 +40,7 @@ def tiny_cfg(input: str, output: str, **kw) -> PreprocessConfig:
 
 
 def read_clips(out: Path):
-    files = sorted((out / "clips").glob("*.parquet"))
+    files = sorted((out / "clips").glob("*/*.parquet"))  # clips/train/ and clips/val/
     import pyarrow as pa
 
     return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("clip_id"), files
@@ -81,12 +82,12 @@ def test_clips_schema_and_manifest(one_node, local_raw):
     for key in ("config_hash", "pyoco_version", "decode_nodes", "clip_files", "reject_files"):
         assert key in on_disk
     table, files = read_clips(out)
-    assert sorted(p.name for p in files) == on_disk["clip_files"]
+    assert sorted(p.relative_to(out / "clips").as_posix() for p in files) == on_disk["clip_files"]
     assert all(pq.ParquetFile(f).metadata.num_rows <= cfg.rows_per_file for f in files)  # bounded files
     assert table.num_rows == on_disk["clips_written"]
     expected_cols = [
         "clip_id", "source", "key", "clip_index", "start_frame", "num_frames", "fps", "height", "width",
-        "frames", "caption", "caption_embedding", "caption_mask", "node_id",
+        "frames", "caption", "caption_embedding", "caption_mask", "labels", "node_id",
     ]  # fmt: skip
     assert table.schema.names == expected_cols
     assert str(table.schema.field("frames").type) == "large_binary"

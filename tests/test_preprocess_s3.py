@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.preprocess import embedding_arrays, frames_array, run_preprocess
+from pipelines.preprocess import run_preprocess
 from pyoco import storage, synth
+from pyoco.clips import embedding_arrays, frames_array
 from pyoco.config import PreprocessConfig
 from tests.conftest import TEST_AWS_SECRET
 from tests.fixtures_data import FlakyProxy
@@ -24,7 +25,7 @@ VIDEOS, SHARDS, FRAMES, SIZE = 64, 4, 12, 32
 
 def _read_table(prefix: str):
     fs, path = storage.filesystem(prefix)
-    files = sorted(fs.glob(f"{path}/*.parquet"))
+    files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))  # clips/{train,val}/ too
     return pa.concat_tables([pq.read_table(io.BytesIO(fs.cat_file(f))) for f in files]), files
 
 
@@ -65,7 +66,7 @@ def test_s3_schema_counts_and_manifest(s3_run):
     assert TEST_AWS_SECRET not in json.dumps(manifest)
 
     table, files = _read_table(f"s3://{BUCKET}/clips/clips")
-    assert [f.rsplit("/", 1)[-1] for f in files] == manifest["clip_files"]
+    assert ["/".join(f.rsplit("/", 2)[-2:]) for f in files] == manifest["clip_files"]
     assert table.num_rows == manifest["clips_written"]
     types = {f.name: str(f.type) for f in table.schema}
     assert types["frames"] == "large_binary" and types["clip_id"] == "string" and types["fps"] == "float"

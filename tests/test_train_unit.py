@@ -211,7 +211,7 @@ def test_resolve_config_defaults(tmp_path):
         }
     )
     r = resolve_config(cfg)
-    assert r.train.data == str(tmp_path / "pp" / "clips")
+    assert r.train.data == str(tmp_path / "pp" / "clips" / "train")  # train never reads clips/val
     assert r.train.output == str(tmp_path / "o" / "model")
     assert r.train.storage_path == str(tmp_path / "o" / "ray")
     assert r.train.run_name == "demo-train"
