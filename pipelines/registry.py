@@ -1293,8 +1293,8 @@ def promote_cmd(
         min_improvement = cfg.promote.min_improvement if min_improvement is None else min_improvement
         evaluator = evaluator or cfg.evaluate.evaluator
         evaluate_cfg = cfg.evaluate
-    if metric is None:
-        console.print(default_gate(evaluator)[2])
+    if metric is None:  # on stdout: stderr stays the one-line error of a refusal
+        typer.echo(default_gate(evaluator)[2])
     result = promote(
         name,
         metric=metric,

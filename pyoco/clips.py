@@ -188,7 +188,9 @@ def clip_files(data_uri: str, split: str, *, storage_options=None) -> list[str]:
         hint = (
             " (the val split can be empty on tiny data: see manifest.json warnings)" if split == "val" else ""
         )
-        raise DataError(f"{root}: no *.parquet clip files; expected a `pyoco preprocess` output folder{hint}")
+        raise DataError(
+            f"{root}: no clips/{split}/*.parquet files; expected a `pyoco preprocess` output{hint}"
+        )
     return files
 
 

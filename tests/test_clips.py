@@ -74,7 +74,7 @@ def test_missing_split_and_bad_labels_are_one_line_data_errors(tmp_path):
     data = tmp_path / "data"
     clips.write_clip_table(_rows(2), str(data / "clips" / "train" / "part-a.parquet"))
     with pytest.raises(
-        clips.DataError, match=r"clips/val: no \*\.parquet clip files.*val split can be empty"
+        clips.DataError, match=r"clips/val: no clips/val/\*\.parquet files.*val split can be empty"
     ):
         clips.clip_files(str(data), "val")
     with pytest.raises(ValueError, match="split must be one of"):

@@ -40,9 +40,9 @@ def test_gate_refuses_metrics_from_different_eval_data(tracking_env, tiny_packag
     assert client.get_model_version(name, "2").tags["pyoco.eval_data_hash"] == "evaldata-b"
 
     res = _cli("promote", "--name", name, "--evaluator", "evaluator.pt", code=1)
+    assert res.stdout.startswith("gate: fvd (min)")
     err = res.stderr.strip().splitlines()
-    assert err[0].startswith("gate: fvd (min)")
-    assert len(err) == 2 and err[1].startswith("error:"), err  # one-line reason
+    assert len(err) == 1 and err[0].startswith("error:"), err  # one-line reason
     for needle in (
         "refused",
         "metrics not comparable",
@@ -52,7 +52,7 @@ def test_gate_refuses_metrics_from_different_eval_data(tracking_env, tiny_packag
         "evaldata-a",
         "--reevaluate",
     ):
-        assert needle in err[1], err[1]
+        assert needle in err[0], err[0]
     assert registry.read_state(client, name).champion == "1"
     assert registry.history(name)[-1]["action"] == "refuse"
 
@@ -82,7 +82,7 @@ def test_reevaluate_scores_the_champion_on_the_challengers_eval_data(
 
     # no evaluator configured: the gate is val_loss, and the CLI says why; different eval data: refused
     res = _cli("promote", "--name", name, code=1)
-    assert "gate: val_loss, because no evaluator is configured" in res.stderr
+    assert "gate: val_loss, because no evaluator is configured" in res.stdout
     assert "metrics not comparable" in res.stderr and "hash-a" in res.stderr and "hash-b" in res.stderr
 
     # --reevaluate: v1 (the same package) evaluated on data b with v2's settings scores what v2 scored, so
