@@ -494,10 +494,14 @@ def run_evaluate(
         "num_videos": float(num_videos),
     }
     from pipelines.tracking import pyoco_version, redact_uri
+    from pyoco.clips import eval_data_hash
 
     results: dict[str, Any] = {
         "checkpoint": redact_uri(str(checkpoint)),
         "data": redact_uri(str(data)),
+        # which clips these numbers are about: the registry refuses to compare different ones
+        "eval_data_hash": eval_data_hash(data),
+        "evaluate_config": cfg.model_dump(mode="json", exclude={"output"}),
         "split": "val",
         "num_val_clips": int(n),
         "num_clips": int(len(loss_clips.clip_ids)),
@@ -560,7 +564,14 @@ def _log_to_mlflow(results: dict, run_id: str | None, tracking_uri: str | None, 
             uri, experiment, run_name="evaluate", tags={tracking.TAG_KIND: "evaluate"}
         )
     tracking.log_metrics(uri, run_id, {f"eval.{k}": v for k, v in results["metrics"].items()}, step=0)
-    tracking.set_tags(uri, run_id, {"pyoco.eval.fvd": results["fvd"]["status"]})
+    tracking.set_tags(
+        uri,
+        run_id,
+        {
+            "pyoco.eval.fvd": results["fvd"]["status"],
+            "pyoco.eval_data_hash": str(results.get("eval_data_hash") or "unknown"),
+        },
+    )
     tracking.log_text(uri, run_id, json.dumps(results, indent=2, sort_keys=True), "evaluate/results.json")
     if created:
         tracking.end_run(uri, run_id)

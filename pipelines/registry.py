@@ -28,6 +28,21 @@ without it three of four history entries are lost.
 
 Promotion records the previous champion on the new champion's version tags (``pyoco.previous_champion``),
 so rollback restores it; rolling back again walks further back the same way.
+
+The promotion gate (:func:`promote`, :func:`_gate`):
+
+- the default metric is comparable across noise priors: ``fvd`` (min) when an evaluator is configured
+  (``evaluate.evaluator``); only without one does it fall back to ``val_loss``, and says so, because each
+  model's ``val_loss`` is computed under its own prior (the irreducible error depends on the prior's
+  covariance, so it is biased against correlated priors);
+- a challenger must beat the champion by more than ``max(min_improvement, h)``, where ``h`` is the half-width
+  ``(high - low) / 2`` of the challenger's 95 % bootstrap CI of the metric (``<metric>_ci_low`` /
+  ``<metric>_ci_high``, registered next to the metric; ``h = 0`` when none is recorded);
+- metrics are compared only when both versions were evaluated on the same eval data (version tag
+  ``pyoco.eval_data_hash``, from the preprocess manifest). Otherwise promotion is refused with a one-line
+  reason, unless ``--reevaluate`` evaluates the champion on the challenger's eval data (recorded on the
+  champion as ``pyoco.reeval.<hash>.<metric>`` tags, reused by later promotions). Two versions that both
+  lack the hash (registered before it existed) are compared, and the reason says it was not verified.
 """
 
 from __future__ import annotations
@@ -72,6 +87,11 @@ T_HISTORY = "pyoco.history."
 V_METRIC = "pyoco.metric."
 V_PREVIOUS = "pyoco.previous_champion"
 V_STATUS = "pyoco.status"
+V_EVAL_HASH = "pyoco.eval_data_hash"
+V_EVAL_DATA = "pyoco.eval_data"  # the preprocess output the metrics were computed on (for --reevaluate)
+V_EVAL_CONFIG = "pyoco.eval_config"  # the evaluate settings, JSON (for --reevaluate)
+V_REEVAL = "pyoco.reeval."  # pyoco.reeval.<eval_data_hash>.<metric>: the version re-evaluated on other data
+UNKNOWN = "unknown"
 # lock tags
 L_OWNER = "pyoco.lock.owner"
 L_EXPIRES = "pyoco.lock.expires_at"
@@ -342,6 +362,28 @@ def _version_by_alias(client, name: str, alias: str):
 
 
 # -------------------------------------------------------------------------------------------- promotion
+def default_gate(evaluator: str | None) -> tuple[str, str, str]:
+    """``(metric, mode, note)`` of the default promotion gate: ``fvd`` when an evaluator is configured, else
+    ``val_loss`` with a note saying why that is the weaker choice."""
+    if evaluator:
+        return "fvd", "min", "gate: fvd (min), comparable across noise priors"
+    return (
+        "val_loss",
+        "min",
+        "gate: val_loss, because no evaluator is configured (set evaluate.evaluator to gate on fvd); "
+        "val_loss is computed under each model's own prior, so it is biased against correlated priors",
+    )
+
+
+def ci_half_width(metrics: dict[str, float], metric: str) -> float | None:
+    """``(high - low) / 2`` of the 95 % CI recorded as ``<metric>_ci_low`` / ``<metric>_ci_high``; None
+    when either is missing."""
+    low, high = metrics.get(f"{metric}_ci_low"), metrics.get(f"{metric}_ci_high")
+    if low is None or high is None:
+        return None
+    return abs(high - low) / 2.0
+
+
 def _gate(
     challenger: float | None,
     champion: float | None,
@@ -351,66 +393,194 @@ def _gate(
     min_improvement: float,
     challenger_version: str,
     champion_version: str,
+    ci_half: float | None = None,
 ) -> tuple[bool, str]:
-    """(better, reason). Better means an improvement strictly greater than ``min_improvement`` (absolute
-    units of the metric): for mode=min, champion - challenger > min_improvement."""
+    """(better, reason). Better means an improvement strictly greater than ``max(min_improvement,
+    ci_half)`` (absolute units of the metric; ``ci_half`` is the challenger's CI half-width): for mode=min,
+    champion - challenger > that margin."""
     if challenger is None:
         return False, f"challenger v{challenger_version} has no {metric} metric (register it with --eval)"
     if champion is None:
         return False, f"champion v{champion_version} has no {metric} metric to compare against"
     improvement = champion - challenger if mode == "min" else challenger - champion
     relation = f"{metric} {challenger:.6g} (v{challenger_version}) vs {champion:.6g} (v{champion_version})"
-    if improvement > min_improvement:
-        return True, f"better: {relation}, improvement {improvement:.6g} > {min_improvement:g}"
+    margin = max(min_improvement, ci_half or 0.0)
+    if ci_half is None:
+        required = f"{margin:g}"
+    else:
+        required = f"{margin:.6g} = max(min_improvement {min_improvement:g}, CI half-width {ci_half:.6g})"
+    if improvement > margin:
+        return True, f"better: {relation}, improvement {improvement:.6g} > {required}"
     return (
         False,
-        f"not better: {relation}, improvement {improvement:.6g} <= required {min_improvement:g} (mode={mode})",
+        f"not better: {relation}, improvement {improvement:.6g} <= required {required} (mode={mode})",
     )
+
+
+def _tag(mv, key: str) -> str | None:
+    value = (mv.tags or {}).get(key)
+    return value if value and value != UNKNOWN else None
+
+
+def reevaluated_metrics(mv, eval_hash: str) -> dict[str, float]:
+    """The metrics of version ``mv`` re-evaluated on eval data ``eval_hash`` (``pyoco.reeval.*`` tags)."""
+    prefix = f"{V_REEVAL}{eval_hash}."
+    out = {}
+    for k, v in (mv.tags or {}).items():
+        if k.startswith(prefix):
+            try:
+                out[k[len(prefix) :]] = float(v)
+            except ValueError:
+                continue
+    return out
+
+
+def _champion_on_challenger_data(cand_mv, champ_mv, metric: str) -> tuple[float | None, str | None, str]:
+    """``(champion's metric value on the challenger's eval data, refusal reason, note)``."""
+    h_cand, h_champ = _tag(cand_mv, V_EVAL_HASH), _tag(champ_mv, V_EVAL_HASH)
+    value = version_metrics(champ_mv).get(metric)
+    if h_cand == h_champ:
+        note = "eval data not verified: neither version records an eval-data hash" if h_cand is None else ""
+        return value, None, note
+    if h_cand is not None:
+        again = reevaluated_metrics(champ_mv, h_cand)
+        if metric in again:
+            return again[metric], None, f"champion re-evaluated on the challenger's eval data {h_cand}"
+    reason = (
+        f"metrics not comparable: challenger v{cand_mv.version} was evaluated on eval data "
+        f"{h_cand or UNKNOWN}, champion v{champ_mv.version} on {h_champ or UNKNOWN}"
+    )
+    if h_cand is None:
+        return None, f"{reason} (register the challenger with evaluate results that record it)", ""
+    return None, f"{reason} (promote --reevaluate evaluates the champion on the challenger's data)", ""
+
+
+def reevaluate_champion(
+    client,
+    name: str,
+    candidate: str,
+    champion: str,
+    *,
+    evaluate_cfg=None,
+    tracking_uri: str | None = None,
+) -> dict[str, float]:
+    """Evaluate the champion's model on the eval data and settings the challenger was evaluated with, and
+    record the results on the champion version as ``pyoco.reeval.<hash>.<metric>`` tags (idempotent, so
+    done outside the registry lock: an evaluation takes longer than a lock lease)."""
+    from pipelines.evaluate import run_evaluate
+    from pyoco.config import EvaluateConfig
+
+    cand_mv = _version(client, name, candidate)
+    h_cand, data = _tag(cand_mv, V_EVAL_HASH), _tag(cand_mv, V_EVAL_DATA)
+    if h_cand is None or data is None:
+        raise PyocoError(
+            f"--reevaluate: challenger v{candidate} records no eval data (tags {V_EVAL_HASH}, {V_EVAL_DATA}); "
+            "register it with evaluate results"
+        )
+    recorded = _tag(cand_mv, V_EVAL_CONFIG)
+    try:
+        cfg = EvaluateConfig.model_validate(json.loads(recorded)) if recorded else evaluate_cfg
+    except (json.JSONDecodeError, ValueError) as err:
+        raise PyocoError(
+            f"--reevaluate: v{candidate} tag {V_EVAL_CONFIG} is unreadable ({_one_line(err)})"
+        ) from None
+    if cfg is None:
+        raise PyocoError(
+            f"--reevaluate: challenger v{candidate} records no evaluate settings ({V_EVAL_CONFIG}); pass --config"
+        )
+    package = resolve_model_uri(f"models:/{name}/{champion}", tracking_uri=tracking_uri)
+    results = run_evaluate(package, data, cfg.model_copy(update={"output": None}), log_to_mlflow=False)
+    got = results.get("eval_data_hash")
+    if got != h_cand:
+        raise PyocoError(
+            f"--reevaluate: the eval data at {data} now has hash {got}, but challenger v{candidate} was "
+            f"evaluated on {h_cand}; evaluate the challenger again"
+        )
+    values = _metrics_from(results, None)
+    for k, v in values.items():
+        client.set_model_version_tag(name, champion, f"{V_REEVAL}{h_cand}.{k}", repr(v))
+    return values
 
 
 def promote(
     name: str = DEFAULT_NAME,
     *,
-    metric: str = "val_loss",
-    mode: str = "min",
+    metric: str | None = None,
+    mode: str | None = None,
     min_improvement: float = 0.0,
     force: bool = False,
     version: str | int | None = None,
     refuse_raises: bool = True,
     tracking_uri: str | None = None,
+    evaluator: str | None = None,
+    reevaluate: bool = False,
+    evaluate_cfg=None,
     _use_lock: bool = True,
     _after_read: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Move ``champion`` to the challenger (or ``version``) when it beats the champion on ``metric``.
 
-    Returns {"promoted", "forced", "version", "champion_version", "previous_champion", "reason", ...}.
-    A refused promotion is recorded in the history; it raises PyocoError(exit 1) when ``refuse_raises``.
-    ``challenger`` stays where it is (on the new champion after a promotion), so a concurrent
-    ``register`` moving it is never undone. ``_use_lock`` / ``_after_read`` exist for the race test only
-    (run without the lock; a hook between reading the aliases and writing them).
+    ``metric`` None: the default gate (:func:`default_gate`: ``fvd`` when ``evaluator`` is set, else
+    ``val_loss``); ``mode`` None: ``min``. The challenger must win by more than ``max(min_improvement, its
+    CI half-width)``, on the same eval data as the champion's metric; ``reevaluate`` first evaluates the
+    champion on the challenger's eval data when they differ (see the module docstring).
+
+    Returns {"promoted", "forced", "version", "champion_version", "previous_champion", "reason", "gate",
+    ...}. A refused promotion is recorded in the history; it raises PyocoError(exit 1) when
+    ``refuse_raises``. ``challenger`` stays where it is (on the new champion after a promotion), so a
+    concurrent ``register`` moving it is never undone. ``_use_lock`` / ``_after_read`` exist for the race
+    test only (run without the lock; a hook between reading the aliases and writing them).
     """
+    gate_note = ""
+    if metric is None:
+        metric, default_mode, gate_note = default_gate(evaluator)
+        mode = mode or default_mode
+    mode = mode or "min"
     if mode not in ("min", "max"):
         raise PyocoError(f"--mode must be 'min' or 'max' (got {mode!r})")
     if not min_improvement >= 0:
         raise PyocoError(f"--min-improvement must be >= 0 (got {min_improvement})")
     client = _client(tracking_uri)
+    if reevaluate and not force:
+        # Outside the lock (an evaluation outlasts a lease); the transaction below re-reads everything and
+        # only uses the re-evaluation if the champion is still the version evaluated here.
+        st0 = read_state(client, name)
+        cand0 = str(version) if version is not None else st0.challenger
+        if cand0 is not None and st0.champion is not None and st0.champion != cand0:
+            cand_mv0, champ_mv0 = _version(client, name, cand0), _version(client, name, st0.champion)
+            _, refusal, _ = _champion_on_challenger_data(cand_mv0, champ_mv0, metric)
+            if refusal is not None:
+                reevaluate_champion(
+                    client, name, cand0, st0.champion, evaluate_cfg=evaluate_cfg, tracking_uri=tracking_uri
+                )
     with _transaction(client, name, use_lock=_use_lock) as txn:
         st = txn.state
         candidate = str(version) if version is not None else st.challenger
         if candidate is None:
             raise PyocoError(f"registered model {name!r} has no {CHALLENGER!r} alias; register a model first")
         mv = _version(client, name, candidate)
-        cand_value = version_metrics(mv).get(metric)
+        cand_metrics = version_metrics(mv)
+        cand_value = cand_metrics.get(metric)
+        ci_half = ci_half_width(cand_metrics, metric)
         champ = st.champion
-        champ_value = version_metrics(_version(client, name, champ)).get(metric) if champ else None
+        refusal, data_note, champ_value = None, "", None
+        if champ and champ != candidate:
+            champ_value, refusal, data_note = _champion_on_challenger_data(
+                mv, _version(client, name, champ), metric
+            )
+        elif champ:
+            champ_value = cand_value
         if _after_read is not None:
             _after_read()
         base = {
             "version": candidate,
             "metric": metric,
             "mode": mode,
+            "gate": gate_note or f"gate: {metric} ({mode})",
             "challenger_value": cand_value,
+            "challenger_ci_half_width": ci_half,
             "champion_value": champ_value,
+            "eval_data_hash": _tag(mv, V_EVAL_HASH),
             "previous_champion": champ,
         }
         if champ == candidate:
@@ -422,29 +592,25 @@ def promote(
                 "reason": f"v{candidate} is already {CHAMPION}",
                 "generation": st.generation,
             }
+        gate_args = dict(
+            metric=metric,
+            mode=mode,
+            min_improvement=min_improvement,
+            challenger_version=candidate,
+            champion_version=champ,
+            ci_half=ci_half,
+        )
         if champ is None:
             ok, reason = True, "no champion yet"
         elif force:
-            _, why = _gate(
-                cand_value,
-                champ_value,
-                metric=metric,
-                mode=mode,
-                min_improvement=min_improvement,
-                challenger_version=candidate,
-                champion_version=champ,
-            )
+            why = refusal or _gate(cand_value, champ_value, **gate_args)[1]
             ok, reason = True, f"forced ({why})"
+        elif refusal is not None:
+            ok, reason = False, refusal
         else:
-            ok, reason = _gate(
-                cand_value,
-                champ_value,
-                metric=metric,
-                mode=mode,
-                min_improvement=min_improvement,
-                challenger_version=candidate,
-                champion_version=champ,
-            )
+            ok, reason = _gate(cand_value, champ_value, **gate_args)
+            if data_note:
+                reason = f"{reason}; {data_note}"
         if not ok:
             event = txn.commit({**base, "action": "refuse", "reason": reason, "champion": champ})
             client.set_model_version_tag(
@@ -551,8 +717,8 @@ def describe(name: str = DEFAULT_NAME, *, tracking_uri: str | None = None) -> di
 
 
 # ------------------------------------------------------------------------------------------ registration
-def _metrics_from(metrics: dict | None, eval_file: str | Path | None) -> dict[str, float]:
-    """Flat {name: float} from an evaluate result (its "metrics" entry) or a plain dict, or a JSON file."""
+def _eval_payload(metrics: dict | None, eval_file: str | Path | None) -> Any:
+    """The evaluate result (or plain metrics dict) given directly or as a JSON file."""
     data: Any = metrics
     if eval_file is not None:
         p = Path(eval_file)
@@ -562,6 +728,39 @@ def _metrics_from(metrics: dict | None, eval_file: str | Path | None) -> dict[st
             data = json.loads(p.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{p}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    return data
+
+
+def _eval_lineage(data: Any, run_tags: dict) -> dict[str, str]:
+    """Which eval data (hash, URI) and settings an evaluate result was computed with, as version tags.
+
+    The hash comes from the result (``eval_data_hash``), else the manifest of its ``data`` folder, else the
+    run's ``pyoco.eval_data_hash`` tag (what ``evaluate --mlflow-run`` sets); ``unknown`` otherwise."""
+    from pipelines import tracking
+    from pyoco import clips, storage
+
+    data = data if isinstance(data, dict) else {}
+    uri = data.get("data") if isinstance(data.get("data"), str) else None
+    if uri and not storage.is_remote(uri) and Path(uri).exists():
+        uri = str(Path(uri).resolve())  # --reevaluate may run from another working folder
+    h = data.get("eval_data_hash")
+    if not h and uri:
+        with contextlib.suppress(Exception):
+            h = clips.eval_data_hash(uri)
+    h = h or run_tags.get(V_EVAL_HASH)
+    tags = {V_EVAL_HASH: str(h or UNKNOWN)}
+    if uri:
+        tags[V_EVAL_DATA] = tracking.redact_uri(uri)
+    if isinstance(data.get("evaluate_config"), dict):
+        text = json.dumps(data["evaluate_config"], sort_keys=True)
+        if len(text) <= 4900:  # MLflow's tag value limit is 5000 characters
+            tags[V_EVAL_CONFIG] = text
+    return tags
+
+
+def _metrics_from(metrics: dict | None, eval_file: str | Path | None) -> dict[str, float]:
+    """Flat {name: float} from an evaluate result (its "metrics" entry) or a plain dict, or a JSON file."""
+    data = _eval_payload(metrics, eval_file)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -697,6 +896,7 @@ def register_model(
     metrics: dict | None = None,
     eval_file: str | Path | None = None,
     manifest_hash: str | None = None,
+    eval_data_hash: str | None = None,
     config=None,
     tracking_uri: str | None = None,
     experiment: str | None = None,
@@ -710,6 +910,9 @@ def register_model(
     through it (its ``pyoco.model_dir`` tag or a package artifact). ``metrics`` is an evaluate result (or
     a flat dict); ``eval_file`` the JSON ``pyoco evaluate --out`` wrote; with neither, the run's ``eval.*``
     metrics (what ``pyoco evaluate --mlflow-run RUN_ID`` logged) are used.
+
+    The version is tagged with the eval data its metrics were computed on (``pyoco.eval_data_hash``, plus
+    the data URI and evaluate settings for ``promote --reevaluate``); ``eval_data_hash`` overrides it.
     """
     import mlflow
     import yaml
@@ -784,8 +987,11 @@ def register_model(
         "pyoco.git_revision_source": git_source,
         "pyoco.source": tracking.redact_uri(str(source)),
         "pyoco.text_encoder": json.dumps(info.text_encoder, sort_keys=True),
+        **_eval_lineage(_eval_payload(metrics, eval_file), run_tags if not created_run else {}),
         **{f"{V_METRIC}{k}": repr(v) for k, v in metric_values.items()},
     }
+    if eval_data_hash:
+        tags[V_EVAL_HASH] = eval_data_hash
 
     with tempfile.TemporaryDirectory(prefix="pyoco-register-") as tmp:
         cfg_file = Path(tmp) / "pyoco_config.yaml"
@@ -1048,19 +1254,57 @@ def register_cmd(
 @cli_errors
 def promote_cmd(
     name: str = NAME_OPT,
-    metric: str = typer.Option("val_loss", "--metric", help="Evaluation metric that gates promotion."),
-    mode: str = typer.Option("min", "--mode", help="min: lower is better; max: higher is better."),
-    min_improvement: float = typer.Option(
-        0.0, "--min-improvement", help="Required improvement, in the metric's units (strictly greater)."
+    metric: str | None = typer.Option(
+        None,
+        "--metric",
+        help="Evaluation metric that gates promotion (default: fvd with an evaluator configured, else val_loss).",
+    ),
+    mode: str | None = typer.Option(None, "--mode", help="min: lower is better (default); max: higher."),
+    min_improvement: float | None = typer.Option(
+        None,
+        "--min-improvement",
+        help="Required improvement in the metric's units (strictly greater; at least the challenger's CI "
+        "half-width).",
     ),
     force: bool = typer.Option(False, "--force", help="Promote even when the challenger is not better."),
     version: str | None = typer.Option(
         None, "--version", help="Promote this version instead of the challenger."
     ),
+    reevaluate: bool = typer.Option(
+        False,
+        "--reevaluate",
+        help="When the champion was evaluated on other eval data, evaluate it on the challenger's first.",
+    ),
+    evaluator: str | None = typer.Option(
+        None, "--evaluator", help="Evaluator path (as evaluate.evaluator): makes fvd the default gate."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="pyoco config: its promote: and evaluate: sections give the defaults."
+    ),
 ) -> None:
     """Make the challenger the champion if it beats the champion on the metric (exit 1 if refused)."""
+    evaluate_cfg = None
+    if config is not None:
+        from pyoco.config import load_config
+
+        cfg = load_config(config)
+        metric = metric or cfg.promote.metric
+        mode = mode or cfg.promote.mode
+        min_improvement = cfg.promote.min_improvement if min_improvement is None else min_improvement
+        evaluator = evaluator or cfg.evaluate.evaluator
+        evaluate_cfg = cfg.evaluate
+    if metric is None:  # on stdout: stderr stays the one-line error of a refusal
+        typer.echo(default_gate(evaluator)[2])
     result = promote(
-        name, metric=metric, mode=mode, min_improvement=min_improvement, force=force, version=version
+        name,
+        metric=metric,
+        mode=mode,
+        min_improvement=min_improvement or 0.0,
+        force=force,
+        version=version,
+        evaluator=evaluator,
+        reevaluate=reevaluate,
+        evaluate_cfg=evaluate_cfg,
     )
     if result["promoted"]:
         console.print(f"{name} v{result['version']} is now {CHAMPION}: {result['reason']}")

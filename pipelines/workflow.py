@@ -195,6 +195,9 @@ def _step_promote(cfg: PyocoConfig, outs: dict[str, dict]) -> dict[str, Any]:
         min_improvement=cfg.promote.min_improvement,
         force=False,
         refuse_raises=False,
+        evaluator=cfg.evaluate.evaluator,
+        reevaluate=cfg.promote.reevaluate,
+        evaluate_cfg=cfg.evaluate,
     )
     return result if isinstance(result, dict) else {"result": str(result)}
 

@@ -153,6 +153,27 @@ def _labels_text(value: Any) -> str | None:
     return json.dumps(value, sort_keys=True)
 
 
+# ---------------------------------------------------------------------------------------------- manifest
+def read_manifest(data_uri: str, *, storage_options=None) -> dict | None:
+    """``DATA/manifest.json`` as a dict; None when there is none (or it is not a JSON object)."""
+    from pyoco import storage
+
+    uri = storage.join(data_uri, "manifest.json")
+    try:
+        obj = json.loads(storage.read_bytes(uri, options=storage_options))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def eval_data_hash(data_uri: str, *, storage_options=None) -> str | None:
+    """The manifest's ``eval_data_hash`` (val clip ids + the config that shapes them); None without one.
+    Metrics carry it so that the registry never compares numbers computed on different clips."""
+    manifest = read_manifest(data_uri, storage_options=storage_options)
+    value = (manifest or {}).get("eval_data_hash")
+    return str(value) if value else None
+
+
 # -------------------------------------------------------------------------------------------------- read
 def clip_files(data_uri: str, split: str, *, storage_options=None) -> list[str]:
     """The ``DATA/clips/<split>/*.parquet`` files (URIs, sorted); a one-line DataError when there are none."""
@@ -167,7 +188,9 @@ def clip_files(data_uri: str, split: str, *, storage_options=None) -> list[str]:
         hint = (
             " (the val split can be empty on tiny data: see manifest.json warnings)" if split == "val" else ""
         )
-        raise DataError(f"{root}: no *.parquet clip files; expected a `pyoco preprocess` output folder{hint}")
+        raise DataError(
+            f"{root}: no clips/{split}/*.parquet files; expected a `pyoco preprocess` output{hint}"
+        )
     return files
 
 

@@ -212,9 +212,12 @@ class MlflowConfig(_Section):
 
 
 class PromoteConfig(_Section):
-    metric: str = "val_loss"
-    mode: Literal["min", "max"] = "min"
-    min_improvement: float = 0.0
+    # None: fvd when evaluate.evaluator is set, else val_loss (see pipelines.registry.default_gate)
+    metric: str | None = None
+    mode: Literal["min", "max"] | None = None  # None: min
+    min_improvement: float = Field(0.0, ge=0)  # the margin is max(this, the challenger's CI half-width)
+    # When the champion was evaluated on other eval data: evaluate it on the challenger's before comparing.
+    reevaluate: bool = False
 
 
 class RayConfig(_Section):

@@ -75,6 +75,7 @@ def make_clips_dir(
     pooled: bool = False,
     files: int = 2,
     seed: int = 0,
+    eval_data_hash: str | None = None,
 ) -> Path:
     """A preprocess-shaped output folder: clips/val/*.parquet (the held-out split evaluate reads) in the
     pyoco.clips format (labels included; a pooled variant keeps the old columns).
@@ -146,6 +147,10 @@ def make_clips_dir(
         part = rows[f * per_file : (f + 1) * per_file]
         if part:
             pq.write_table(pa.Table.from_pylist(part, schema=schema), clips / f"part-{f:05d}.parquet")
+    if eval_data_hash is not None:  # what preprocess records for these val clips
+        (out / "manifest.json").write_text(
+            json.dumps({"val_clips": num_clips, "eval_data_hash": eval_data_hash})
+        )
     return out
 
 

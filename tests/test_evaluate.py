@@ -128,7 +128,7 @@ def test_evaluate_cli_bad_inputs_are_one_line_errors(tmp_path, tiny_package):
         app, ["evaluate", "--checkpoint", str(tiny_package), "--data", str(tmp_path / "nope"), "--no-mlflow"]
     )
     assert res.exit_code == 2, res.output
-    assert "clips/val: no *.parquet" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "no clips/val/*.parquet" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = runner.invoke(
         app, ["evaluate", "--checkpoint", str(tmp_path / "nomodel"), "--data", str(tmp_path), "--no-mlflow"]
     )
