@@ -9,16 +9,34 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo demo-core bench clean services-up services-down
+.PHONY: install lock test lint demo demo-core bench clean services-up services-down
 
-$(VENV)/.pyoco-installed: pyproject.toml
+$(VENV)/.pyoco-installed: pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
+	# Exactly the locked set (hash-checked, no resolution); torch is the one above.
 	# --no-build-isolation: DeepSpeed ships as an sdist whose setup.py imports torch; an isolated build
 	# would fetch a second (CUDA) torch just to build it.
-	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation -e '.[dev]'
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation --no-deps --require-hashes -r requirements.lock
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PIP) check
 	@touch $@
+
+# Re-resolve requirements.lock from pyproject.toml's ranges (latest compatible releases, with hashes).
+# torch stays at TORCH_SPEC and, with its CUDA-only dependencies, out of the lock (see its header).
+LOCK_NO_EMIT := torch triton cuda-bindings cuda-pathfinder cuda-toolkit nvidia-cublas nvidia-cuda-cupti \
+	nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand \
+	nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-nccl-cu13 nvidia-nvjitlink \
+	nvidia-nvshmem-cu13 nvidia-nvtx
+lock: install
+	$(PIP) install -q uv
+	echo "$(TORCH_SPEC)" > $(VENV)/lock-constraints.txt
+	head -n 4 requirements.lock > $(VENV)/lock-header.txt
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --no-header --no-annotate \
+		-c $(VENV)/lock-constraints.txt --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+		$(addprefix --no-emit-package ,$(LOCK_NO_EMIT)) -o $(VENV)/lock-body.txt
+	cat $(VENV)/lock-header.txt $(VENV)/lock-body.txt > requirements.lock
 
 install: $(VENV)/.pyoco-installed
 

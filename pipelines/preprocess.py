@@ -991,6 +991,10 @@ def run_preprocess(
 
     started = time.monotonic()
     options = storage.StorageOptions.from_env(cfg.s3_endpoint_url)
+    # What Ray tasks get: endpoint and region only. Credentials would live in the task specs and in the
+    # serialized map functions (object store, which spills to disk); the workers read the AWS_* variables
+    # (or their instance role) from their own environment instead.
+    task_options = dataclasses.replace(options, key=None, secret=None, token=None)
     settings = StepSettings.from_config(cfg)
     settings.caption_filter()  # validate rules before starting anything
     plan = discover_inputs(cfg.input, cfg.format, settings, options)
@@ -1013,7 +1017,7 @@ def run_preprocess(
                 index_batch,
                 batch_size=1,
                 batch_format="pyarrow",
-                fn_kwargs={"settings": settings, "options": options},
+                fn_kwargs={"settings": settings, "options": task_options},
                 **light_args,
             )
         else:
@@ -1072,7 +1076,7 @@ def run_preprocess(
                     decode_batch,
                     batch_size=None,
                     batch_format="pyarrow",
-                    fn_kwargs={"settings": settings, "options": options},
+                    fn_kwargs={"settings": settings, "options": task_options},
                     **task_args,
                 )
                 .map_batches(
@@ -1095,7 +1099,7 @@ def run_preprocess(
                         "clips_uri": clips_uri,
                         "text_len": cfg.text_max_length,
                         "val_fraction": cfg.val_fraction,
-                        "options": options,
+                        "options": task_options,
                     },
                     **light_args,  # parquet + zstd of a few MB: a quarter CPU, so decode keeps its slots
                 )

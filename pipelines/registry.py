@@ -10,21 +10,32 @@ Every alias change goes through one registry transaction (``_transaction``):
 
     1. take the model's lock: a registered model named ``NAME.pyoco-lock``. Creating a registered model
        whose name exists fails atomically in every MLflow backend store (unique key), so exactly one
-       ``create_registered_model`` wins; the others poll with jittered back-off. The lock records its
-       holder and a lease expiry, and a holder that died is replaced once the lease is over.
+       ``create_registered_model`` wins; the others poll with jittered back-off. The winner confirms by
+       re-reading that the lock entity carries its owner id before it proceeds.
+       The lease is judged by the *tracking server's* clock only: it runs from the lock entity's
+       server-stamped ``last_updated_timestamp``, a heartbeat thread renews it (rewrites the description,
+       which the server re-stamps) every lease/3 while the transaction runs, and a waiter gets the
+       server's "now" by rewriting a probe entity (``NAME.pyoco-lock.clock``) and reading its stamp. A
+       skewed host clock therefore never breaks a live holder's lock. A lock whose holder died is broken
+       once the server says its lease is over: the breaker renames it to a unique name (atomic: one
+       breaker wins) and deletes it only if it is still the instance it saw expire, else renames it back.
     2. read the aliases and the generation counter (registered-model tag ``pyoco.generation``);
     3. decide (the promotion gate compares against the champion *as read under the lock*);
-    4. write the aliases, the history event (tag ``pyoco.history.NNNNNN``) and generation + 1;
-    5. re-read and verify generation and aliases are exactly what this transaction wrote, which turns a
-       broken lock or a non-pyoco client moving aliases into a loud error instead of a silent mix-up;
-    6. release the lock (only if this holder still owns it).
+    4. write the history event under its own key ``pyoco.history.GGGGGG.NONCE``, the aliases and
+       generation + 1;
+    5. re-read and verify: this event's nonce is there, no other event claims this generation, the
+       generation and aliases are exactly what this transaction wrote, and the lock is still ours. A broken
+       lock, a stalled holder or a non-pyoco client moving aliases is a loud RegistryConflict, and since
+       every event has its own key, no writer's event can be lost, even without the lock;
+    6. release the lock (only the instance this holder owns; same rename-then-inspect as a break).
 
 Without the lock two racing promotions both read "champion = v1", both pass the gate against v1, and the
 last writer wins: a worse version can end up champion and the history loses a step. MLflow's own alias
 upsert is not safe under concurrency either (concurrent ``set_registered_model_alias`` calls on a sqlite
 backend can fail with a UNIQUE-constraint error). tests/test_registry_race.py runs the same four-way race
 with and without the lock: with it the history is a linear chain and the best version is champion;
-without it three of four history entries are lost.
+without it all four decisions claim generation 1: every event is still on record, and the writers that see
+the collision fail loudly.
 
 Promotion records the previous champion on the new champion's version tags (``pyoco.previous_champion``),
 so rollback restores it; rolling back again walks further back the same way.
@@ -94,11 +105,14 @@ V_REEVAL = "pyoco.reeval."  # pyoco.reeval.<eval_data_hash>.<metric>: the versio
 UNKNOWN = "unknown"
 # lock tags
 L_OWNER = "pyoco.lock.owner"
-L_EXPIRES = "pyoco.lock.expires_at"
+L_LEASE_MS = "pyoco.lock.lease_ms"  # the lease, counted from the lock's server-stamped last update
 
 
 class RegistryConflict(PyocoError):
-    """The registry changed under a transaction that held the lock (lock broken, or a foreign client)."""
+    """The registry changed under a transaction that held the lock (lock broken, or a foreign client).
+    ``event`` is the history event this transaction wrote, when it got that far (with its nonce)."""
+
+    event: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ tracking
@@ -141,40 +155,82 @@ def _user() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the lock
+def _server_stamp_ms(rm) -> int:
+    """The server-written time of a registered model's last change (creation or description update), ms."""
+    return max(int(rm.creation_timestamp or 0), int(rm.last_updated_timestamp or 0))
+
+
 class RegistryLock:
-    """Mutual exclusion for one registered model's aliases, on any MLflow backend (see module docstring)."""
+    """Mutual exclusion for one registered model's aliases, on any MLflow backend (see module docstring).
+
+    Every time that matters is the *tracking server's*: the lock's lease runs from the server-stamped
+    ``last_updated_timestamp`` of the lock entity (renewed by a heartbeat thread that rewrites its
+    description, which the server re-stamps), and a waiter learns the server's "now" by touching a probe
+    entity (``NAME.pyoco-lock.clock``) and reading back the stamp. No host's wall clock is compared with
+    another's, so a skewed waiter cannot break a live holder's lease.
+    """
 
     def __init__(
         self,
         client,
         name: str,
         *,
-        lease_s: float = 120.0,
+        lease_s: float = 60.0,
         timeout_s: float = 120.0,
         poll_s: float = 0.05,
+        renew_every_s: float | None = None,
     ):
         self.client = client
         self.name = name
         self.lock_name = f"{name}{LOCK_SUFFIX}"
+        self.clock_name = f"{self.lock_name}.clock"
         self.lease_s = lease_s
         self.timeout_s = timeout_s
         self.poll_s = poll_s
+        # three renewals per lease: a holder must stall for 2/3 of it before a waiter may break the lock
+        self.renew_every_s = renew_every_s if renew_every_s is not None else max(lease_s / 3.0, 0.05)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}:{uuid.uuid4().hex[:8]}"
         self.held = False
+        self.lost: str | None = None  # why this holder no longer owns the lock (set by the heartbeat)
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
-    def _holder(self) -> tuple[str, float] | None:
+    # -- reading
+    def _read(self):
         try:
-            rm = self.client.get_registered_model(self.lock_name)
+            return self.client.get_registered_model(self.lock_name)
         except Exception as err:  # noqa: BLE001
             if _error_code(err) == "RESOURCE_DOES_NOT_EXIST":
                 return None
             raise
-        try:
-            expires = float(rm.tags.get(L_EXPIRES, "0"))
-        except ValueError:
-            expires = 0.0
-        return rm.tags.get(L_OWNER, "?"), expires
 
+    def _owner(self) -> str | None:
+        rm = self._read()
+        return (rm.tags or {}).get(L_OWNER) if rm is not None else None
+
+    @staticmethod
+    def _lease_ms(rm, default_s: float) -> float:
+        try:
+            return float((rm.tags or {}).get(L_LEASE_MS, default_s * 1000.0))
+        except ValueError:
+            return default_s * 1000.0
+
+    def _server_now_ms(self) -> int:
+        """The tracking server's current time: rewrite the probe entity and read back its server stamp."""
+        text = f"pyoco clock probe for {self.lock_name!r} (safe to delete): {uuid.uuid4().hex}"
+        try:
+            rm = self.client.update_registered_model(self.clock_name, description=text)
+        except Exception as err:  # noqa: BLE001
+            if _error_code(err) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            with contextlib.suppress(Exception):  # a concurrent waiter may create it first
+                self.client.create_registered_model(self.clock_name, description=text)
+            rm = self.client.update_registered_model(self.clock_name, description=text)
+        if rm is None or not getattr(rm, "last_updated_timestamp", None):  # stores that return nothing
+            rm = self.client.get_registered_model(self.clock_name)
+        return int(rm.last_updated_timestamp)
+
+    # -- acquiring
     def acquire(self) -> RegistryLock:
         deadline = time.monotonic() + self.timeout_s
         delay = self.poll_s
@@ -182,49 +238,132 @@ class RegistryLock:
             try:
                 self.client.create_registered_model(
                     self.lock_name,
-                    tags={L_OWNER: self.owner, L_EXPIRES: f"{time.time() + self.lease_s:.3f}"},
-                    description=(
-                        f"pyoco lock for alias changes of {self.name!r}; deleted by its holder when done. "
-                        "Safe to delete by hand if no promote/register/rollback is running."
-                    ),
+                    tags={L_OWNER: self.owner, L_LEASE_MS: f"{self.lease_s * 1000.0:.0f}"},
+                    description=self._description(0),
                 )
-                self.held = True
-                return self
+                created = True
             except Exception as err:  # noqa: BLE001
                 if _error_code(err) != "RESOURCE_ALREADY_EXISTS":
                     raise
-            holder = self._holder()
-            if holder is not None:
-                owner, expires = holder
-                if owner == self.owner:  # our create succeeded but its response was lost and retried
-                    self.held = True
-                    return self
-                if expires < time.time():
-                    self._break(owner)
+                created = False
+            rm = self._read()
+            owner = (rm.tags or {}).get(L_OWNER, "?") if rm is not None else None
+            # Ownership is what the server holds after the create, not the create's return value: our
+            # create may have succeeded with a lost response (then it is ours), or a breaker may already
+            # have moved it aside (then it is not, whatever the create said).
+            if owner == self.owner:
+                self._start()
+                return self
+            if rm is not None and not created:
+                age_ms = self._server_now_ms() - _server_stamp_ms(rm)
+                if age_ms > self._lease_ms(rm, self.lease_s):
+                    self._remove(owner, seen_description=rm.description, expired_by_ms=age_ms)
                     continue
             if time.monotonic() > deadline:
-                who = holder[0] if holder else "?"
                 raise PyocoError(
-                    f"registered model {self.name!r} is locked by {who} (another register/promote/rollback); "
-                    f"try again, or delete the registered model {self.lock_name!r} if that process died"
+                    f"registered model {self.name!r} is locked by {owner or '?'} (another register/promote/"
+                    f"rollback); try again, or delete the registered model {self.lock_name!r} if that "
+                    "process died"
                 )
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 1.5, 1.0)
 
-    def _break(self, stale_owner: str) -> None:
-        """Delete a lock whose lease ran out, if it still belongs to the owner we saw expire."""
-        holder = self._holder()
-        if holder is not None and holder[0] == stale_owner and holder[1] < time.time():
+    def _description(self, beat: int) -> str:
+        return (
+            f"pyoco lock for alias changes of {self.name!r}, held by {self.owner} (renewal {beat}); deleted "
+            "by its holder when done. Safe to delete by hand if no promote/register/rollback is running."
+        )
+
+    def _remove(
+        self,
+        expected_owner: str | None,
+        *,
+        seen_description: str | None = None,
+        expired_by_ms: float | None = None,
+    ) -> bool:
+        """Delete the lock if, and only if, it is ``expected_owner``'s and, for a break, not renewed since
+        it was seen expired (a renewal rewrites the description).
+
+        Check-then-delete by name could delete a lock someone else took in between. Instead the lock is
+        first renamed to a unique name, which is atomic (only one renamer gets it); what was taken is then
+        inspected: the expected instance is deleted, anything else is renamed back untouched."""
+        aside = f"{self.lock_name}.removing-{uuid.uuid4().hex[:12]}"
+        try:
+            self.client.rename_registered_model(self.lock_name, aside)
+        except Exception as err:  # noqa: BLE001
+            if _error_code(err) in ("RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS"):
+                return False  # gone already, or another breaker got it first
+            raise
+        rm = self.client.get_registered_model(aside)
+        ok = (rm.tags or {}).get(L_OWNER) == expected_owner
+        if ok and expired_by_ms is not None:
+            # The rename re-stamps last_updated, so judge by what was seen: same renewal, and expired.
+            ok = rm.description == seen_description and expired_by_ms > self._lease_ms(rm, self.lease_s)
+        if ok:
             with contextlib.suppress(Exception):
-                self.client.delete_registered_model(self.lock_name)
+                self.client.delete_registered_model(aside)
+            return True
+        try:
+            self.client.rename_registered_model(aside, self.lock_name)
+        except Exception:  # noqa: BLE001
+            # a new lock exists already: the holder we displaced finds its lock gone and fails loudly
+            with contextlib.suppress(Exception):
+                self.client.delete_registered_model(aside)
+        return False
+
+    # -- holding
+    def _start(self) -> None:
+        self.held = True
+        self.lost = None
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, name=f"pyoco-lock-{self.name}", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        """Renew the lease (the server re-stamps the lock on every description update) while it is ours."""
+        beat = 0
+        last_ok = time.monotonic()
+        while not self._stop.wait(self.renew_every_s):
+            beat += 1
+            try:
+                owner = self._owner()
+                if owner != self.owner:
+                    time.sleep(0.2)  # a mistaken breaker puts a lock it took by error back at once
+                    owner = self._owner()
+                if owner != self.owner:
+                    self.lost = f"the lock is now held by {owner}" if owner else "the lock was removed"
+                    return
+                self.client.update_registered_model(self.lock_name, description=self._description(beat))
+                last_ok = time.monotonic()
+            except Exception as err:  # noqa: BLE001 (a transient server error: retry until the lease is over)
+                if time.monotonic() - last_ok > self.lease_s:
+                    self.lost = f"could not renew the lease for {self.lease_s:g}s ({_one_line(err, 120)})"
+                    return
+
+    def check(self) -> None:
+        """Raise RegistryConflict unless this holder still owns the lock (per the heartbeat and the server)."""
+        if not self.held:
+            raise RegistryConflict(f"the lock of registered model {self.name!r} is not held")
+        reason = self.lost
+        if reason is None:
+            owner = self._owner()
+            if owner != self.owner:
+                reason = f"the lock is now held by {owner}" if owner else "the lock was removed"
+        if reason is not None:
+            raise RegistryConflict(
+                f"lost the lock of registered model {self.name!r} during the update ({reason}); "
+                "check `pyoco registry history` before retrying"
+            )
 
     def release(self) -> None:
         if not self.held:
             return
         self.held = False
-        holder = self._holder()
-        if holder is not None and holder[0] == self.owner:
-            self.client.delete_registered_model(self.lock_name)
+        self._stop.set()
+        if self._beat is not None and self._beat is not threading.current_thread():
+            self._beat.join(timeout=30)
+        if self._owner() == self.owner:  # a holder whose lock was broken leaves the new holder's alone
+            self._remove(self.owner)
 
     def __enter__(self) -> RegistryLock:
         return self.acquire()
@@ -255,6 +394,25 @@ class RegistryState:
     def challenger(self) -> str | None:
         return self.aliases.get(CHALLENGER)
 
+    def events(self) -> list[dict[str, Any]]:
+        """Every history event, oldest first. Keys are ``pyoco.history.GGGGGG.NONCE`` (one tag per event,
+        so two writers of one generation can never overwrite each other) or, before nonces,
+        ``pyoco.history.GGGGGG``."""
+        out = []
+        for key, value in self.tags.items():
+            if not key.startswith(T_HISTORY):
+                continue
+            gen_text, _, nonce = key[len(T_HISTORY) :].partition(".")
+            try:
+                event = json.loads(value)
+            except json.JSONDecodeError:
+                event = {"generation": int(gen_text) if gen_text.isdigit() else 0, "action": "unreadable"}
+                event["raw"] = value
+            if nonce:
+                event.setdefault("nonce", nonce)
+            out.append(event)
+        return sorted(out, key=lambda e: (int(e.get("generation", 0)), str(e.get("time", ""))))
+
 
 def _get_registered_model(client, name: str):
     try:
@@ -275,6 +433,7 @@ class _Txn:
     client: Any
     name: str
     state: RegistryState
+    lock: RegistryLock | None = None
     events: list[dict] = field(default_factory=list)
 
     def commit(
@@ -284,19 +443,35 @@ class _Txn:
         set_aliases: dict[str, str] | None = None,
         delete_aliases: tuple[str, ...] = (),
     ) -> dict[str, Any]:
-        """Write alias changes, the history event and generation + 1, then verify by re-reading."""
+        """Write alias changes, the history event and generation + 1, then verify by re-reading.
+
+        The event carries a nonce and is stored under its own key, so no writer can overwrite another's
+        event; the re-read must find this nonce, and no other event at this generation (a second writer
+        that computed the same generation means the lock was broken or bypassed: RegistryConflict)."""
+        if self.lock is not None:
+            self.lock.check()
         set_aliases = dict(set_aliases or {})
         gen = self.state.generation + 1
-        event = {"generation": gen, "time": _now(), "user": _user(), **event}
-        for alias, version in set_aliases.items():
-            self.client.set_registered_model_alias(self.name, alias, str(version))
-        for alias in delete_aliases:
-            if alias in self.state.aliases and alias not in set_aliases:
-                self.client.delete_registered_model_alias(self.name, alias)
+        nonce = uuid.uuid4().hex
+        event = {"generation": gen, "time": _now(), "user": _user(), **event, "nonce": nonce}
+        # the event first: whatever happens to the alias writes below, the decision is on record
         self.client.set_registered_model_tag(
-            self.name, f"{T_HISTORY}{gen:06d}", json.dumps(event, sort_keys=True)
+            self.name, f"{T_HISTORY}{gen:06d}.{nonce}", json.dumps(event, sort_keys=True)
         )
-        self.client.set_registered_model_tag(self.name, T_GENERATION, str(gen))
+        try:
+            for alias, version in set_aliases.items():
+                self.client.set_registered_model_alias(self.name, alias, str(version))
+            for alias in delete_aliases:
+                if alias in self.state.aliases and alias not in set_aliases:
+                    self.client.delete_registered_model_alias(self.name, alias)
+            self.client.set_registered_model_tag(self.name, T_GENERATION, str(gen))
+        except Exception as err:  # noqa: BLE001 (e.g. the server's UNIQUE constraint on a concurrent upsert)
+            conflict = RegistryConflict(
+                f"registered model {self.name!r}: update g{gen} failed halfway ({_one_line(err, 200)}); "
+                f"its event (nonce {nonce}) is in the history; check `pyoco registry history` and the aliases"
+            )
+            conflict.event = event
+            raise conflict from None
 
         expected = {a: v for a, v in self.state.aliases.items() if a in (CHAMPION, CHALLENGER)}
         expected.update({a: str(v) for a, v in set_aliases.items()})
@@ -305,12 +480,33 @@ class _Txn:
                 expected.pop(alias, None)
         after = read_state(self.client, self.name)
         seen = {a: v for a, v in after.aliases.items() if a in (CHAMPION, CHALLENGER)}
+        same_gen = [e for e in after.events() if int(e.get("generation", 0)) == gen]
+        mine = [e for e in same_gen if e.get("nonce") == nonce]
+        others = [e for e in same_gen if e.get("nonce") != nonce]
+        problems = []
+        if not mine:
+            problems.append(f"its history event (nonce {nonce}) is missing")
+        if others:
+            problems.append(
+                "another writer recorded generation "
+                + f"{gen} too ("
+                + ", ".join(f"{e.get('action')} v{e.get('version')} nonce {e.get('nonce')}" for e in others)
+                + ")"
+            )
         if after.generation != gen or seen != expected:
-            raise RegistryConflict(
-                f"registered model {self.name!r} changed during this update (expected generation {gen} "
-                f"and aliases {expected}, found generation {after.generation} and {seen}); "
+            problems.append(
+                f"expected generation {gen} and aliases {expected}, found generation {after.generation} "
+                f"and {seen}"
+            )
+        if problems:
+            err = RegistryConflict(
+                f"registered model {self.name!r} changed during this update: {'; '.join(problems)}; "
                 "check `pyoco registry history` and fix the aliases by hand"
             )
+            err.event = event
+            raise err
+        if self.lock is not None:
+            self.lock.check()  # lost while writing: the writes above may interleave with another holder's
         self.state = after
         self.events.append(event)
         return event
@@ -325,7 +521,7 @@ def _transaction(
     if lock is not None:
         lock.acquire()
     try:
-        yield _Txn(client, name, read_state(client, name))
+        yield _Txn(client, name, read_state(client, name), lock)
     finally:
         if lock is not None:
             lock.release()
@@ -681,17 +877,7 @@ def rollback(name: str = DEFAULT_NAME, *, tracking_uri: str | None = None) -> di
 
 def history(name: str = DEFAULT_NAME, *, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """The registry events of ``name`` (register, promote, force-promote, refuse, rollback), oldest first."""
-    state = read_state(_client(tracking_uri), name)
-    events = []
-    for key, value in state.tags.items():
-        if key.startswith(T_HISTORY):
-            try:
-                events.append(json.loads(value))
-            except json.JSONDecodeError:
-                events.append(
-                    {"generation": int(key[len(T_HISTORY) :]), "action": "unreadable", "raw": value}
-                )
-    return sorted(events, key=lambda e: int(e.get("generation", 0)))
+    return read_state(_client(tracking_uri), name).events()
 
 
 def describe(name: str = DEFAULT_NAME, *, tracking_uri: str | None = None) -> dict[str, Any]:

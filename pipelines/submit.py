@@ -10,7 +10,8 @@ What the job carries (``runtime_env``):
   ``python -m pipelines.cli run --config PATH``: ``-m`` imports the shipped code, not whatever version
   happens to be installed on the nodes (the nodes provide the dependencies).
 - ``env_vars``, by value, only settings that are not secret: ``MLFLOW_TRACKING_URI`` (refused when it
-  embeds ``user:password@``), ``AWS_ENDPOINT_URL[_S3]``, ``AWS_DEFAULT_REGION``/``AWS_REGION``. They
+  embeds ``user[:password]@``, as is any forwarded URI; the config itself refuses such URIs at load),
+  ``AWS_ENDPOINT_URL[_S3]``, ``AWS_DEFAULT_REGION``/``AWS_REGION``. They
   are used as given on the nodes, so they must be addresses the cluster can reach. ``AWS_PROFILE`` is not
   forwarded: a profile of this machine rarely exists on the nodes, and boto fails on a missing one.
 - Credentials by *reference*: for each credential variable set in the submitting shell
@@ -53,7 +54,8 @@ from urllib.parse import urlsplit
 import typer
 
 from pipelines.common import PyocoError, cli_errors, console
-from pyoco.config import PyocoConfig, load_config
+from pipelines.tracking import redact_uri
+from pyoco.config import URI_USERINFO, PyocoConfig, load_config
 
 FORWARD_BY_VALUE = (
     "MLFLOW_TRACKING_URI",
@@ -256,10 +258,15 @@ def job_env_vars(environ: dict[str, str] | None = None) -> tuple[dict[str, str],
         value = env.get(name)
         if not value:
             continue
-        if "://" in value and urlsplit(value).password is not None:
+        if "://" in value and (urlsplit(value).username is not None or URI_USERINFO.search(value)):
+            # a user name alone is often a token (https://TOKEN@host), so any userinfo is refused
+            what = (
+                "a password (user:password@host)" if urlsplit(value).password else "credentials (user@host)"
+            )
             raise PyocoError(
-                f"{name} embeds a password (user:password@host); put credentials in "
-                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which are passed by reference"
+                f"{name} embeds {what}; put them in "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN, AWS_*), "
+                "which are passed by reference"
             )
         out[name] = value
     refs = [name for name in FORWARD_BY_REFERENCE if env.get(name)]
@@ -438,21 +445,22 @@ def submit_workflow(
             metadata=metadata,
             submission_id=submission_id or default_submission_id(cfg),
         )
+    shown = redact_uri(address)  # the dashboard address may carry userinfo; the console never shows it
     console.print(
-        f"submitted [bold]{job_id}[/] to {address} ({package.files} files, {package.size_bytes / 2**20:.1f} MiB;"
+        f"submitted [bold]{job_id}[/] to {shown} ({package.files} files, {package.size_bytes / 2**20:.1f} MiB;"
         f" credentials: {metadata['pyoco.credentials']})",
         soft_wrap=True,
     )
     print(job_id, file=out, flush=True)
     if not wait:
-        console.print(f"follow it with: ray job logs --follow {job_id} --address {address}", soft_wrap=True)
+        console.print(f"follow it with: ray job logs --follow {job_id} --address {shown}", soft_wrap=True)
         return 0
     t0 = time.monotonic()
     try:
         info = follow(client, job_id, out=out)
     except KeyboardInterrupt:
         console.print(
-            f"stopped following; the job keeps running (ray job stop {job_id} --address {address})",
+            f"stopped following; the job keeps running (ray job stop {job_id} --address {shown})",
             soft_wrap=True,
         )
         return 130

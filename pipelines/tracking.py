@@ -13,7 +13,9 @@ written from the driver and from a Ray worker on another process or node.
 Secrets never reach MLflow through here: params are the flattened config with secret-looking keys replaced by
 ``***`` (:func:`pyoco.config.redact`), the config artifact is the same redacted data, and tag/param values that
 contain the value of a secret environment variable (``AWS_SECRET_ACCESS_KEY``, ``MLFLOW_TRACKING_PASSWORD``, ...)
-are masked as a last line of defence. :func:`redact_uri` strips ``user:password@`` from URIs.
+are masked as a last line of defence. :func:`redact_uri` masks ``user:password@`` and credential query values in URIs, and :func:`scrub` applies it to
+every param, tag and text artifact, so a URI that bypassed config validation (which refuses credentials in
+URIs) is still masked.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from pyoco.config import flatten, is_secret_key, redact
+from pyoco.config import URI_USERINFO, flatten, is_secret_key, redact
 
 DEFAULT_DB = "mlflow.db"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
@@ -72,9 +74,19 @@ def resolve_tracking_uri(explicit: str | None = None, *, cwd: str | os.PathLike 
     return "sqlite:///" + str((Path(cwd or os.getcwd()) / DEFAULT_DB).resolve())
 
 
+# query parameters that carry credentials (S3 presigned URLs, token-in-URL APIs)
+_SECRET_QUERY = re.compile(
+    r"([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|access_token|"
+    r"api_key|apikey|password|secret|key)=)[^&#\s'\"<>]+",
+    re.IGNORECASE,
+)
+
+
 def redact_uri(uri: str) -> str:
-    """``https://user:pw@host/x`` -> ``https://***@host/x``."""
-    return re.sub(r"(://)[^/@]+@", r"\1***@", str(uri))
+    """Every URI in ``uri`` (one URI, or any text) with its userinfo and credential query values masked:
+    ``https://user:pw@host/x`` -> ``https://***@host/x``, ``s3://key:secret@bucket`` -> ``s3://***@bucket``,
+    ``...?X-Amz-Signature=abc`` -> ``...?X-Amz-Signature=***``."""
+    return _SECRET_QUERY.sub(r"\1***", URI_USERINFO.sub(r"\1***@", str(uri)))
 
 
 def client(tracking_uri: str):
@@ -102,10 +114,12 @@ def _secret_values() -> list[str]:
 
 
 def scrub(text: str) -> str:
-    """``text`` with the value of every secret environment variable replaced by ``***``."""
+    """``text`` with the value of every secret environment variable replaced by ``***``, and every URI's
+    credentials masked (:func:`redact_uri`): the last line of defence for whatever bypassed config
+    validation (a tracking URI from the environment, a config built in code, a step's outputs)."""
     for v in _secret_values():
         text = text.replace(v, "***")
-    return text
+    return redact_uri(text)
 
 
 # ------------------------------------------------------------------------------------------------- facts

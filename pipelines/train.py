@@ -58,34 +58,56 @@ TRAIN_STATE = "train_state.json"
 MLFLOW_RUN_FILE = "pyoco_mlflow_run.json"
 FAULT_MARKER = "pyoco_fault_injected_at_step_{step}"
 WARMUP_STEPS_EXCLUDED = 2  # first steps of an attempt left out of the step-time median
-# Environment variables a worker needs to reach S3 and MLflow. They travel inside the (pickled) train-loop config,
-# not Ray's runtime_env, whose contents Ray writes to its own logs.
+# Environment variables a worker needs to reach S3 and MLflow, in two kinds. Settings travel by value in the
+# (pickled) train-loop config, not Ray's runtime_env, whose contents Ray writes to its own logs.
+# Credentials travel by *name* only: task and actor arguments live in Ray's control plane and object store
+# (which spills to disk), so a worker reads their values from its own environment (an embedded Ray's
+# workers inherit this process's; cluster nodes get them from their setup: infra/local, an instance
+# role, a Kubernetes Secret, or the ``${NAME}`` references `pyoco submit` puts in the job's env_vars).
 FORWARDED_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_TRACKING_INSECURE_TLS",
     "MLFLOW_S3_ENDPOINT_URL",
     "HF_HUB_OFFLINE",
     "TRANSFORMERS_OFFLINE",
     "PYOCO_CACHE",
 )
+CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
 
 
 class SecretEnv(dict):
-    """Environment values shipped to workers; never printed."""
+    """Environment values shipped to workers (settings only, see FORWARDED_ENV); repr shows names only."""
 
     def __repr__(self) -> str:
         return f"SecretEnv({sorted(self)})"
 
     __str__ = __repr__
+
+
+def worker_env(environ: dict[str, str] | None = None) -> tuple[SecretEnv, tuple[str, ...]]:
+    """(settings to ship by value, names of the credentials set here that the workers must have)."""
+    env = os.environ if environ is None else environ
+    values = SecretEnv({k: env[k] for k in FORWARDED_ENV if env.get(k)})
+    return values, tuple(k for k in CREDENTIAL_ENV if env.get(k))
+
+
+def apply_worker_env(env: dict[str, str], credential_names: tuple[str, ...]) -> list[str]:
+    """On a worker: set the shipped settings (without overriding the node's own), and return the names
+    of credentials the driver had but this worker's environment lacks (a warning, not an error: the
+    node may serve S3 by an instance role)."""
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    return [k for k in credential_names if not os.environ.get(k)]
 
 
 # =============================================================================================== resolution
@@ -204,14 +226,20 @@ class WorkerPlan:
     sample_cond: Any  # np.ndarray (P, L, D)
     sample_mask: Any  # np.ndarray (P, L) bool
     fault_marker: str | None
-    env: SecretEnv
+    env: SecretEnv  # settings only (FORWARDED_ENV); never a credential
+    credential_names: tuple[str, ...] = ()  # CREDENTIAL_ENV set on the driver: names, never values
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: one call per worker (and again after each restart)."""
     plan = WorkerPlan(**config)
-    for k, v in plan.env.items():
-        os.environ.setdefault(k, v)
+    missing = apply_worker_env(plan.env, tuple(plan.credential_names))
+    if missing:
+        print(
+            f"pyoco: {', '.join(missing)} set on the driver but not in this Ray worker's environment; "
+            "credentials are never shipped in task arguments, so give them to the nodes (or use a role)",
+            flush=True,
+        )
     Trainer(plan).fit()
 
 
@@ -769,14 +797,16 @@ def _check_cpus(t: TrainConfig, embedded: bool) -> None:
 
 def _arrow_fs(uri: str):
     """(pyarrow filesystem, path) for Ray Data / Ray Train storage; s3 goes through pyoco.storage's s3fs
-    (endpoint and credentials from the AWS environment)."""
+    (endpoint and region from the AWS environment). The filesystem is pickled into Ray's read tasks and
+    the trainer's run config, so it carries no credentials: each process's boto chain finds its own."""
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    from pyoco.storage import filesystem, is_remote
+    from pyoco.storage import StorageOptions, filesystem, is_remote
 
     if not is_remote(uri):
         return None, _abs(uri.removeprefix("file://"))
-    fs, path = filesystem(uri)
+    opts = dataclasses.replace(StorageOptions.from_env(), key=None, secret=None, token=None)
+    fs, path = filesystem(uri, options=opts)
     return PyFileSystem(FSSpecHandler(fs)), path
 
 
@@ -916,6 +946,7 @@ def run_train(cfg: PyocoConfig, *, image_pretrain: bool = False) -> dict:
 
         dataset = _clips_dataset(t, geometry)
         store_fs, store_path = _arrow_fs(t.storage_path)
+        forwarded, credential_names = worker_env()
         plan = WorkerPlan(
             config=cfg.model_dump(mode="json"),
             geometry=geometry.to_dict(),
@@ -931,7 +962,8 @@ def run_train(cfg: PyocoConfig, *, image_pretrain: bool = False) -> dict:
             fault_marker=_join(t.storage_path, t.run_name, FAULT_MARKER.format(step=t.fail_at_step))
             if t.fail_at_step
             else None,
-            env=SecretEnv({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}),
+            env=forwarded,
+            credential_names=credential_names,
         )
         trainer = TorchTrainer(
             train_loop_per_worker,

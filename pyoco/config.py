@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -287,12 +288,42 @@ def set_dotted(data: dict, dotted: str, value: Any) -> None:
     cur[keys[-1]] = value
 
 
+# ``scheme://userinfo@``: credentials (or a token posing as a user name) inside a URI.
+URI_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@'\"<>]+@")
+
+
+def _credential_uri_fields(data: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the string values (in nested dicts and lists) that embed ``user[:password]@``."""
+    if isinstance(data, dict):
+        return [
+            f
+            for k, v in data.items()
+            for f in _credential_uri_fields(v, f"{prefix}.{k}" if prefix else str(k))
+        ]
+    if isinstance(data, list | tuple):
+        return [f for i, v in enumerate(data) for f in _credential_uri_fields(v, f"{prefix}[{i}]")]
+    return [prefix or "<root>"] if isinstance(data, str) and URI_USERINFO.search(data) else []
+
+
+def check_no_credential_uris(data: Any, source: str = "<config>") -> None:
+    """Refuse a config whose URIs carry credentials: they would end up in MLflow params, the resolved-config
+    artifact, job packages and logs. The value is never echoed."""
+    found = _credential_uri_fields(data)
+    if found:
+        raise ConfigError(
+            f"{source}: {', '.join(found)}: URI embeds credentials (user[:password]@host); remove them and "
+            "set them in the environment instead (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or "
+            "MLFLOW_TRACKING_TOKEN for MLflow, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3://)"
+        )
+
+
 def parse_config(data: dict | None, *, source: str = "<config>", model: type[BaseModel] = PyocoConfig):
     """Validate a dict into ``model``; raise ConfigError naming the source and field."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping (got {type(data).__name__})")
+    check_no_credential_uris(data, source)
     try:
         return model.model_validate(data)
     except ValidationError as err:

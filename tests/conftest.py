@@ -181,17 +181,32 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """An embedded single-node Ray for unit tests (2 CPUs plus the `preprocess` resource)."""
+    """An embedded single-node Ray for unit tests (2 CPUs plus the `preprocess` resource).
+
+    Credentials never travel in task arguments: workers read them from their own environment, which an
+    embedded Ray's workers inherit from this process *when Ray starts*. The session may start Ray before
+    the moto fixture sets the AWS variables, so Ray starts with moto's test credentials in its
+    environment, as a cluster's nodes would have theirs (the endpoint is a setting and is shipped)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            resources={"preprocess": 2},
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        creds = {"AWS_ACCESS_KEY_ID": TEST_AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": TEST_AWS_SECRET}
+        before = {k: os.environ.get(k) for k in creds}
+        os.environ.update(creds)
+        try:
+            ray.init(
+                num_cpus=2,
+                resources={"preprocess": 2},
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     yield ray
     ray.shutdown()
 

@@ -6,8 +6,14 @@ tests exercise the alias/lock logic without logging models.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+import types
 
 import pytest
 
@@ -85,12 +91,13 @@ def test_concurrent_promotions_with_lock_serialise_and_keep_history_consistent(t
     assert client.search_registered_models(f"name = '{model_name}{registry.LOCK_SUFFIX}'") == []
 
 
-def test_without_the_lock_the_same_race_loses_updates(tracking_env, model_name):
+def test_without_the_lock_the_same_race_loses_no_event_and_fails_loudly(tracking_env, model_name):
     """Control: the identical race with the lock switched off. All four threads read generation 0 and no
     champion before anyone writes (a barrier between read and write makes that deterministic), so all four
-    decide against "no champion", write history generation 1 over each other, and only one event survives.
-    Threads whose write was overwritten get a RegistryConflict from the re-read verification (or, when
-    the server's own alias upsert collides, an MLflow error): never a silent success with a wrong state."""
+    decide against "no champion" and claim history generation 1. Every event has its own nonce key, so all
+    four decisions stay on record; of any two writers at least one sees the other's event on re-read, so at
+    most one returns normally and the rest get a RegistryConflict (or, when the server's own alias upsert
+    collides, an MLflow error): never a silent success with a lost event."""
     from mlflow.exceptions import MlflowException
 
     client = registry._client()
@@ -98,29 +105,166 @@ def test_without_the_lock_the_same_race_loses_updates(tracking_env, model_name):
     all_read = threading.Barrier(len(versions))
     results, errors = _race(model_name, versions, use_lock=False, after_read=all_read.wait)
     assert len(results) + len(errors) == 4
-    events = registry.history(model_name)
-    assert len(events) == 1  # four promotion decisions, one history entry survived
-    assert registry.read_state(client, model_name).generation == 1
+    assert len(results) <= 1, results
     assert all(r["reason"] == "no champion yet" for r in results)
     assert all(isinstance(e, registry.RegistryConflict | MlflowException) for e in errors), errors
+    events = registry.history(model_name)
+    assert sorted(e["version"] for e in events) == sorted(versions)  # four decisions, four events
+    assert {e["generation"] for e in events} == {1}
+    assert len({e["nonce"] for e in events}) == 4
+    conflicts = [e for e in errors if isinstance(e, registry.RegistryConflict)]
+    assert {c.event["nonce"] for c in conflicts} <= {e["nonce"] for e in events}
 
 
-def test_lock_waits_for_a_live_holder_and_replaces_an_expired_one(tracking_env, model_name):
+def test_two_writers_of_one_generation_never_lose_an_event(tracking_env, model_name):
+    """Two transactions that both read generation 0 (the lock bypassed, as a broken lock or a stalled
+    holder would) and both commit an event that moves no alias: before nonces they wrote the same history
+    key and the same aliases, both re-reads matched, and one event vanished without an error."""
+    client = registry._client()
+    client.create_registered_model(model_name)
+    both_read = threading.Barrier(2)
+    done: dict[str, dict] = {}
+    failed: dict[str, registry.RegistryConflict] = {}
+
+    def writer(tag: str) -> None:
+        with registry._transaction(client, model_name, use_lock=False) as txn:
+            both_read.wait()
+            try:
+                done[tag] = txn.commit({"action": "refuse", "version": None, "reason": f"writer {tag}"})
+            except registry.RegistryConflict as err:
+                failed[tag] = err
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert set(done) | set(failed) == {"a", "b"}
+    assert failed, "both writers of generation 1 returned normally: one of them must see the other"
+    written = [*done.values(), *(e.event for e in failed.values())]
+    events = registry.history(model_name)
+    assert {e["nonce"] for e in written} <= {e["nonce"] for e in events}  # every nonce is on record
+    assert sorted(e["reason"] for e in events) == ["writer a", "writer b"]
+    for err in failed.values():
+        assert "another writer recorded generation 1" in str(err)
+
+
+def test_lock_waits_for_a_live_holder(tracking_env, model_name):
     client = registry._client()
     client.create_registered_model(model_name)
     holder = registry.RegistryLock(client, model_name, lease_s=60).acquire()
     with pytest.raises(PyocoError, match="is locked by"):
         registry.RegistryLock(client, model_name, timeout_s=0.3).acquire()
     holder.release()
-
-    # A holder that died: its lease is over, so the next caller takes the lock over.
-    dead = registry.RegistryLock(client, model_name, lease_s=-1).acquire()
-    taker = registry.RegistryLock(client, model_name, timeout_s=10).acquire()
-    rm = client.get_registered_model(model_name + registry.LOCK_SUFFIX)
-    assert rm.tags[registry.L_OWNER] == taker.owner
-    dead.release()  # no longer the owner: must not delete the new holder's lock
-    assert (
-        client.get_registered_model(model_name + registry.LOCK_SUFFIX).tags[registry.L_OWNER] == taker.owner
-    )
-    taker.release()
     assert client.search_registered_models(f"name = '{model_name}{registry.LOCK_SUFFIX}'") == []
+
+
+# A lock holder in its own process (another host, as far as the lock can tell): it takes the lock, says
+# so, holds it for HOLD seconds while its heartbeat renews the lease, then reports whether it still owns the
+# lock and releases it.
+HOLDER = """
+import json, sys, time
+from pipelines import registry
+uri, name, lease_s, hold_s = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+lock = registry.RegistryLock(registry._client(uri), name, lease_s=lease_s, timeout_s=60).acquire()
+print(json.dumps({"acquired": lock.owner}), flush=True)
+time.sleep(hold_s)
+try:
+    getattr(lock, "check", lambda: None)()  # (the lock before heartbeats had no way to find out)
+    print(json.dumps({"held": True}), flush=True)
+except registry.RegistryConflict as err:
+    print(json.dumps({"lost": str(err)}), flush=True)
+lock.release()
+print(json.dumps({"released": True}), flush=True)
+"""
+
+
+def _start_holder(uri: str, name: str, *, lease_s: float, hold_s: float) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, uri, name, str(lease_s), str(hold_s)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+    )
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(timeout=30)
+        raise AssertionError(f"lock holder failed: {proc.stderr.read()[-2000:]}")
+    return proc, json.loads(line)["acquired"]
+
+
+def _finish(proc: subprocess.Popen) -> list[dict]:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def _lock_owner(client, name: str) -> str | None:
+    found = client.search_registered_models(f"name = '{name}{registry.LOCK_SUFFIX}'")
+    return found[0].tags.get(registry.L_OWNER) if found else None
+
+
+def test_a_renewing_holder_is_never_broken_by_a_reader_with_a_skewed_clock(
+    tracking_env, model_name, monkeypatch
+):
+    """The holder's lease is 2 s and it holds for 8 s; the reader's wall clock runs an hour ahead and it
+    waits 5 s. Expiry is judged by the server's stamps, and the heartbeat renews the lease, so the reader
+    never takes the lock: before, it broke the lock at once (expiry against its own clock), and even with
+    a correct clock after 2 s (no renewal)."""
+    client = registry._client()
+    client.create_registered_model(model_name)
+    proc, holder_owner = _start_holder(tracking_env.uri, model_name, lease_s=2.0, hold_s=8.0)
+    try:
+        skewed = types.SimpleNamespace(
+            time=lambda: time.time() + 3600.0, monotonic=time.monotonic, sleep=time.sleep
+        )
+        monkeypatch.setattr(registry, "time", skewed)
+        reader = registry.RegistryLock(client, model_name, lease_s=2.0, timeout_s=5.0)
+        with pytest.raises(PyocoError, match="is locked by"):
+            reader.acquire()
+            reader.release()
+        monkeypatch.undo()
+        assert _lock_owner(client, model_name) == holder_owner
+    finally:
+        lines = _finish(proc)
+    assert {"held": True} in lines and {"released": True} in lines, lines
+    assert _lock_owner(client, model_name) is None
+
+
+def test_a_stalled_holder_is_replaced_finds_out_and_leaves_the_new_lock_alone(tracking_env, model_name):
+    """A holder frozen past its lease (SIGSTOP: a long GC pause, a suspended VM) loses the lock to a
+    waiter once the server's clock says the lease is over. When it wakes, its heartbeat sees another owner,
+    its transaction check raises, and its release must not delete the new holder's lock."""
+    client = registry._client()
+    client.create_registered_model(model_name)
+    proc, stale_owner = _start_holder(tracking_env.uri, model_name, lease_s=2.0, hold_s=6.0)
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        taker = registry.RegistryLock(client, model_name, lease_s=30.0, timeout_s=30.0)
+        t0 = time.monotonic()
+        taker.acquire()
+        assert time.monotonic() - t0 < 20
+        assert _lock_owner(client, model_name) == taker.owner
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        lines = _finish(proc)
+    assert any("lost" in line and taker.owner in line["lost"] for line in lines), lines
+    assert _lock_owner(client, model_name) == taker.owner  # the stale release left it alone
+    taker.check()
+    taker.release()
+    assert _lock_owner(client, model_name) is None
+    assert stale_owner != taker.owner
+
+
+def test_a_dead_holder_is_replaced_once_its_lease_is_over(tracking_env, model_name):
+    client = registry._client()
+    client.create_registered_model(model_name)
+    proc, dead_owner = _start_holder(tracking_env.uri, model_name, lease_s=2.0, hold_s=60.0)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert _lock_owner(client, model_name) == dead_owner
+    taker = registry.RegistryLock(client, model_name, timeout_s=30.0).acquire()
+    assert _lock_owner(client, model_name) == taker.owner
+    taker.release()
+    assert _lock_owner(client, model_name) is None
