@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "pipelines.preprocess",
     "pipelines.train",
     "pipelines.evaluate",
+    "pipelines.evaluator_cli",  # evaluator train
     "pipelines.registry",
     "pipelines.workflow",
     "pipelines.submit",

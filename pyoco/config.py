@@ -207,18 +207,19 @@ class PretrainConfig(TrainConfig):
 
 # --------------------------------------------------------------------------------------------- evaluate etc.
 class EvaluateConfig(_Section):
-    num_clips: int = Field(16, ge=1)
+    """``pyoco evaluate``: metrics on the val split (see pipelines/evaluate.py for each one)."""
+
+    num_clips: int = Field(16, ge=1)  # val clips (smallest clip ids) for val_loss
     seed: int = 0
     timesteps: list[int] = Field(default_factory=lambda: [50, 250, 500, 750, 950])
-    prompts: list[str] = Field(
-        default_factory=lambda: ["a red circle moves to the left", "a blue square moves up"]
-    )
+    # generated videos, prompted with the val clips' captions in clip-id order (cycled); None: as many
+    # as there are val clips, at least 64. FVD refuses fewer than 32.
+    num_videos: int | None = Field(None, ge=1)
     sample_steps: int = Field(10, ge=1)
+    sample_batch_size: int = Field(16, ge=1)
     guidance: float = 3.0
-    fvd_extractor: str | None = None
-    # A TorchScript video classifier with a features output (`pyoco evaluator train`, or a user's I3D).
-    # When set, evaluate reports fvd and the promotion gate defaults to it.
-    evaluator: str | None = None
+    evaluator: str | None = None  # TorchScript evaluator (pyoco evaluator train, or a user's I3D)
+    num_bootstrap: int = Field(200, ge=10)
     output: str | None = None
 
 

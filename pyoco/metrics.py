@@ -1,9 +1,10 @@
-"""Sample-quality metrics: Fréchet distance between feature statistics, and temporal consistency.
+"""Sample-quality metrics: Fréchet distance (FVD), motion gap, prompt accuracy, class score, and their CIs.
 
 Pure numpy/torch; no mlflow, no ray. Video layouts at this boundary:
 
-    videos    uint8 (N, T, H, W, 3)         what the sampler returns and what preprocess stores per clip
-    extractor float32 (N, 3, T, H, W) in [-1, 1]  ->  features (N, D)
+    videos    uint8 (N, T, H, W, 3)   what the sampler returns and what preprocess stores per clip
+    features  (N, D)                  from an evaluator network (pyoco.evaluator.Evaluator)
+    probs     (N, K)                  its class probabilities for one label
 
 Fréchet distance between Gaussians N(mu1, S1) and N(mu2, S2) (Dowson & Landau 1982; FID, Heusel et al.
 2017; FVD, Unterthiner et al. 2018):
@@ -19,7 +20,6 @@ stable where scipy's ``sqrtm`` of the non-symmetric product can return complex n
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -94,69 +94,96 @@ def frame_differences(videos: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def temporal_consistency(videos: np.ndarray | torch.Tensor) -> float:
-    """Mean frame-to-frame change over a set of uint8 videos (lower = smoother). See frame_differences."""
+    """Mean frame-to-frame change over a set of uint8 videos. See frame_differences.
+
+    Not a quality score: a frozen video scores 0, the "best" value. Use :func:`motion_gap` to compare
+    generated motion with real motion."""
     return float(frame_differences(videos).mean())
 
 
-# --------------------------------------------------------------------------------------- FVD extractor
-def videos_to_extractor_input(videos: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, T, H, W, 3) -> float32 (N, 3, T, H, W) in [-1, 1]."""
-    v = _check_videos(videos)
-    return v.permute(0, 4, 1, 2, 3).to(torch.float32).div(127.5).sub(1.0).contiguous()
+# ------------------------------------------------------------------------------------------- motion gap
+def wasserstein_1d(a: np.ndarray, b: np.ndarray) -> float:
+    """W1 distance between the empirical distributions of samples ``a`` and ``b`` (1-D):
+    the integral over x of |F_a(x) - F_b(x)|, exact for step CDFs."""
+    a = np.sort(np.asarray(a, np.float64).ravel())
+    b = np.sort(np.asarray(b, np.float64).ravel())
+    if a.size == 0 or b.size == 0:
+        raise ValueError("wasserstein_1d needs at least one sample on each side")
+    x = np.concatenate([a, b])
+    x.sort()
+    widths = np.diff(x)
+    cdf_a = np.searchsorted(a, x[:-1], side="right") / a.size
+    cdf_b = np.searchsorted(b, x[:-1], side="right") / b.size
+    return float(np.sum(np.abs(cdf_a - cdf_b) * widths))
 
 
-class FeatureExtractor:
-    """A user-supplied TorchScript video network (e.g. the I3D used for FVD), as ``videos -> (N, D)``.
-
-    Contract for the TorchScript file: it takes float32 (N, 3, T, H, W) in [-1, 1] and returns (N, D)
-    features (anything with N leading is flattened). The StyleGAN-V I3D export additionally takes the keyword
-    arguments ``rescale=False, resize=True, return_features=True``; we pass those that the module's
-    ``forward`` schema declares.
-    """
-
-    STYLEGAN_V_KWARGS = {"rescale": False, "resize": True, "return_features": True}
-
-    def __init__(self, module: torch.jit.ScriptModule, path: str, batch_size: int = 8):
-        self.module = module
-        self.path = path
-        self.batch_size = batch_size
-        try:
-            names = {a.name for a in module.forward.schema.arguments}
-        except (AttributeError, RuntimeError):
-            names = set()
-        self.kwargs = {k: v for k, v in self.STYLEGAN_V_KWARGS.items() if k in names}
-
-    @torch.no_grad()
-    def __call__(self, videos: np.ndarray | torch.Tensor) -> np.ndarray:
-        x = videos_to_extractor_input(videos)
-        feats = []
-        for i in range(0, x.shape[0], self.batch_size):
-            out = self.module(x[i : i + self.batch_size], **self.kwargs)
-            if isinstance(out, tuple | list):
-                out = out[0]
-            if not isinstance(out, torch.Tensor):
-                raise ValueError(f"{self.path}: extractor returned {type(out).__name__}, expected a tensor")
-            feats.append(out.detach().to(torch.float64).reshape(out.shape[0], -1).cpu())
-        return torch.cat(feats).numpy()
+def motion_gap(generated: np.ndarray | torch.Tensor, real: np.ndarray | torch.Tensor) -> float:
+    """W1 distance between the per-clip mean |frame difference| distributions of two sets of uint8 videos
+    (same units as :func:`frame_differences`, in [0, 1]; 0 = the same motion statistics). A frozen video
+    has motion 0, so it scores the real clips' mean motion: far from real-vs-real."""
+    return wasserstein_1d(frame_differences(generated).numpy(), frame_differences(real).numpy())
 
 
-def load_feature_extractor(path: str | Path, *, batch_size: int = 8) -> Callable[..., np.ndarray]:
-    """Load a TorchScript extractor from a local path (see :class:`FeatureExtractor` for the contract)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: FVD feature extractor not found (expected a TorchScript .pt file)")
-    try:
-        module = torch.jit.load(str(p), map_location="cpu")
-    except Exception as err:  # torch raises RuntimeError / ValueError / zipfile errors for non-TorchScript
-        raise InputError(f"{p}: not a TorchScript module ({type(err).__name__}: {str(err)[:200]})") from None
-    module.eval()
-    return FeatureExtractor(module, str(p), batch_size=batch_size)
+# ---------------------------------------------------------------------------------- intervals, scores
+def bootstrap_ci(
+    statistic: Callable[..., float],
+    samples: tuple[np.ndarray, ...],
+    *,
+    num_bootstrap: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``statistic(*samples)``: each sample set (rows on axis 0) is resampled
+    with replacement, independently, ``num_bootstrap`` times from ``numpy.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(num_bootstrap):
+        values.append(statistic(*(s[rng.integers(0, len(s), len(s))] for s in samples)))
+    lo, hi = np.quantile(np.asarray(values, np.float64), [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
-def frechet_video_distance(
-    extractor: Callable[..., np.ndarray],
-    real_videos: np.ndarray | torch.Tensor,
-    fake_videos: np.ndarray | torch.Tensor,
-) -> float:
-    """FVD = Fréchet distance of extractor features of real and generated uint8 videos."""
-    return frechet_distance_features(extractor(real_videos), extractor(fake_videos))
+MIN_FVD_VIDEOS = 32
+
+
+def fvd_from_features(
+    real: np.ndarray,
+    fake: np.ndarray,
+    *,
+    num_bootstrap: int = 200,
+    seed: int = 0,
+    min_videos: int = MIN_FVD_VIDEOS,
+) -> dict[str, float]:
+    """{"fvd", "fvd_ci_low", "fvd_ci_high", "num_videos"} from features (N, D) of real and generated videos.
+
+    Refuses fewer than ``min_videos`` generated videos: the Fréchet distance of a handful of samples is
+    dominated by its estimation bias. The CI is a bootstrap over both sets (:func:`bootstrap_ci`)."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if len(fake) < min_videos:
+        raise InputError(f"FVD needs at least {min_videos} generated videos (got {len(fake)})")
+    if len(real) < 2:
+        raise InputError(f"FVD needs at least 2 real clips (got {len(real)})")
+    value = frechet_distance_features(real, fake)
+    lo, hi = bootstrap_ci(frechet_distance_features, (real, fake), num_bootstrap=num_bootstrap, seed=seed)
+    return {"fvd": value, "fvd_ci_low": lo, "fvd_ci_high": hi, "num_videos": int(len(fake))}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95 % for the default z); (0, 1) when n = 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def class_score(probs: np.ndarray) -> float:
+    """The Inception-Score form for one label: exp(E_x KL(p(y|x) || p(y))), p(y) the mean over videos.
+
+    Between 1 (every video gets the same class distribution, or all are uncertain) and K (each video is
+    confidently one class and the classes are used equally)."""
+    p = np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)
+    marginal = p.mean(axis=0, keepdims=True)
+    return float(np.exp(np.mean(np.sum(p * (np.log(p) - np.log(marginal)), axis=1))))

@@ -1,4 +1,4 @@
-"""pyoco.metrics: Fréchet distance against scipy's sqrtm, temporal consistency, the TorchScript extractor."""
+"""pyoco.metrics: Fréchet distance against scipy's sqrtm, motion gap, FVD with CI, intervals and class score."""
 
 from __future__ import annotations
 
@@ -75,69 +75,55 @@ def test_temporal_consistency_known_values():
         metrics.temporal_consistency(np.zeros((1, 2, 2, 2, 3), np.float32))
 
 
-_EXTRACTOR_SRC = '''
-import torch
+def test_wasserstein_1d_matches_scipy_and_known_values():
+    import scipy.stats
 
-
-class StyleGanVLike(torch.nn.Module):
-    """Mimics the StyleGAN-V I3D export's signature; features only when return_features is set."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(3, 6)
-
-    def forward(self, x, rescale: bool = False, resize: bool = False, return_features: bool = False):
-        if not return_features:
-            return torch.zeros(x.shape[0], 400)
-        pooled = x.mean(dim=(2, 3, 4))
-        return torch.cat([pooled, x.std(dim=(2, 3, 4))], dim=1)
-
-
-class Plain(torch.nn.Module):
-    def forward(self, x):
-        return x.mean(dim=(3, 4))  # (N, 3, T): flattened to (N, 3T)
-
-
-torch.jit.script(StyleGanVLike()).save(OUT + "/stylegan_v_like.pt")
-torch.jit.script(Plain()).save(OUT + "/plain.pt")
-'''
-
-
-@pytest.fixture(scope="module")
-def extractors(tmp_path_factory):
-    d = tmp_path_factory.mktemp("extractors")
-    src = d / "make.py"
-    src.write_text(f"OUT = {str(d)!r}\n" + _EXTRACTOR_SRC)  # TorchScript needs the source in a real file
-    import runpy
-
-    runpy.run_path(str(src), run_name="pyoco_test_extractors")
-    return d
-
-
-def test_torchscript_extractor_contract(extractors):
     rng = np.random.default_rng(0)
-    videos = rng.integers(0, 256, size=(5, 4, 8, 8, 3), dtype=np.uint8)
-    x = metrics.videos_to_extractor_input(videos)
-    assert x.shape == (5, 3, 4, 8, 8) and x.dtype == torch.float32
-    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
-
-    sg = metrics.load_feature_extractor(extractors / "stylegan_v_like.pt", batch_size=2)
-    feats = sg(videos)
-    assert feats.shape == (5, 6)  # features, not the 400 logits: return_features=True was passed
-    torch.testing.assert_close(torch.from_numpy(feats[:, :3]), x.mean(dim=(2, 3, 4)).double())
-
-    plain = metrics.load_feature_extractor(extractors / "plain.pt")
-    assert plain(videos).shape == (5, 12)
-    fvd_same = metrics.frechet_video_distance(plain, videos, videos)
-    assert fvd_same == pytest.approx(0.0, abs=1e-8)
-    other = rng.integers(0, 64, size=(6, 4, 8, 8, 3), dtype=np.uint8)
-    assert metrics.frechet_video_distance(plain, videos, other) > 0.1
+    a, b = rng.standard_normal(50), 0.5 * rng.standard_normal(37) + 0.7
+    assert metrics.wasserstein_1d(a, b) == pytest.approx(scipy.stats.wasserstein_distance(a, b), rel=1e-12)
+    # a point mass at 0 vs one at 0.3: W1 = 0.3; a sample against itself: 0
+    assert metrics.wasserstein_1d(np.zeros(4), np.full(3, 0.3)) == pytest.approx(0.3)
+    assert metrics.wasserstein_1d(a, a) == 0.0
 
 
-def test_extractor_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
-        metrics.load_feature_extractor(tmp_path / "missing.pt")
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a TorchScript module"):
-        metrics.load_feature_extractor(bad)
+def test_frozen_video_scores_worse_on_motion_gap_than_real_clips():
+    """Real clips: a shape moving 1-2 px per frame. Real vs real (two halves) is the reference; the same
+    clips with their first frame frozen must be much further from the real ones."""
+    rng = np.random.default_rng(0)
+    videos = np.full((40, 6, 16, 16, 3), 20, np.uint8)
+    for i in range(40):
+        y, x, v = int(rng.integers(0, 12)), int(rng.integers(0, 4)), 1 + (i // 2) % 2
+        for t in range(6):
+            videos[i, t, y : y + 4, x + v * t : x + v * t + 4] = (230, 40, 90)
+    frozen = np.repeat(videos[:, :1], 6, axis=1)
+    real_vs_real = metrics.motion_gap(videos[::2], videos[1::2])
+    frozen_gap = metrics.motion_gap(frozen, videos)
+    assert metrics.temporal_consistency(frozen) == 0.0  # the old "quality" score called this perfect
+    assert frozen_gap == pytest.approx(
+        metrics.temporal_consistency(videos), rel=1e-9
+    )  # W1 to a point mass at 0
+    assert frozen_gap > 10 * max(real_vs_real, 1e-4), (frozen_gap, real_vs_real)
+
+
+def test_fvd_refuses_fewer_than_32_videos_and_gives_a_ci_around_the_value():
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((64, 8))
+    with pytest.raises(ValueError, match="at least 32 generated videos"):
+        metrics.fvd_from_features(real, rng.standard_normal((31, 8)))
+    fake = rng.standard_normal((32, 8)) + 1.0
+    r = metrics.fvd_from_features(real, fake, num_bootstrap=100, seed=0)
+    assert r["num_videos"] == 32
+    assert r["fvd"] == pytest.approx(metrics.frechet_distance_features(real, fake))
+    assert r["fvd_ci_low"] < r["fvd"] < r["fvd_ci_high"]
+    assert metrics.fvd_from_features(real, fake, num_bootstrap=100, seed=0) == r  # seeded bootstrap
+
+
+def test_wilson_interval_and_class_score():
+    lo, hi = metrics.wilson_interval(8, 10)
+    assert (lo, hi) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook Wilson 95 % values
+    assert metrics.wilson_interval(0, 0) == (0.0, 1.0)
+    assert metrics.wilson_interval(0, 20)[0] == 0.0 and metrics.wilson_interval(20, 20)[1] == 1.0
+    # confident and balanced over K = 4 classes -> 4; one class for everyone, or uniform -> 1
+    assert metrics.class_score(np.eye(4)[np.arange(40) % 4]) == pytest.approx(4.0, rel=1e-6)
+    assert metrics.class_score(np.tile([[1.0, 0, 0, 0]], (40, 1))) == pytest.approx(1.0)
+    assert metrics.class_score(np.full((40, 4), 0.25)) == pytest.approx(1.0)

@@ -90,7 +90,7 @@ def test_uri_credentials_that_bypass_config_validation_never_reach_mlflow(
     cfg = load_config(None)
     cfg.mlflow.tracking_uri = uri  # assignment after parse: past the config's URI check
     cfg.train.storage_path = f"s3://AKIAEXAMPLE:{S3_SECRET}@bucket/ckpt"
-    cfg.evaluate.prompts = [f"see https://h/o?X-Amz-Signature={SIGNATURE}"]
+    cfg.evaluate.evaluator = f"https://h/o/evaluator.pt?X-Amz-Signature={SIGNATURE}"
     run_id = tracking.start_run(
         uri,
         model_name,

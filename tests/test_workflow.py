@@ -36,7 +36,7 @@ TINY = {
     "evaluate": {
         "num_clips": 2,
         "timesteps": [100, 900],
-        "prompts": ["a red circle moves up"],
+        "num_videos": 4,
         "sample_steps": 1,
     },
     "mlflow": {"experiment": "wf-test", "registered_model": "wf-test"},
