@@ -683,7 +683,15 @@ def main(argv: list[str] | None = None) -> int:
                 timeout_s=args.timeout,
             )
             t0 = time.monotonic()
-            start(spec, args.state_dir)
+            try:
+                start(spec, args.state_dir)
+            except StackError as err:
+                # Ray gives a node 30 s (hard-coded) to register with the GCS; on a loaded machine that can
+                # run out. start() has stopped everything again: one more try.
+                if "timed out during startup" not in str(err):
+                    raise
+                print(f"retrying once after: {' '.join(str(err).split())[:300]}", file=sys.stderr)
+                start(spec, args.state_dir)
             print(f"local stack up in {time.monotonic() - t0:.1f}s", file=sys.stderr)
             _print_status(status(args.state_dir))
             print(
