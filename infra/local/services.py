@@ -686,9 +686,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 start(spec, args.state_dir)
             except StackError as err:
-                # Ray gives a node 30 s (hard-coded) to register with the GCS; on a loaded machine that can
-                # run out. start() has stopped everything again: one more try.
-                if "timed out during startup" not in str(err):
+                # A process that dies during start-up mostly lost a race: a free port taken by another
+                # program between choosing and binding it, or (on a loaded machine) Ray's hard-coded 30 s
+                # for a node to register with the GCS. start() has stopped everything again: one more try.
+                if "exited during start-up" not in str(err):
                     raise
                 print(f"retrying once after: {' '.join(str(err).split())[:300]}", file=sys.stderr)
                 start(spec, args.state_dir)
