@@ -346,7 +346,9 @@ def _run_and_check(
     wf = json.loads(s3.get_object(Bucket=BUCKET, Key=wf_key)["Body"].read())["steps"]
     assert {s: wf[s]["status"] for s in STEPS} == dict.fromkeys(STEPS, "done")
     train = wf["train"]["outputs"]
-    assert train["checkpoint"].startswith(f"s3://{BUCKET}/{OUT}/ray/cluster-demo-train/checkpoint_")
+    # The run name carries a hash of the settings checkpoints must agree on (cluster-demo-train-HASH).
+    run_dir = rf"s3://{BUCKET}/{OUT}/ray/cluster-demo-train-[0-9a-f]+/checkpoint_\d+"
+    assert re.fullmatch(run_dir, train["checkpoint"].rstrip("/")), train["checkpoint"]
     assert train["model_dir"] == f"s3://{BUCKET}/{OUT}/model" and train["final_step"] == 3
     ckpt_prefix = train["checkpoint"].removeprefix(f"s3://{BUCKET}/").rstrip("/") + "/"
     ckpt = _keys(s3, ckpt_prefix)
