@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install lock test lint demo demo-core bench clean services-up services-down
+.PHONY: install lock test lint demo demo-core cluster-demo bench clean services-up services-down
 
 $(VENV)/.pyoco-installed: pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ test: install lint
 # The most complete end-to-end path; see README.
 demo: install
 	bash scripts/demo.sh
+
+# The demo workflow as a Ray job on the local 2-node token-auth cluster below, every path on its moto S3;
+# stops the cluster afterwards unless KEEP=1. See README ("A Ray cluster") and infra/local/README.md.
+cluster-demo: install
+	bash scripts/cluster_demo.sh
 
 bench: install
 	$(PY) bench/noise.py

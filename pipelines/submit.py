@@ -31,6 +31,14 @@ an ``Authorization: Bearer`` header (``JobSubmissionClient(headers=...)``; Ray's
 runs when ``RAY_AUTH_MODE=token`` is set in this process). It is never printed. No token: a one-line
 explanation and exit 2.
 
+Paths the nodes cannot share: before anything is uploaded, the number of ALIVE nodes is read from the
+dashboard's State API (``GET /api/v0/nodes``, with the token). On more than one node a config path that is
+local (relative, absolute or ``file://``: ``output``, ``synth.out``, ``preprocess.input/output``, the
+``pretrain``/``train`` data, output and storage paths, ``model.pretrained``/``vae``, ...) is refused with a
+one-line error naming the fields, exit 2: each node has its own disk and each job its own working dir
+there, so one step's files are missing for the next step on another node. ``--allow-local-paths``
+overrides (a filesystem every node mounts at the same absolute path). On one node, relative paths warn.
+
 Output: the job id on stdout. ``--wait`` streams the job's logs to stdout and exits with the job's status:
 0 when it succeeded, the driver's exit code (or 1) when it failed, 1 when it was stopped.
 """
@@ -312,22 +320,104 @@ def check_no_secrets(payload: dict, package: Package | None, secrets_: dict[str,
                     )
 
 
-def local_path_warnings(cfg: PyocoConfig) -> list[str]:
-    """Relative local paths resolve inside the job's temporary working dir on the cluster."""
-    fields = {"output": cfg.output}
+LOCAL_PROTOCOLS = ("", "file", "local")
+
+
+def _is_local(value: str) -> bool:
+    """A path on this filesystem (relative, absolute or file://), as opposed to an object-store URI."""
+    return value.split("://", 1)[0] in LOCAL_PROTOCOLS if "://" in value else True
+
+
+def config_paths(cfg: PyocoConfig) -> dict[str, str]:
+    """{field: value} of every config path that the job reads or writes on the nodes (unset fields left out).
+
+    ``model.cache_dir`` is meant to be per node and is not listed; text encoders count only as folders.
+    """
+    fields: dict[str, str | None] = {"output": cfg.output}
     if cfg.synth is not None:
         fields["synth.out"] = cfg.synth.out
     if cfg.preprocess is not None:
         fields["preprocess.input"] = cfg.preprocess.input
         fields["preprocess.output"] = cfg.preprocess.output
-    for name in ("data", "output", "storage_path"):
-        fields[f"train.{name}"] = getattr(cfg.train, name)
+        fields["preprocess.text_encoder"] = cfg.preprocess.text_encoder
+    for section in ("pretrain", "train"):
+        step = getattr(cfg, section)
+        if step is not None:
+            for name in ("data", "output", "storage_path"):
+                fields[f"{section}.{name}"] = getattr(step, name)
+    fields["model.pretrained"] = cfg.model.pretrained
+    fields["model.vae"] = cfg.model.vae
+    fields["model.text_encoder"] = cfg.model.text_encoder
+    fields["evaluate.output"] = cfg.evaluate.output
+    fields["evaluate.fvd_extractor"] = cfg.evaluate.fvd_extractor
+    out = {name: value for name, value in fields.items() if value}
+    for name in ("preprocess.text_encoder", "model.text_encoder"):
+        if name in out and out[name].lower() == "minilm":
+            del out[name]  # the bundled offline encoder, not a path
+    return out
+
+
+def local_paths(cfg: PyocoConfig) -> dict[str, str]:
+    """The config paths that are local to whichever node opens them (relative, absolute or file://)."""
+    return {name: value for name, value in config_paths(cfg).items() if _is_local(value)}
+
+
+def local_path_warnings(cfg: PyocoConfig) -> list[str]:
+    """Relative local paths resolve inside the job's temporary working dir on the cluster."""
     return [
         f"{name}={value!r} is a relative local path: on the cluster it lands in the job's temporary working "
         "dir; use s3:// (or an absolute path on a shared filesystem)"
-        for name, value in fields.items()
-        if value and "://" not in value and not value.startswith("/")
+        for name, value in local_paths(cfg).items()
+        if "://" not in value and not value.startswith("/")
     ]
+
+
+def check_local_paths(cfg: PyocoConfig, nodes: int | None, *, allow: bool = False) -> list[str]:
+    """Refuse local config paths on a multi-node cluster; return the warnings to print otherwise.
+
+    Each node has its own filesystem (and each job its own working dir on each node), so a step that writes
+    a local path on one node leaves the next step, on another node, with nothing: the workflow fails half
+    way (issue 15). ``allow`` (``--allow-local-paths``) is for a filesystem every node mounts at the same
+    absolute path. ``nodes`` None (the count could not be read) or 1 keeps the warnings.
+    """
+    local = local_paths(cfg)
+    if nodes is not None and nodes > 1 and local and not allow:
+        listed = ", ".join(f"{name}={value!r}" for name, value in local.items())
+        raise PyocoError(
+            f"refusing to submit: the cluster has {nodes} nodes and these config paths are local to each node"
+            f", so the steps would not see each other's files: {listed}; use s3:// URIs (or pass "
+            "--allow-local-paths if every node mounts them at the same absolute path)"
+        )
+    warnings = local_path_warnings(cfg)
+    if nodes is None and local and not allow:
+        warnings.append(
+            "could not read the cluster's node count; on more than one node the local paths "
+            f"{', '.join(local)} would not be shared between the steps"
+        )
+    return warnings
+
+
+def alive_nodes(address: str, token: AuthToken, timeout_s: float = 10.0) -> int | None:
+    """The number of ALIVE nodes, from the dashboard's State API (``GET /api/v0/nodes``, what ``ray list
+    nodes`` reads) with the token; None when the dashboard does not answer that (an older Ray, a proxy)."""
+    import requests
+
+    try:
+        r = requests.get(
+            f"{address}/api/v0/nodes",
+            params={"limit": 10000, "detail": "false"},
+            headers=token.header(),
+            timeout=timeout_s,
+        )
+    except requests.RequestException:
+        return None
+    if r.status_code != 200:
+        return None
+    try:
+        nodes = r.json()["data"]["result"]["result"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return sum(1 for n in nodes if isinstance(n, dict) and n.get("state") == "ALIVE")
 
 
 def default_submission_id(cfg: PyocoConfig) -> str:
@@ -412,6 +502,7 @@ def submit_workflow(
     wait: bool = False,
     submission_id: str | None = None,
     entrypoint_override: str | None = None,
+    allow_local_paths: bool = False,
     out=sys.stdout,
 ) -> int:
     """Validate, package and submit; return the CLI exit code (0 when submitted, or the job's with wait)."""
@@ -419,7 +510,8 @@ def submit_workflow(
     address = resolve_address(address)
     token = read_auth_token()
     env_vars, refs = job_env_vars()
-    for warning in local_path_warnings(cfg):
+    client = connect(address, token)
+    for warning in check_local_paths(cfg, alive_nodes(address, token), allow=allow_local_paths):
         console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
 
     with tempfile.TemporaryDirectory(prefix="pyoco-submit-") as tmp:
@@ -437,8 +529,6 @@ def submit_workflow(
         }
         payload = {"entrypoint": entrypoint, "runtime_env": runtime_env, "metadata": metadata}
         check_no_secrets(payload, package, secret_values(token))
-
-        client = connect(address, token)
         job_id = client.submit_job(
             entrypoint=entrypoint,
             runtime_env=runtime_env,
@@ -484,6 +574,12 @@ def register(app: typer.Typer) -> None:
         ),
         wait: bool = typer.Option(False, "--wait", help="Stream the logs and exit with the job's status."),
         submission_id: str = typer.Option(None, "--job-id", help="Submission id (default: pyoco-NAME-TIME)."),
+        allow_local_paths: bool = typer.Option(
+            False,
+            "--allow-local-paths",
+            help="Submit to a multi-node cluster even though config paths are local (only for a filesystem "
+            "every node mounts at the same absolute path).",
+        ),
         entrypoint: str = typer.Option(
             None,
             "--entrypoint",
@@ -493,7 +589,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Submit the workflow as a Ray job (token auth; credentials passed by reference only)."""
         code = submit_workflow(
-            config, address, wait=wait, submission_id=submission_id, entrypoint_override=entrypoint
+            config,
+            address,
+            wait=wait,
+            submission_id=submission_id,
+            entrypoint_override=entrypoint,
+            allow_local_paths=allow_local_paths,
         )
         if code:
             raise typer.Exit(code)
@@ -502,7 +603,9 @@ def register(app: typer.Typer) -> None:
 __all__ = [
     "AuthToken",
     "Package",
+    "alive_nodes",
     "build_package",
+    "check_local_paths",
     "check_no_secrets",
     "job_env_vars",
     "read_auth_token",

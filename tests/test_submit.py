@@ -1,5 +1,6 @@
 """`pyoco submit`: token lookup, packaging, credentials by reference, and real jobs on a local token-auth
-Ray head (infra/local) whose metadata, runtime_env, entrypoint and logs must not hold a secret."""
+2-node Ray cluster (infra/local) whose metadata, runtime_env, entrypoint and logs must not hold a secret;
+local config paths are refused there (issue 15)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ import pytest
 from pipelines.common import PyocoError
 from pipelines.submit import (
     AuthToken,
+    alive_nodes,
     build_package,
+    check_local_paths,
     check_no_secrets,
     exit_code_for,
     job_env_vars,
     read_auth_token,
     secret_values,
 )
+from pyoco.config import parse_config
 from tests.fixtures_infra import REPO, SCRUBBED, TEST_AWS_KEY_ID, TEST_AWS_SECRET, running_stack, token_of
 
 CONFIG = "name: submit-test\noutput: s3://pyoco-submit/out\n"
@@ -165,13 +169,67 @@ def test_exit_code_follows_the_job_status():
     assert exit_code_for(SimpleNamespace(status=JobStatus.STOPPED, driver_exit_code=None)) == 1
 
 
+# ---------------------------------------------------------------------------------------- local paths
+# demo.yaml's shape: every path relative, plus an absolute local model folder and a file:// VAE.
+LOCAL_CONFIG = """name: local-paths
+output: ./demo/out
+synth: {out: ./demo/out/raw}
+preprocess: {input: ./demo/out/raw, output: ./demo/out/data}
+model: {pretrained: /srv/models/sd, vae: "file:///srv/models/sd/vae"}
+"""
+LOCAL_FIELDS = {
+    "output": "./demo/out",
+    "synth.out": "./demo/out/raw",
+    "preprocess.input": "./demo/out/raw",
+    "preprocess.output": "./demo/out/data",
+    "model.pretrained": "/srv/models/sd",
+    "model.vae": "file:///srv/models/sd/vae",
+}
+
+
+def test_local_paths_refused_on_several_nodes_warned_on_one():
+    import yaml
+
+    cfg = parse_config(yaml.safe_load(LOCAL_CONFIG))
+    with pytest.raises(PyocoError) as refused:
+        check_local_paths(cfg, nodes=2)
+    message = str(refused.value)
+    assert message.startswith("refusing to submit: the cluster has 2 nodes") and "\n" not in message
+    for name, value in LOCAL_FIELDS.items():
+        assert f"{name}={value!r}" in message, name
+    assert "--allow-local-paths" in message
+
+    # Overridden, or on a single node: the relative ones only warn (they land in the job's working dir).
+    relative = ["output", "synth.out", "preprocess.input", "preprocess.output"]
+    for kwargs in ({"nodes": 2, "allow": True}, {"nodes": 1}):
+        warnings = check_local_paths(cfg, **kwargs)
+        assert [w.split("=")[0] for w in warnings] == relative, (kwargs, warnings)
+    # Node count unknown: warn, and say that several nodes would not share them.
+    unknown = check_local_paths(cfg, nodes=None)
+    assert len(unknown) == 5 and "could not read the cluster's node count" in unknown[-1]
+
+    # All on S3 (the cluster demo): nothing to say on any cluster; "minilm" is an encoder name, not a path.
+    demo = parse_config(yaml.safe_load((REPO / "pipelines/configs/cluster_demo.yaml").read_text()))
+    assert check_local_paths(demo, nodes=2) == []
+    one_local = parse_config({"output": "s3://b/out", "train": {"storage_path": "/tmp/ray"}})
+    with pytest.raises(PyocoError, match=r"has 3 nodes .*: train.storage_path='/tmp/ray'; use s3://"):
+        check_local_paths(one_local, nodes=3)
+
+
 # ------------------------------------------------------------------------------------- on a real cluster
 @pytest.fixture(scope="module")
 def head_stack(tmp_path_factory):
-    """A token-auth Ray head + moto on 127.0.0.1, started with the fake AWS secret in its environment."""
+    """A token-auth Ray head + 1 worker node and moto on 127.0.0.1, started with the fake AWS secret in
+    their environment."""
     state_dir = tmp_path_factory.mktemp("submit-stack")
     with running_stack(
-        state_dir, workers=0, head_cpus=1, object_store_mb=100, mlflow=False, buckets=["pyoco-submit"]
+        state_dir,
+        workers=1,
+        head_cpus=1,
+        worker_cpus=1,
+        object_store_mb=100,
+        mlflow=False,
+        buckets=["pyoco-submit"],
     ) as state:
         yield state
 
@@ -277,3 +335,34 @@ def test_wrong_token_is_refused(head_stack, tmp_path, monkeypatch):
         PyocoError, match=r"rejected the Ray auth token from RAY_AUTH_TOKEN_PATH .*not this cluster's"
     ):
         submit_workflow(config, head_stack["ray"]["dashboard_url"])
+
+
+@pytest.mark.slow
+def test_local_paths_are_refused_by_a_two_node_cluster(head_stack, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    token = token_of(head_stack)
+    url = head_stack["ray"]["dashboard_url"]
+    assert alive_nodes(url, AuthToken(token, "test")) == 2
+    assert alive_nodes(url, AuthToken("0" * 64, "test")) is None  # refused (403): unknown, not 0
+    client = JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"})
+    jobs_before = {j.submission_id for j in client.list_jobs()}
+
+    config = tmp_path / "local.yaml"
+    config.write_text(LOCAL_CONFIG)
+    proc = _submit(head_stack, config, "--wait")
+    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: refusing to submit: the cluster has 2 nodes")
+    assert all(name in lines[0] for name in LOCAL_FIELDS) and proc.stdout == ""
+    assert {j.submission_id for j in client.list_jobs()} == jobs_before, "a refused submit created a job"
+
+    # --allow-local-paths: submitted (warnings only); the job runs.
+    proc = _submit(
+        head_stack, config, "--allow-local-paths", "--wait", "--entrypoint", 'python -c "print(42)"'
+    )
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "warning: output='./demo/out' is a relative local path" in proc.stderr
+    job_id = proc.stdout.splitlines()[0].strip()
+    assert job_id.startswith("pyoco-local-paths-") and job_id not in jobs_before
+    assert str(client.get_job_info(job_id).status.value) == "SUCCEEDED"

@@ -683,7 +683,16 @@ def main(argv: list[str] | None = None) -> int:
                 timeout_s=args.timeout,
             )
             t0 = time.monotonic()
-            start(spec, args.state_dir)
+            try:
+                start(spec, args.state_dir)
+            except StackError as err:
+                # A process that dies during start-up mostly lost a race: a free port taken by another
+                # program between choosing and binding it, or (on a loaded machine) Ray's hard-coded 30 s
+                # for a node to register with the GCS. start() has stopped everything again: one more try.
+                if "exited during start-up" not in str(err):
+                    raise
+                print(f"retrying once after: {' '.join(str(err).split())[:300]}", file=sys.stderr)
+                start(spec, args.state_dir)
             print(f"local stack up in {time.monotonic() - t0:.1f}s", file=sys.stderr)
             _print_status(status(args.state_dir))
             print(
