@@ -349,7 +349,9 @@ def config_paths(cfg: PyocoConfig) -> dict[str, str]:
     fields["model.vae"] = cfg.model.vae
     fields["model.text_encoder"] = cfg.model.text_encoder
     fields["evaluate.output"] = cfg.evaluate.output
-    fields["evaluate.fvd_extractor"] = cfg.evaluate.fvd_extractor
+    fields["evaluate.evaluator"] = cfg.evaluate.evaluator
+    if cfg.evaluator is not None:
+        fields["evaluator.output"] = cfg.evaluator.output
     out = {name: value for name, value in fields.items() if value}
     for name in ("preprocess.text_encoder", "model.text_encoder"):
         if name in out and out[name].lower() == "minilm":
