@@ -67,7 +67,7 @@ from typing import Any
 import typer
 
 from pipelines.common import PyocoError, cli_errors, console
-from pyoco.config import PretrainConfig, PyocoConfig, TrainConfig, load_config
+from pyoco.config import NoiseConfig, PretrainConfig, PyocoConfig, TrainConfig, load_config
 
 CHECKPOINT_TAG = "ds"
 STATE_DIR = "pyoco"
@@ -150,6 +150,7 @@ def pretrain_config(cfg: PyocoConfig) -> PyocoConfig:
     out.train.output = out.train.output or _join(cfg.output, "pretrained-image")
     out.train.storage_path = out.train.storage_path or _join(cfg.output, "ray-pretrain")
     out.model.train_layers = "all"
+    out.noise = NoiseConfig(kind="iid", alpha=0.0)  # an image model: frames are independent (T = 1)
     return out
 
 
@@ -1142,6 +1143,13 @@ def run_train(
     from pipelines.train_data import DataError, inspect_clips, manifest_hash
     from pipelines.train_ds import deepspeed_config
 
+    if image_pretrain:
+        cfg = cfg.model_copy(update={"noise": NoiseConfig(kind="iid", alpha=0.0)})
+    elif cfg.noise.is_auto:
+        raise PyocoError(
+            "noise.kind/noise.alpha 'auto' is fitted by `pyoco run` (its noise_fit step); for `pyoco train`, "
+            "run `pyoco noise fit` and set the values it prints"
+        )
     cfg = resolve_config(cfg, image_pretrain=image_pretrain)
     t = cfg.train
     image = t.image_pretrain

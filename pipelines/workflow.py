@@ -1,6 +1,10 @@
 """``pyoco run``: the whole workflow as cached steps, on an embedded Ray or inside a Ray job.
 
-    synth? -> preprocess -> pretrain? -> train -> evaluate -> register -> promote -> sample
+    synth? -> preprocess -> evaluator? -> pretrain? -> noise_fit? -> train -> evaluate -> register -> promote
+    -> sample
+
+(``evaluator`` trains the learned evaluator when the config has an ``evaluator:`` section; ``noise_fit``
+runs when ``noise.kind`` or ``noise.alpha`` is ``auto`` and fits them with the image model.)
 
 (Image pretraining runs after preprocess because it trains on the preprocessed clips' frames.)
 
@@ -41,7 +45,18 @@ from pipelines.common import PyocoError, cli_errors, console
 from pipelines.context import RunContext, ensure_ray, ray_session
 from pyoco.config import PyocoConfig, config_hash, load_config
 
-STEP_ORDER = ["synth", "preprocess", "pretrain", "train", "evaluate", "register", "promote", "sample"]
+STEP_ORDER = [
+    "synth",
+    "preprocess",
+    "evaluator",
+    "pretrain",
+    "noise_fit",
+    "train",
+    "evaluate",
+    "register",
+    "promote",
+    "sample",
+]
 
 
 # --------------------------------------------------------------------------------------------------- state
@@ -160,12 +175,75 @@ def _step_pretrain(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, 
     return {**result, "stamp": _dir_stamp(result["model_dir"])}
 
 
+def _evaluator_path(cfg: PyocoConfig, outs: dict[str, dict]) -> str | None:
+    """The evaluator evaluate and the gate use: ``evaluate.evaluator``, else the one the workflow trained."""
+    return cfg.evaluate.evaluator or outs.get("evaluator", {}).get("path")
+
+
+def _step_evaluator(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
+    """Train the learned evaluator on the preprocessed clips (train split; held-out accuracy on val)."""
+    from pipelines.evaluator_cli import run_evaluator_train
+
+    e = cfg.evaluator
+    out = e.output or join(cfg.output, "evaluator")
+    meta = run_evaluator_train(
+        cfg.preprocess.output, out, labels=e.labels, steps=e.steps, size=e.size, seed=e.seed
+    )
+    acc = ", ".join(f"{k} {v:.2f}" for k, v in meta["heldout_accuracy"].items())
+    console.print(f"  evaluator held-out accuracy on {meta['val_clips']} val clips: {acc}")
+    return {"path": meta["path"], "heldout_accuracy": meta["heldout_accuracy"], "stamp": _dir_stamp(out)}
+
+
+def _image_model(cfg: PyocoConfig, outs: dict[str, dict]) -> str | None:
+    return cfg.model.pretrained or outs.get("pretrain", {}).get("model_dir")
+
+
+def _step_noise_fit(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
+    """``noise: auto``: fit the prior to the val clips DDIM-inverted by the image model (pyoco noise fit)."""
+    from pipelines.noise_fit import run_noise_fit
+
+    model = _image_model(cfg, outs)
+    if model is None:
+        raise PyocoError("noise 'auto' needs an image model: set model.pretrained or a pretrain: section")
+    res = run_noise_fit(
+        model=model,
+        data=cfg.preprocess.output,
+        out=join(cfg.output, "noise_fit", "fit.json"),
+        png=None if "://" in cfg.output else join(cfg.output, "noise_fit", "fit.png"),
+        num_clips=cfg.noise.fit_clips,
+        steps=cfg.noise.fit_steps,
+        seed=cfg.seed,
+        tracking_uri=ctx.tracking_uri,
+        experiment=ctx.experiment,
+    )
+    kind = res.kind if cfg.noise.kind == "auto" else cfg.noise.kind
+    if cfg.noise.kind == "auto":
+        alpha = res.alpha
+    else:  # a fixed kind: that kind's own best alpha, not the other kind's
+        from pyoco import storage
+
+        alpha = json.loads(storage.read_bytes(res.json_uri))["fit"]["params"][kind]["alpha"]
+    console.print(
+        f"  noise fit: lag-1 correlation {res.lag1:.3f} -> noise.kind={kind} noise.alpha={alpha:.3f}"
+    )
+    return {"kind": kind, "alpha": float(alpha), "lag1": res.lag1, "report": res.json_uri}
+
+
+def _fitted_noise(cfg: PyocoConfig, outs: dict[str, dict]) -> PyocoConfig:
+    """``cfg`` with ``noise: auto`` replaced by what the noise_fit step found."""
+    if not cfg.noise.is_auto:
+        return cfg
+    fit = outs["noise_fit"]
+    noise = cfg.noise.model_copy(update={"kind": fit["kind"], "alpha": round(float(fit["alpha"]), 4)})
+    return cfg.model_copy(update={"noise": noise})
+
+
 def _step_train(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     """Ray Train's run name comes from this step's key (unless train.run_name is set): a changed config
     starts a new run instead of resuming the old one; a re-run after a crash resumes it."""
     from pipelines.train import run_train
 
-    cfg = cfg.model_copy(deep=True)
+    cfg = _fitted_noise(cfg, outs).model_copy(deep=True)
     if "pretrain" in outs and cfg.model.pretrained is None:
         cfg.model.pretrained = outs["pretrain"]["model_dir"]
     result = run_train(cfg, ctx=ctx, run_key=key)
@@ -183,10 +261,11 @@ def _step_evaluate(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, 
         data = str(cfg.train.data).rstrip("/")
         for tail in ("/clips/train", "/clips"):
             data = data.removesuffix(tail)
+    evaluate_cfg = cfg.evaluate.model_copy(update={"evaluator": _evaluator_path(cfg, outs)})
     metrics = run_evaluate(
         outs["train"]["model_dir"],
         data,
-        cfg.evaluate,
+        evaluate_cfg,
         model_cfg=cfg.model,
         noise=None,
         mlflow_run_id=outs["train"].get("mlflow_run_id"),
@@ -228,9 +307,9 @@ def _step_promote(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, k
         force=False,
         refuse_raises=False,
         tracking_uri=ctx.tracking_uri,
-        evaluator=cfg.evaluate.evaluator,
+        evaluator=_evaluator_path(cfg, outs),
         reevaluate=cfg.promote.reevaluate,
-        evaluate_cfg=cfg.evaluate,
+        evaluate_cfg=cfg.evaluate.model_copy(update={"evaluator": _evaluator_path(cfg, outs)}),
     )
     return result if isinstance(result, dict) else {"result": str(result)}
 
@@ -280,6 +359,12 @@ STEPS = [
         _step_preprocess,
     ),
     Step(
+        "evaluator",
+        lambda c: c.evaluator is not None and c.evaluate.evaluator is None and c.preprocess is not None,
+        lambda c, o, x: [_section(c, "evaluator"), o.get("preprocess", {}).get("manifest_hash")],
+        _step_evaluator,
+    ),
+    Step(
         "pretrain",
         lambda c: c.pretrain is not None and c.model.pretrained is None,
         lambda c, o, x: [
@@ -291,12 +376,27 @@ STEPS = [
         _step_pretrain,
     ),
     Step(
+        "noise_fit",
+        lambda c: c.noise.is_auto,
+        lambda c, o, x: [
+            _section(c, "noise"),
+            c.model.pretrained,
+            o.get("pretrain", {}).get("stamp"),
+            o.get("preprocess", {}).get("manifest_hash"),
+            c.seed,
+            _tracking(c, x),
+        ],
+        _step_noise_fit,
+    ),
+    Step(
         "train",
         lambda c: True,
         lambda c, o, x: [
             _section(c, "train"),
             _section(c, "model"),
             _section(c, "noise"),
+            o.get("noise_fit", {}).get("kind"),
+            o.get("noise_fit", {}).get("alpha"),
             o.get("preprocess", {}).get("manifest_hash"),
             o.get("pretrain", {}).get("stamp"),
             _tracking(c, x),
@@ -306,7 +406,13 @@ STEPS = [
     Step(
         "evaluate",
         lambda c: True,
-        lambda c, o, x: [_section(c, "evaluate"), o["train"].get("stamp"), _tracking(c, x)],
+        lambda c, o, x: [
+            _section(c, "evaluate"),
+            o["train"].get("stamp"),
+            o.get("preprocess", {}).get("manifest_hash"),
+            o.get("evaluator", {}).get("stamp"),
+            _tracking(c, x),
+        ],
         _step_evaluate,
     ),
     Step(
@@ -318,7 +424,12 @@ STEPS = [
     Step(
         "promote",
         lambda c: True,
-        lambda c, o, x: [_section(c, "promote"), o["register"].get("version"), _tracking(c, x)],
+        lambda c, o, x: [
+            _section(c, "promote"),
+            o["register"].get("version"),
+            o.get("evaluator", {}).get("stamp"),
+            _tracking(c, x),
+        ],
         _step_promote,
     ),
     Step(

@@ -38,15 +38,33 @@ class _Section(BaseModel):
 class NoiseConfig(_Section):
     """The PYoCo prior (Ge et al. 2023). ``alpha`` is the paper's α; see pyoco.noise for ρ."""
 
-    kind: Literal["iid", "mixed", "progressive"] = "progressive"
-    alpha: float = 1.0
+    kind: Literal["iid", "mixed", "progressive", "auto"] = "progressive"
+    # "auto": `pyoco run` fits it to the data first (`pyoco noise fit`: DDIM-invert val clips with the image
+    # model), as a cached step before train; kind "auto" needs alpha "auto", a fixed kind may have either.
+    alpha: float | Literal["auto"] = 1.0
+    fit_clips: int = Field(32, ge=2)  # val clips the noise fit inverts
+    fit_steps: int = Field(50, ge=1)  # its DDIM inversion steps
 
     @field_validator("alpha")
     @classmethod
-    def _alpha_ok(cls, v: float) -> float:
+    def _alpha_ok(cls, v: float | str) -> float | str:
+        if v == "auto":
+            return v
         if not math.isfinite(v) or v < 0:
-            raise ValueError(f"alpha must be a finite number >= 0 (got {v})")
+            raise ValueError(f"alpha must be a finite number >= 0 or 'auto' (got {v})")
         return v
+
+    @model_validator(mode="after")
+    def _auto_ok(self) -> NoiseConfig:
+        if self.kind == "auto" and self.alpha != "auto":
+            raise ValueError("kind 'auto' needs alpha 'auto' (the fit chooses both)")
+        if self.kind == "iid" and self.alpha == "auto":
+            raise ValueError("iid noise has no alpha to fit; use kind mixed|progressive|auto")
+        return self
+
+    @property
+    def is_auto(self) -> bool:
+        return self.kind == "auto" or self.alpha == "auto"
 
 
 # ----------------------------------------------------------------------------------------------------- synth
@@ -253,6 +271,17 @@ class SampleConfig(_Section):
 
 
 # -------------------------------------------------------------------------------------------------- workflow
+class EvaluatorConfig(_Section):
+    """``pyoco run`` trains the learned evaluator (``pyoco evaluator train``) on the preprocessed clips when
+    this section is set and ``evaluate.evaluator`` is not; evaluate and the promotion gate then use it."""
+
+    labels: list[str] | None = None  # default: the clips' categorical labels
+    steps: int = Field(300, ge=1)
+    size: int = Field(16, ge=4)
+    seed: int = 0
+    output: str | None = None  # default {output}/evaluator
+
+
 class PyocoConfig(_Section):
     name: str = "pyoco"
     output: str = "./pyoco-out"
@@ -265,6 +294,7 @@ class PyocoConfig(_Section):
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    evaluator: EvaluatorConfig | None = None
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)

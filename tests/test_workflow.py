@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 TINY = {
@@ -177,3 +178,46 @@ def test_workflow_uses_the_mlflow_server_from_the_yaml_and_a_changed_alpha_retra
     v2 = client.get_model_version(name, st2["register"]["outputs"]["version"])
     assert v2.version == "2" and float(v2.tags["pyoco.noise_alpha"]) == 2.0
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_workflow_trains_the_evaluator_and_fits_noise_auto_before_train(tmp_path):
+    """Issue 10 (the workflow trains the evaluator; evaluate and the gate use it) and issue 11 (``noise:
+    {kind: auto, alpha: auto}`` runs the noise fit with the pretrained image model as a cached step, and train
+    uses what it found)."""
+    import os
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("RAY_ADDRESS", None)
+    cfg = json.loads(json.dumps(TINY))
+    cfg["name"] = cfg["mlflow"]["experiment"] = cfg["mlflow"]["registered_model"] = "wf-auto"
+    cfg["synth"]["videos"] = 8  # keys 00000003 and 00000006 are held out at 0.34: 6 train, 2 val
+    cfg["noise"] = {"kind": "auto", "alpha": "auto", "fit_clips": 2, "fit_steps": 2}
+    cfg["pretrain"] = {"num_workers": 1, "resources_per_worker": {"CPU": 1}, "zero_stage": 0, "max_steps": 2,
+                       "batch_size_per_worker": 2, "checkpoint_every": 2, "ema_decay": None}  # fmt: skip
+    cfg["evaluator"] = {"labels": ["color", "direction"], "steps": 5, "size": 16}
+    cfg["evaluate"]["num_videos"] = 32  # FVD's minimum
+    path = _write(tmp_path, cfg)
+    res = _run(path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    st = _state(tmp_path)
+    order = [
+        s for s in ("preprocess", "evaluator", "pretrain", "noise_fit", "train") if st[s]["status"] == "done"
+    ]
+    assert order == ["preprocess", "evaluator", "pretrain", "noise_fit", "train"]
+    fit = st["noise_fit"]["outputs"]
+    assert fit["kind"] in ("mixed", "progressive") and fit["alpha"] >= 0
+    report = json.loads((tmp_path / "out" / "noise_fit" / "fit.json").read_text())
+    assert report["num_clips"] == 2 and report["fit"]["kind"] == fit["kind"]
+    assert (tmp_path / "out" / "noise_fit" / "fit.png").is_file()
+    # train used the fitted prior: the package records it, and register tags the version with it
+    pkg = json.loads((Path(st["train"]["outputs"]["model_dir"]) / "pyoco_package.json").read_text())
+    assert pkg["noise"]["kind"] == fit["kind"] and pkg["noise"]["alpha"] == pytest.approx(
+        fit["alpha"], abs=1e-3
+    )
+    metrics = st["evaluate"]["outputs"]["metrics"]
+    assert "fvd" in json.dumps(metrics) and st["evaluator"]["outputs"]["path"].endswith(".pt")
+    # re-run: the evaluator and the fit are cached like every other step
+    again = _run(path, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "evaluator: unchanged" in again.stdout + again.stderr
+    assert "noise_fit: unchanged" in again.stdout + again.stderr
