@@ -58,11 +58,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=7, help="Synth seed of the held-out videos.")
     ap.add_argument("--synth-size", type=int, default=32, help="Synth frame size before resizing.")
     ap.add_argument("--synth-frames", type=int, default=16)
+    ap.add_argument(
+        "--frames", type=int, help="Frames per video (default: the package's; 8 for image models)."
+    )
     ap.add_argument("--steps", type=int, default=10, help="DDIM steps.")
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--sample-seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--scheduler", action="append", default=[], help="Override a scheduler_config key: KEY=JSON."
+    )
     ap.add_argument("--png", help="Write a frame strip: real clip | generated, one row per prompt.")
     ap.add_argument("--png-rows", type=int, default=6)
     args = ap.parse_args(argv)
@@ -73,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     from pyoco.sampling import generate
 
     pkg = load_package(args.model)
-    size, frames = pkg.info.height, pkg.info.num_frames
+    size = pkg.info.height
+    frames = args.frames or (pkg.info.num_frames if pkg.info.num_frames > 1 else 8)
     specs = [
         synth.make_spec(i, seed=args.seed, frames=args.synth_frames, size=args.synth_size)
         for i in range(args.videos)
@@ -81,6 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     real = real_clips(specs, num_frames=frames, size=size)
     real_acc = synth.prompt_accuracy(real, specs)
 
+    for item in args.scheduler:
+        key, _, value = item.partition("=")
+        pkg.scheduler_config[key] = json.loads(value)
     encoder = pkg.text_encoder()
     prior = pkg.prior()
     t0 = time.perf_counter()
@@ -112,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": args.steps,
         "guidance": args.guidance,
         "noise": pkg.info.noise,
+        "scheduler_overrides": args.scheduler,
     }
     if args.png:
         from PIL import Image
