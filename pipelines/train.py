@@ -167,6 +167,8 @@ def resolve_config(cfg: PyocoConfig, *, image_pretrain: bool = False) -> PyocoCo
     t.output = t.output or _join(cfg.output, "pretrained-image" if image_pretrain else "model")
     t.storage_path = t.storage_path or _join(cfg.output, "ray-pretrain" if image_pretrain else "ray")
     t.data, t.output, t.storage_path = _abs(t.data), _abs(t.output), _abs(t.storage_path)
+    if cfg.model.pretrained:  # a relative folder (the demo's shipped model) must resolve the same on workers
+        cfg.model.pretrained = _abs(cfg.model.pretrained)
     # t.run_name stays None unless set: run_train derives it from the settings' key (see the module docstring).
     if image_pretrain:
         cfg.model.train_layers = "all"
@@ -320,7 +322,12 @@ def build_denoiser(model_cfg, *, image_pretrain: bool):
         if image_pretrain:
             return VideoDenoiser(unet2d)
         return VideoDenoiser(
-            inflate(unet2d, motion_max_seq_length=model_cfg.motion_max_seq_length, seed=model_cfg.seed)
+            inflate(
+                unet2d,
+                motion_max_seq_length=model_cfg.motion_max_seq_length,
+                motion_num_attention_heads=model_cfg.motion_num_attention_heads,
+                seed=model_cfg.seed,
+            )
         )
 
     if model_cfg.pretrained:

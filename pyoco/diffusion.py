@@ -34,7 +34,9 @@ DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     "prediction_type": "epsilon",
     "clip_sample": True,
     "clip_sample_range": 1.0,
-    "timestep_spacing": "leading",
+    # trailing: a few-step DDIM starts at t = N-1 (pure noise, which is what it is handed); with "leading",
+    # 10 steps start at t = 900, where the model expects some signal in its input.
+    "timestep_spacing": "trailing",
     "steps_offset": 0,
 }
 

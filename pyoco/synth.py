@@ -337,3 +337,78 @@ def write_dataset(
         storage.remove(storage.join(out, stale))
     storage.write_bytes(marker, json.dumps({"shards": names}).encode())
     return {"out": out, "videos": videos, "shards": names, "bytes": total_bytes, "seed": seed}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring generated videos against the ground truth, by pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoScore:
+    """What :func:`score_video` reads off one video."""
+
+    color: str | None  # the palette colour most shape pixels are nearest to; None: no shape pixels
+    direction: str | None  # the axis and sign of the shape's motion; None: no shape, or it moved < min_motion
+    motion_px: float  # centroid displacement, first to last frame (px; 0.0 without a shape in both)
+    shape_fraction: float  # mean fraction of pixels per frame classified as shape
+
+
+_PALETTE_NAMES = tuple(sorted(COLORS))
+_PALETTE = np.array([COLORS[c] for c in _PALETTE_NAMES], np.float32)  # (K, 3)
+
+
+def score_video(frames: np.ndarray, *, min_motion_px: float = 0.5) -> VideoScore:
+    """Read the colour and motion direction of the one shape in ``frames`` (uint8 (T, H, W, 3)).
+
+    Each frame's background is its per-channel median colour (the shape covers a few % of the frame). A pixel
+    belongs to the shape when it is nearer to some palette colour (:data:`COLORS`) than to that background;
+    the video's colour is the palette colour most such pixels are nearest to. Direction: the centroid of the
+    pixels of that colour in the first frame vs the last; the larger axis of the displacement and its sign
+    name one of :data:`DIRECTIONS`. A displacement under ``min_motion_px`` (a frozen video) has no direction.
+    """
+    x = np.asarray(frames)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.shape[0] < 2:
+        raise ValueError(f"expected uint8 frames (T >= 2, H, W, 3), got shape {x.shape}")
+    x = x.astype(np.float32)
+    bg = np.median(x.reshape(x.shape[0], -1, 3), axis=1)[:, None, None, :]  # (T, 1, 1, 3)
+    d_bg = np.linalg.norm(x - bg, axis=-1)  # (T, H, W)
+    d_pal = np.linalg.norm(x[..., None, :] - _PALETTE, axis=-1)  # (T, H, W, K)
+    nearest = d_pal.argmin(-1)
+    shape = d_pal.min(-1) < d_bg
+    fraction = float(shape.mean())
+    if not shape.any():
+        return VideoScore(None, None, 0.0, fraction)
+    votes = np.bincount(nearest[shape], minlength=len(_PALETTE_NAMES))
+    k = int(votes.argmax())
+    mine = shape & (nearest == k)
+
+    def centroid(mask: np.ndarray) -> np.ndarray | None:
+        ys, xs = np.nonzero(mask)
+        return None if len(xs) == 0 else np.array([xs.mean(), ys.mean()])
+
+    first, last = centroid(mine[0]), centroid(mine[-1])
+    if first is None or last is None:
+        return VideoScore(_PALETTE_NAMES[k], None, 0.0, fraction)
+    dx, dy = last - first
+    motion = float(np.hypot(dx, dy))
+    direction = None
+    if motion >= min_motion_px:
+        step = (int(np.sign(dx)), 0) if abs(dx) >= abs(dy) else (0, int(np.sign(dy)))
+        direction = next(name for name, v in DIRECTIONS.items() if v == step)
+    return VideoScore(_PALETTE_NAMES[k], direction, motion, fraction)
+
+
+def prompt_accuracy(videos, truths) -> dict[str, float]:
+    """Colour and direction accuracy of ``videos`` (uint8 (T, H, W, 3) each) against ``truths`` (dicts or
+    :class:`ShapeSpec` with ``color`` and ``direction``): ``{"color": .., "direction": .., "n": ..}``."""
+    videos, truths = list(videos), list(truths)
+    if len(videos) != len(truths) or not videos:
+        raise ValueError(f"need as many truths as videos, at least one (got {len(videos)} / {len(truths)})")
+    hits = {"color": 0, "direction": 0}
+    for video, truth in zip(videos, truths, strict=True):
+        s = score_video(video)
+        get = truth.get if isinstance(truth, dict) else lambda k, t=truth: getattr(t, k)
+        hits["color"] += s.color == get("color")
+        hits["direction"] += s.direction == get("direction")
+    n = len(videos)
+    return {"color": hits["color"] / n, "direction": hits["direction"] / n, "n": n}
