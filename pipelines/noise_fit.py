@@ -80,7 +80,7 @@ def load_val_clips(data: str, num_clips: int, *, split: str = "val"):
     )
     emb, mask = embedding_arrays(table)
     x = torch.from_numpy(frames).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3).contiguous()
-    return x, torch.from_numpy(emb), torch.from_numpy(mask)
+    return x, torch.from_numpy(np.array(emb)), torch.from_numpy(np.array(mask))
 
 
 def run_noise_fit(
