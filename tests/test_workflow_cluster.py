@@ -231,7 +231,7 @@ def test_documented_cluster_commands_are_the_scripts():
     readme = [b for b in _bash_blocks((REPO / "README.md").read_text()) if "make cluster-demo" in b]
     assert readme == [["make cluster-demo"]], readme
     recipe = subprocess.run(
-        ["make", "-n", "-o", ".venv/.pyoco-installed", "cluster-demo"],
+        ["make", "--no-print-directory", "-n", "-o", ".venv/.pyoco-installed", "cluster-demo"],
         cwd=REPO,
         capture_output=True,
         text=True,
