@@ -62,7 +62,7 @@ from urllib.parse import urlsplit
 import typer
 
 from pipelines.common import PyocoError, cli_errors, console
-from pipelines.tracking import redact_uri
+from pipelines.tracking import CREDENTIAL_ENV, redact_uri
 from pyoco.config import URI_USERINFO, PyocoConfig, load_config
 
 FORWARD_BY_VALUE = (
@@ -72,14 +72,7 @@ FORWARD_BY_VALUE = (
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
 )
-FORWARD_BY_REFERENCE = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-)
+FORWARD_BY_REFERENCE = CREDENTIAL_ENV
 # Never shipped in the working_dir, whatever git says (gitignore-style: a leading "/" anchors the pattern
 # at the project root, a trailing "/" matches a directory).
 PACKAGE_EXCLUDES = (

@@ -50,6 +50,17 @@ TAG_MODEL_DIR = "pyoco.model_dir"  # the exported model package
 TAG_CHECKPOINT = "pyoco.checkpoint"  # the latest Ray Train checkpoint
 TAG_EXPORT_WEIGHTS = "pyoco.export_weights"  # "ema" or "raw"
 
+# Credentials a process reads from its own environment: Ray tasks and jobs get these *names*, never values
+# (train's worker plan, submit's ${NAME} references).
+CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+
 # Environment variables whose *values* must never be logged (checked in params/tags as a last defence).
 SECRET_ENV_VARS = (
     "AWS_SECRET_ACCESS_KEY",

@@ -67,6 +67,7 @@ from typing import Any
 import typer
 
 from pipelines.common import PyocoError, cli_errors, console
+from pipelines.tracking import CREDENTIAL_ENV
 from pyoco.config import NoiseConfig, PretrainConfig, PyocoConfig, TrainConfig, load_config
 
 CHECKPOINT_TAG = "ds"
@@ -91,14 +92,6 @@ FORWARDED_ENV = (
     "HF_HUB_OFFLINE",
     "TRANSFORMERS_OFFLINE",
     "PYOCO_CACHE",
-)
-CREDENTIAL_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
 )
 
 
