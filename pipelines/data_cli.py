@@ -19,6 +19,12 @@ def synth_cmd(
     frames: int = typer.Option(24, "--frames", min=1, help="Frames per video."),
     size: int = typer.Option(64, "--size", min=8, help="Frame width and height (px)."),
     fps: int = typer.Option(8, "--fps", min=1, help="Frame rate."),
+    cut_fraction: float = typer.Option(
+        0.0, "--cut-fraction", min=0, max=1, help="Share of videos with a hard cut (ground truth in .json)."
+    ),
+    static_fraction: float = typer.Option(
+        0.0, "--static-fraction", min=0, max=1, help="Share of videos whose shape stands still."
+    ),
 ) -> None:
     """Write moving coloured shapes as WebDataset shards ({key}.mp4, {key}.txt, {key}.json)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,7 +32,17 @@ def synth_cmd(
     from pyoco.config import SynthConfig
     from pyoco.synth import previous_shards, write_dataset
 
-    cfg = SynthConfig(out=out, videos=videos, shards=shards, seed=seed, frames=frames, size=size, fps=fps)
+    cfg = SynthConfig(
+        out=out,
+        videos=videos,
+        shards=shards,
+        seed=seed,
+        frames=frames,
+        size=size,
+        fps=fps,
+        cut_fraction=cut_fraction,
+        static_fraction=static_fraction,
+    )
     previous_shards(cfg.out)  # refuse a foreign folder before drawing a progress bar
     with Progress(
         TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
@@ -40,6 +56,8 @@ def synth_cmd(
             frames=cfg.frames,
             size=cfg.size,
             fps=cfg.fps,
+            cut_fraction=cfg.cut_fraction,
+            static_fraction=cfg.static_fraction,
             progress=lambda done, total: bar.update(task, completed=done),
         )
     console.print(

@@ -78,6 +78,17 @@ class SynthConfig(_Section):
     frames: int = Field(24, ge=1)
     size: int = Field(64, ge=8)
     fps: int = Field(8, ge=1)
+    # Shares of videos with a hard cut / with a shape that stands still (pyoco.synth module doc).
+    cut_fraction: float = Field(0.0, ge=0, le=1)
+    static_fraction: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _kinds_fit(self) -> SynthConfig:
+        if self.cut_fraction + self.static_fraction > 1:
+            raise ValueError(
+                f"cut_fraction + static_fraction must be <= 1 (got {self.cut_fraction} + {self.static_fraction})"
+            )
+        return self
 
 
 # ------------------------------------------------------------------------------------------------ preprocess

@@ -12,6 +12,19 @@ members sharing a key:
   ``background``, ``start_xy``/``end_xy`` (shape centre, px), ``radius_px``, ``frames``, ``size``, ``fps``,
   ``seed``, ``index``.
 
+Two optional kinds of video give shot and motion detection their ground truth (``cut_fraction`` and
+``static_fraction`` of :func:`write_dataset`, ``--cut-fraction``/``--static-fraction`` of ``pyoco data
+synth``; both 0 by default, and then every shard is byte-identical to one written without them):
+
+- *cut*: at frame ``cut_frame`` the video switches hard to a second shot with another shape, colour and
+  background colour, moving its own way; the ``.json`` adds ``kind: "cut"``, ``cut_frames: [cut_frame]``
+  (the first frame of the new shot) and ``second_shot`` (that shot's attributes). The caption describes the
+  first shot.
+- *static*: the shape does not move (``speed: "static"``, ``speed_px_per_frame: 0``, ``direction: null``,
+  ``kind: "static"``); the caption says it stands still.
+
+A ``.json`` without ``kind`` is a normal video: one shot, moving.
+
 Everything follows from ``(seed, index)``: the same arguments produce byte-identical shards (tar headers
 carry mtime 0 and no owner; the encoder runs single-threaded). The shape stays fully inside the frame for
 the whole clip, so the direction is always visible.
@@ -49,6 +62,13 @@ SPEEDS = {"slow": 0.35, "fast": 1.0}  # fraction of the largest speed that keeps
 BACKGROUNDS = ("plain", "noisy")
 _BG_COLORS = ((20, 20, 24), (45, 45, 50), (10, 25, 35))
 
+_STATIC_TEMPLATES = (
+    "a {color} {shape} standing still",
+    "a still {color} {shape}",
+    "the {color} {shape} does not move",
+)
+KINDS = ("normal", "cut", "static")
+
 _TEMPLATES = (
     "a {color} {shape} moves to the {dirword}",
     "a {color} {shape} moving {dirword}",
@@ -77,6 +97,9 @@ class ShapeSpec:
     size: int
     fps: int
     caption: str
+    kind: str = "normal"  # see KINDS and the module doc
+    cut_frame: int | None = None  # kind "cut": the first frame of second_shot
+    second_shot: ShapeSpec | None = None  # kind "cut": the shot from cut_frame on (its frames: the rest)
 
     @property
     def key(self) -> str:
@@ -90,7 +113,7 @@ class ShapeSpec:
 
     def attributes(self) -> dict:
         """The ground truth written to ``{key}.json``."""
-        return {
+        out = {
             "key": self.key,
             "index": self.index,
             "seed": self.seed,
@@ -108,6 +131,16 @@ class ShapeSpec:
             "fps": self.fps,
             "caption": self.caption,
         }
+        if self.kind == "static":
+            out.update(kind="static", direction=None)
+        elif self.kind == "cut":
+            second = {k: v for k, v in self.second_shot.attributes().items() if k in _SHOT_FIELDS}
+            out.update(kind="cut", cut_frames=[self.cut_frame], second_shot=second)
+        return out
+
+
+_SHOT_FIELDS = ("shape", "color", "direction", "speed", "speed_px_per_frame", "background", "radius_px")
+_SHOT_FIELDS += ("start_xy", "end_xy", "frames")
 
 
 def _rng(seed: int, index: int) -> random.Random:
@@ -127,17 +160,68 @@ def caption_for(shape: str, color: str, direction: str, speed: str, rng: random.
     )
 
 
-def make_spec(index: int, *, seed: int = 0, frames: int = 24, size: int = 64, fps: int = 8) -> ShapeSpec:
-    """The attributes of video ``index``; a pure function of its arguments."""
+def make_spec(
+    index: int,
+    *,
+    seed: int = 0,
+    frames: int = 24,
+    size: int = 64,
+    fps: int = 8,
+    cut_fraction: float = 0.0,
+    static_fraction: float = 0.0,
+) -> ShapeSpec:
+    """The attributes of video ``index``; a pure function of its arguments.
+
+    ``cut_fraction`` / ``static_fraction``: the chance that the video is a *cut* / *static* one (module
+    doc), drawn from a stream of its own, so the attributes of a normal video never depend on them."""
     if frames < 1 or size < 8 or fps < 1:
         raise InputError(f"need frames >= 1, size >= 8, fps >= 1 (got {frames}, {size}, {fps})")
+    if cut_fraction < 0 or static_fraction < 0 or cut_fraction + static_fraction > 1:
+        raise InputError(
+            f"need cut_fraction, static_fraction >= 0 with sum <= 1 (got {cut_fraction}, {static_fraction})"
+        )
     rng = _rng(seed, index)
-    shape = rng.choice(SHAPES)
-    color = rng.choice(sorted(COLORS))
+    spec = _draw_shot(rng, index=index, seed=seed, frames=frames, size=size, fps=fps)
+    kind_rng = random.Random(f"pyoco-synth-kind/{seed}/{index}")
+    u = kind_rng.random()
+    if u < static_fraction:
+        rng_caption = random.Random(f"pyoco-synth-static/{seed}/{index}")
+        caption = rng_caption.choice(_STATIC_TEMPLATES).format(color=spec.color, shape=spec.shape)
+        return dataclasses.replace(
+            spec, kind="static", speed="static", speed_px_per_frame=0.0, caption=caption
+        )
+    if u < static_fraction + cut_fraction and frames >= 4:
+        cut = kind_rng.randint(frames // 4, (3 * frames) // 4)
+        second = _draw_shot(
+            kind_rng, index=index, seed=seed, frames=frames - cut, size=size, fps=fps, avoid=spec
+        )
+        return dataclasses.replace(spec, kind="cut", cut_frame=cut, second_shot=second)
+    return spec
+
+
+def _draw_shot(
+    rng: random.Random,
+    *,
+    index: int,
+    seed: int,
+    frames: int,
+    size: int,
+    fps: int,
+    avoid: ShapeSpec | None = None,
+) -> ShapeSpec:
+    """One shot's attributes from ``rng``; with ``avoid``, its shape, colour and background colour all
+    differ from that shot's (a hard cut). Without it the draws are those of every earlier version."""
+
+    def pick(options, taken=None):
+        return rng.choice([o for o in options if o != taken])
+
+    shape = pick(SHAPES, avoid and avoid.shape)
+    color = pick(sorted(COLORS), avoid and avoid.color)
     direction = rng.choice(sorted(DIRECTIONS))
     speed = rng.choice(sorted(SPEEDS))
     background = rng.choice(BACKGROUNDS)
-    bg = _BG_COLORS[rng.randrange(len(_BG_COLORS))]
+    bgs = [c for c in _BG_COLORS if avoid is None or c != avoid.background_rgb]
+    bg = bgs[rng.randrange(len(bgs))]
     radius = round(size * rng.uniform(0.10, 0.16), 2)
     margin = radius + 1.0
     room = size - 2 * margin  # centre range that keeps the shape inside the frame
@@ -186,18 +270,27 @@ def _shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float
 
 
 def render(spec: ShapeSpec) -> np.ndarray:
-    """uint8 (T, H, W, 3) frames of ``spec``."""
+    """uint8 (T, H, W, 3) frames of ``spec`` (a *cut* video: its second shot from ``cut_frame`` on)."""
+    if spec.kind == "cut":
+        return np.concatenate(
+            [_render_shot(spec, spec.cut_frame, 7), _render_shot(spec.second_shot, None, 8)]
+        )
+    return _render_shot(spec, None, 7)
+
+
+def _render_shot(spec: ShapeSpec, frames: int | None, noise_stream: int) -> np.ndarray:
     size = spec.size
+    frames = spec.frames if frames is None else frames
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     background = np.empty((size, size, 3), np.uint8)
     background[:] = spec.background_rgb
     if spec.background == "noisy":
-        noise = np.random.default_rng([spec.seed, spec.index, 7]).normal(0, 18, (size, size, 1))
+        noise = np.random.default_rng([spec.seed, spec.index, noise_stream]).normal(0, 18, (size, size, 1))
         background = np.clip(background.astype(np.float32) + noise, 0, 255).astype(np.uint8)
     color = np.array(COLORS[spec.color], np.uint8)
     dx, dy = DIRECTIONS[spec.direction]
-    out = np.empty((spec.frames, size, size, 3), np.uint8)
-    for t in range(spec.frames):
+    out = np.empty((frames, size, size, 3), np.uint8)
+    for t in range(frames):
         cx = spec.start_xy[0] + dx * spec.speed_px_per_frame * t
         cy = spec.start_xy[1] + dy * spec.speed_px_per_frame * t
         out[t] = background
@@ -247,11 +340,20 @@ def build_shard(specs: list[ShapeSpec]) -> bytes:
 
 
 def iter_shards(
-    *, videos: int, shards: int, seed: int = 0, frames: int = 24, size: int = 64, fps: int = 8
+    *,
+    videos: int,
+    shards: int,
+    seed: int = 0,
+    frames: int = 24,
+    size: int = 64,
+    fps: int = 8,
+    cut_fraction: float = 0.0,
+    static_fraction: float = 0.0,
 ) -> Iterator[tuple[str, list[ShapeSpec], bytes]]:
     """``(shard file name, specs, tar bytes)`` for each shard, in order."""
+    kinds = {"cut_fraction": cut_fraction, "static_fraction": static_fraction}
     for k, idx in enumerate(shard_ranges(videos, shards)):
-        specs = [make_spec(i, seed=seed, frames=frames, size=size, fps=fps) for i in idx]
+        specs = [make_spec(i, seed=seed, frames=frames, size=size, fps=fps, **kinds) for i in idx]
         yield f"shard-{k:06d}.tar", specs, build_shard(specs)
 
 
@@ -301,11 +403,14 @@ def write_dataset(
     frames: int = 24,
     size: int = 64,
     fps: int = 8,
+    cut_fraction: float = 0.0,
+    static_fraction: float = 0.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Write the shards under ``out`` (local folder or s3:// prefix); returns a small summary.
 
-    ``progress(videos_done, videos_total)`` is called after each shard.
+    ``progress(videos_done, videos_total)`` is called after each shard. ``cut_fraction`` and
+    ``static_fraction``: the share of *cut* and *static* videos (module doc).
 
     ``out`` must be empty or a previous output of this function, recognised by its ``.pyoco-synth.json``
     marker, which lists the shards it wrote. A rerun replaces those, so a smaller rerun never leaves stale
@@ -325,7 +430,14 @@ def write_dataset(
     names = []
     total_bytes = 0
     for name, specs, data in iter_shards(
-        videos=videos, shards=shards, seed=seed, frames=frames, size=size, fps=fps
+        videos=videos,
+        shards=shards,
+        seed=seed,
+        frames=frames,
+        size=size,
+        fps=fps,
+        cut_fraction=cut_fraction,
+        static_fraction=static_fraction,
     ):
         storage.write_bytes(storage.join(out, name), data)
         names.append(name)
