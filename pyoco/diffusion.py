@@ -8,7 +8,8 @@ For clean clips x0 (B, C, T, H, W), one timestep t per clip (shared by its frame
     loss = mean_b  w(t_b) * mean_{c,t,h,w} (model(x_t, t, cond) - target)^2
 
 with min-SNR-gamma weighting (Hang et al. 2023) w = min(SNR, gamma) / SNR for epsilon and
-min(SNR, gamma) / (SNR + 1) for v, where SNR = abar / (1 - abar); w = 1 without it.
+min(SNR, gamma) / (SNR + 1) for v, where SNR = abar / (1 - abar); w = 1 without it. Both stay finite
+on zero-terminal-SNR schedules (abar_T = 0, Lin et al. 2024): w_eps(SNR = 0) = 1, w_v(SNR = 0) = 0.
 
 The loss never draws Gaussian noise itself: eps comes from ``prior.sample_like``. It only draws the
 timesteps and the caption-dropout coin flips, from the same generator.
@@ -112,8 +113,12 @@ class DiffusionLoss:
             return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
         abar = self.alphas_cumprod.to(timesteps.device)[timesteps]
         snr = abar / (1.0 - abar)
-        clipped = snr.clamp(max=self.min_snr_gamma)
-        w = clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1.0)
+        if self.prediction_type == "epsilon":
+            # min(SNR, gamma) / SNR written as min(1, gamma / SNR): finite (= 1) at SNR = 0, i.e. at the
+            # last step of a zero-terminal-SNR schedule (abar_T = 0), where the ratio form is 0 / 0.
+            w = (self.min_snr_gamma / snr).clamp(max=1.0)
+        else:
+            w = snr.clamp(max=self.min_snr_gamma) / (snr + 1.0)
         return w.to(torch.float32)
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None, device) -> torch.Tensor:

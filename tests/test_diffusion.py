@@ -94,6 +94,27 @@ def test_min_snr_weighting():
     assert torch.all(DiffusionLoss().weights(t) == 1)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weight_is_finite_on_zero_terminal_snr(prediction_type):
+    """SD-2-style rescaled schedule (abar_T = 0 exactly): the eps weight min(SNR, g) / SNR is 0 / 0 at T,
+    its limit is 1; v's is 0. Every other step keeps the reference formula, and the loss stays finite."""
+    sched = {**make_scheduler_config(), "rescale_betas_zero_snr": True, "beta_schedule": "scaled_linear"}
+    loss_fn = DiffusionLoss(sched, min_snr_gamma=5.0, prediction_type=prediction_type)
+    assert loss_fn.alphas_cumprod[-1] == 0.0  # the case being tested
+    t = torch.arange(loss_fn.num_train_timesteps)
+    w = loss_fn.weights(t)
+    assert torch.isfinite(w).all()
+    assert w[-1] == (1.0 if prediction_type == "epsilon" else 0.0)
+    abar = loss_fn.alphas_cumprod[:-1]
+    snr = abar / (1 - abar)
+    ref = snr.clamp(max=5.0) / (snr if prediction_type == "epsilon" else snr + 1)
+    torch.testing.assert_close(w[:-1], ref.float(), atol=0, rtol=1e-6)
+    x0, cond, mask = _batch()
+    last = torch.full((x0.shape[0],), loss_fn.num_train_timesteps - 1)
+    out = loss_fn(ToyVideoDenoiser(text_dim=8), x0, cond, mask, make_prior("iid", 0.0), timesteps=last)
+    assert torch.isfinite(out.loss)
+
+
 def test_caption_dropout_replaces_with_null_embedding():
     x0, cond, mask = _batch(b=64)
     null = torch.full((1, 5, 8), 7.0)
