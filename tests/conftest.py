@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.sd_tiny import sd_pipeline, sd_pipeline_other_vae, sd_pipeline_v  # noqa: F401 (fixtures)
+
 # Never reach the network for models: everything in tests is built from tiny configs or shipped weights.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
