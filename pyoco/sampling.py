@@ -30,6 +30,13 @@ def _ddim(scheduler_config: dict[str, Any] | None):
     return DDIMScheduler.from_config(cfg)
 
 
+def from_uint8_video(frames: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, W, 3) uint8 -> (B, 3, T, H, W) float32 in [-1, 1] (x = u / 127.5 - 1), the model's layout."""
+    if frames.ndim != 5 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 (B, T, H, W, 3) frames (got {frames.dtype} {tuple(frames.shape)})")
+    return frames.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0).contiguous()
+
+
 def to_uint8_video(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, T, H, W) float in [-1, 1] -> (B, T, H, W, 3) uint8."""
     if x.ndim != 5 or x.shape[1] != 3:
@@ -60,7 +67,7 @@ def sample_video(
 ) -> torch.Tensor:
     """Generate B videos for B caption embeddings ``cond`` (B, L, D). Returns uint8 (B, T, H, W, 3).
 
-    ``height``/``width`` are the pixel size; with a VAE the latent is 8x smaller (its scale factor).
+    ``height``/``width`` are the pixel size; with a VAE the latent is `pyoco.vae.vae_factor` (8 for SD) smaller.
     ``generator`` may be one generator or B of them (one stream per video, as in evaluation).
     """
     if steps < 1:
@@ -73,7 +80,9 @@ def sample_video(
     device = cond.device
     dtype = next(model.parameters()).dtype
     if vae is not None:
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        from pyoco.vae import vae_factor
+
+        factor = vae_factor(vae)
         channels = vae.config.latent_channels
         h, w = height // factor, width // factor
     else:
