@@ -25,7 +25,17 @@ Columns (one row per clip):
 - ``labels``: nullable JSON object text: a WebDataset sample's ``.json`` object as-is (the synth ground
   truth: shape, color, direction, speed, ...), ``{"class": NAME}`` for a ``.cls`` member or a UCF-101 class
   folder, null when the input has none (see :func:`labels_of`);
-- ``node_id``: the Ray node that decoded the clip.
+- ``node_id``: the Ray node that decoded the clip;
+- ``latents`` (optional, when preprocess ran the VAE): the clip's VAE latents ``(C, T, h, w)``, already
+  multiplied by the VAE's scaling factor (shift applied), stored as **little-endian IEEE float16** C-order
+  bytes (``large_binary``, like ``frames``: numpy and every parquet reader handle it, where bf16 has no
+  numpy or parquet type). Its field metadata holds ``shape: [C, T, h, w]``, ``dtype: "float16"`` and
+  ``vae_identity`` (`pyoco.vae.vae_identity` of the VAE that made them). float16 keeps ~3 significant
+  digits over ±65504; scaled SD latents lie within about ±10. Read them with :func:`latents_tensor`
+  (float32 torch).
+
+``caption_embedding`` width D and length L follow the text encoder (MiniLM: 32 × 384 by default; CLIP:
+77 × its hidden size); nothing here assumes either.
 """
 
 from __future__ import annotations
@@ -45,6 +55,8 @@ CLIPS_DIR = "clips"
 EMBEDDING = "caption_embedding"
 MASK = "caption_mask"
 LABELS = "labels"
+LATENTS = "latents"
+LATENTS_DTYPE = np.dtype("<f2")  # see the module docstring: float16 bytes, shape/identity in field metadata
 
 
 class DataError(InputError):
@@ -52,9 +64,16 @@ class DataError(InputError):
 
 
 # ------------------------------------------------------------------------------------------------- schema
-def clip_schema(text_len: int, embed_dim: int) -> pa.Schema:
-    """The clip table schema for ``(L, D) = (text_len, embed_dim)`` caption states."""
-    return pa.schema(
+def clip_schema(
+    text_len: int,
+    embed_dim: int,
+    *,
+    latent_shape: tuple[int, int, int, int] | None = None,
+    vae_identity: str | None = None,
+) -> pa.Schema:
+    """The clip table schema for ``(L, D) = (text_len, embed_dim)`` caption states, plus a ``latents``
+    column of ``latent_shape = (C, T, h, w)`` when given (``vae_identity`` is then required)."""
+    schema = pa.schema(
         [
             ("clip_id", pa.string()),
             ("source", pa.string()),
@@ -77,6 +96,72 @@ def clip_schema(text_len: int, embed_dim: int) -> pa.Schema:
             ("node_id", pa.string()),
         ]
     )
+    if latent_shape is not None:
+        schema = schema.append(latents_field(latent_shape, vae_identity))
+    return schema
+
+
+def latents_field(latent_shape: tuple[int, ...], vae_identity: str | None) -> pa.Field:
+    """The ``latents`` field: float16 bytes of ``(C, T, h, w)``, its shape and VAE identity in metadata."""
+    shape = [int(d) for d in latent_shape]
+    if len(shape) != 4 or min(shape) < 1:
+        raise DataError(f"latents shape {shape} is not [C, T, h, w]")
+    if not vae_identity:
+        raise DataError("a latents column needs the vae_identity of the VAE that made it")
+    meta = {"shape": json.dumps(shape), "dtype": LATENTS_DTYPE.name, "vae_identity": vae_identity}
+    return pa.field(LATENTS, pa.large_binary(), metadata=meta)
+
+
+def latents_array(latents: Any) -> pa.Array:
+    """A ``latents`` column (``large_binary``, float16 bytes) from ``(B, C, T, h, w)`` floats (numpy or torch)."""
+    if hasattr(latents, "detach"):
+        latents = latents.detach().to("cpu").float().numpy()
+    arr = np.asarray(latents)
+    if arr.ndim != 5:
+        raise DataError(f"latents must be (B, C, T, h, w), got shape {arr.shape}")
+    with np.errstate(over="ignore"):  # reported below, as one line
+        half = np.ascontiguousarray(arr, dtype=LATENTS_DTYPE)
+    if not np.isfinite(half).all():
+        raise DataError("latents overflow float16 (non-finite values); the VAE output is not scaled")
+    return pa.array([row.tobytes() for row in half], pa.large_binary())
+
+
+def latents_info(schema: pa.Schema) -> tuple[tuple[int, int, int, int], str] | None:
+    """``((C, T, h, w), vae_identity)`` from the ``latents`` field metadata; None when there is no column."""
+    if LATENTS not in schema.names:
+        return None
+    meta = schema.field(LATENTS).metadata or {}
+    try:
+        shape = tuple(int(d) for d in json.loads(meta[b"shape"]))
+        identity = meta[b"vae_identity"].decode()
+        dtype = meta.get(b"dtype", b"float16").decode()
+    except (KeyError, ValueError) as err:
+        raise DataError(f"latents field metadata lacks shape/vae_identity ({err})") from None
+    if dtype != LATENTS_DTYPE.name or len(shape) != 4:
+        raise DataError(f"latents field is {dtype} {list(shape)}, expected float16 [C, T, h, w]")
+    return shape, identity  # type: ignore[return-value]
+
+
+def latents_tensor(values: Any, shape: tuple[int, int, int, int] | None = None):
+    """float32 torch ``(B, C, T, h, w)`` from a clips table (shape from its metadata), its ``latents``
+    column, or a sequence of the raw bytes (a Ray Data batch column; pass ``shape``)."""
+    import torch
+
+    if isinstance(values, pa.Table):
+        info = latents_info(values.schema)
+        if info is None:
+            raise DataError("clips have no latents column (preprocess ran without preprocess.latents)")
+        shape = shape or info[0]
+        values = values.column(LATENTS)
+    if shape is None:
+        raise ValueError("latents_tensor: pass a clips table or the (C, T, h, w) shape")
+    if isinstance(values, pa.ChunkedArray | pa.Array):
+        values = values.to_pylist()
+    per_clip = int(np.prod(shape))
+    buf = np.frombuffer(b"".join(bytes(v) for v in values), dtype=LATENTS_DTYPE)
+    if buf.size != len(values) * per_clip:
+        raise DataError(f"latents hold {buf.size} values, expected {len(values)} x {list(shape)}")
+    return torch.from_numpy(buf.astype(np.float32)).reshape(len(values), *shape)
 
 
 def embedding_shape(schema_or_field) -> tuple[int, int] | None:
@@ -119,9 +204,12 @@ def split_uri(data_uri: str, split: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- write
-def write_clip_table(table_or_rows, uri: str, *, storage_options=None) -> str:
+def write_clip_table(
+    table_or_rows, uri: str, *, vae_identity: str | None = None, storage_options=None
+) -> str:
     """Write one parquet file (zstd) at ``uri``; rows (a list of dicts) are cast to :func:`clip_schema`,
-    whose ``(L, D)`` comes from the first row's embedding and mask. Returns ``uri``."""
+    whose ``(L, D)`` comes from the first row's embedding and mask. Rows with ``latents`` (C, T, h, w)
+    floats get the latents column, stamped with ``vae_identity``. Returns ``uri``."""
     import pyarrow.parquet as pq
 
     from pyoco import storage
@@ -134,6 +222,12 @@ def write_clip_table(table_or_rows, uri: str, *, storage_options=None) -> str:
             raise DataError(f"{uri}: no clip rows to write")
         text_len = len(rows[0][MASK])
         embed_dim = len(np.asarray(rows[0][EMBEDDING]).reshape(-1)) // max(1, text_len)
+        latent_shape = None
+        if rows[0].get(LATENTS) is not None:
+            stacked = np.stack([np.asarray(r[LATENTS], np.float32) for r in rows])
+            latent_shape = stacked.shape[1:]
+            encoded = latents_array(stacked).to_pylist()
+            rows = [{**r, LATENTS: b} for r, b in zip(rows, encoded, strict=True)]
         rows = [
             {
                 **r,
@@ -142,7 +236,8 @@ def write_clip_table(table_or_rows, uri: str, *, storage_options=None) -> str:
             }
             for r in rows
         ]
-        table = pa.Table.from_pylist(rows, schema=clip_schema(text_len, embed_dim))
+        schema = clip_schema(text_len, embed_dim, latent_shape=latent_shape, vae_identity=vae_identity)
+        table = pa.Table.from_pylist(rows, schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", compression_level=1)
     storage.write_bytes(uri, buf.getvalue(), options=storage_options)
