@@ -153,8 +153,12 @@ class ModelConfig(_Section):
     pretrained: str | None = None
     tiny: TinyUNetSettings = Field(default_factory=TinyUNetSettings)
     seed: int = 0
+    # None: the pretrained folder's vae/ when it has one, else none (pixel space). See pyoco.pretrained.
     vae: str | None = None
-    text_encoder: str = "minilm"
+    # "minilm" or a folder with text_encoder/ + tokenizer/. None: the pretrained folder's text_encoder/ when
+    # it has one, else MiniLM (pyoco.pretrained.resolve_pretrained; pyoco.text.load_text_encoder(None) is
+    # MiniLM).
+    text_encoder: str | None = None
     text_max_length: int = Field(32, ge=1)
     train_layers: Literal["temporal", "all"] = "temporal"
     gradient_checkpointing: bool = False

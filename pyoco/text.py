@@ -225,6 +225,13 @@ class CLIPTextEncoder(TextEncoder):
     def describe(self) -> dict[str, Any]:
         return {"kind": "clip", "path": self.source, "dim": self.dim, "max_length": self.max_length}
 
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write ``folder/text_encoder`` (safetensors) and ``folder/tokenizer``: a pipeline-folder layout
+        that `from_pretrained(folder)` reads back (a model package carries its encoder this way)."""
+        folder = Path(folder)
+        self._model.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        self._tokenizer.save_pretrained(folder / "tokenizer")
+
 
 # ----------------------------------------------------------------------------------------------------------
 
@@ -251,9 +258,13 @@ class PooledTextEncoder(TextEncoder):
         return {**self.inner.describe(), "pooled": True}
 
 
-def load_text_encoder(spec: str | os.PathLike | dict[str, Any], **kw: Any) -> TextEncoder:
-    """``"minilm"`` → `MiniLMTextEncoder`; any other string/path → `CLIPTextEncoder.from_pretrained(spec)`;
-    a `TextEncoder.describe()` dict → the encoder it describes (keyword arguments override its fields)."""
+def load_text_encoder(spec: str | os.PathLike | dict[str, Any] | None, **kw: Any) -> TextEncoder:
+    """``"minilm"`` or None → `MiniLMTextEncoder`; any other string/path → `CLIPTextEncoder.from_pretrained`;
+    a `TextEncoder.describe()` dict → the encoder it describes (keyword arguments override its fields).
+    (``model.text_encoder: None`` means "the pretrained folder's"; `pyoco.pretrained.resolve_pretrained`
+    turns it into a folder or "minilm".)"""
+    if spec is None:
+        return MiniLMTextEncoder(**kw)
     if isinstance(spec, dict):
         if spec.get("pooled"):
             return PooledTextEncoder(
