@@ -106,42 +106,88 @@ def model_init(
     ),
     alpha: float = typer.Option(1.0, "--alpha", help="Default alpha recorded with it."),
     seed: int = typer.Option(0, "--seed", help="Seed for the tiny UNet's weights."),
+    vae: str | None = typer.Option(None, "--vae", help="VAE folder overriding the pretrained folder's vae/."),
+    text_encoder: str | None = typer.Option(
+        None,
+        "--text-encoder",
+        help="'minilm' or a CLIP folder (default: the pretrained folder's, else MiniLM).",
+    ),
 ) -> None:
-    """Inflate an image UNet into a video model (temporal layers zero-initialised) and save it."""
+    """Inflate an image UNet into a video model (temporal layers zero-initialised) and save it. From a
+    Stable-Diffusion-style folder the package also carries its VAE and CLIP text encoder."""
     _check_alpha(alpha)
     from pyoco.noise import make_prior
 
     make_prior(noise, alpha)
-    build_initial_package(
-        out, pretrained=pretrained, size=size, frames=frames, noise=noise, alpha=alpha, seed=seed
+    root = build_initial_package(
+        out,
+        pretrained=pretrained,
+        size=size,
+        frames=frames,
+        noise=noise,
+        alpha=alpha,
+        seed=seed,
+        vae=vae,
+        text_encoder=text_encoder,
     )
-    console.print(f"video model written to {out}")
+    from pyoco.package import read_info
+
+    info = read_info(root)
+    kind = "latent" if info.has_vae else "pixel-space"
+    console.print(
+        f"video model written to {out} ({kind}, {info.height}x{info.width} px, "
+        f"text encoder {info.text_encoder['kind']})"
+    )
 
 
-def build_initial_package(out, *, pretrained=None, size=32, frames=8, noise="progressive", alpha=1.0, seed=0):
+def build_initial_package(
+    out,
+    *,
+    pretrained=None,
+    size=32,
+    frames=8,
+    noise="progressive",
+    alpha=1.0,
+    seed=0,
+    vae=None,
+    text_encoder=None,
+):
+    """A raw (untrained) video package: the pretrained folder's UNet inflated, with its VAE, text encoder
+    and scheduler (pyoco.pretrained), or the tiny UNet at ``size`` px; the pixel size of a pretrained
+    model is its UNet's sample_size times the VAE factor."""
+    from pyoco.config import ModelConfig
     from pyoco.diffusion import make_scheduler_config
-    from pyoco.model import (
-        TinyUNetConfig,
-        VideoDenoiser,
-        build_unet2d,
-        inflate,
-        load_scheduler_config,
-        load_unet2d,
-    )
+    from pyoco.model import TinyUNetConfig, VideoDenoiser, build_unet2d, inflate, load_unet2d, load_vae
     from pyoco.package import PackageInfo, save_package
+    from pyoco.pretrained import check_compatible, resolve_pretrained
+    from pyoco.text import load_text_encoder
 
+    spec = resolve_pretrained(
+        ModelConfig(
+            pretrained=pretrained or None, vae=vae, text_encoder=text_encoder, tiny={"sample_size": size}
+        )
+    )
+    check_compatible(spec)
     if pretrained:
-        unet2d = load_unet2d(pretrained)
-        sched = load_scheduler_config(pretrained)
-        size = int(unet2d.config.sample_size)
+        unet2d = load_unet2d(spec.unet)
+        size = spec.pixel_size
     else:
         unet2d = build_unet2d(TinyUNetConfig(sample_size=size), seed=seed)
-        sched = None
+    vae_model = load_vae(spec.vae) if spec.vae else None
+    # MiniLM is referenced, not copied (it ships with pyoco); the package default already names it.
+    encoder = None if spec.text_encoder == "minilm" else load_text_encoder(spec.text_encoder)
     video = VideoDenoiser(inflate(unet2d))
     info = PackageInfo(
         noise={"kind": noise, "alpha": alpha}, height=size, width=size, num_frames=frames, weights="raw"
     )
-    return save_package(out, video, scheduler_config=make_scheduler_config(sched), info=info)
+    return save_package(
+        out,
+        video,
+        scheduler_config=make_scheduler_config(spec.scheduler_config),
+        info=info,
+        vae=vae_model,
+        text_encoder=encoder,
+    )
 
 
 def resolve_model(model: str) -> str:

