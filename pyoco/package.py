@@ -66,10 +66,7 @@ class ModelPackage:
     def text_encoder(self, **kw):
         from pyoco.text import load_text_encoder
 
-        spec = dict(self.info.text_encoder)
-        if spec.get("kind") == "clip" and spec.get("path") == PACKAGED:
-            spec["path"] = self.path  # saved inside this package (see save_package)
-        return load_text_encoder(spec, **kw)
+        return load_text_encoder(dict(self.info.text_encoder), **kw)
 
     def prior(self, kind: str | None = None, alpha: float | None = None):
         from pyoco.noise import make_prior
@@ -142,4 +139,8 @@ def load_package(uri: str, *, cache_dir: str | None = None, device: str = "cpu")
     sched_file = root / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
     vae = load_vae(str(root / "vae")).to(device).eval() if info.has_vae else None
+    if info.text_encoder.get("kind") == "clip" and info.text_encoder.get("path") == PACKAGED:
+        # Saved inside this package (see save_package): point at this copy, wherever it was downloaded to,
+        # so every user of info.text_encoder (sampling, evaluate, pyfunc) loads the packaged weights.
+        info.text_encoder = {**info.text_encoder, "path": str(root)}
     return ModelPackage(denoiser, scheduler_config, info, vae=vae, path=str(root))

@@ -5,6 +5,7 @@ column, the pre-flight compatibility checks, and ``pyoco model init`` -> ``pyoco
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import av
@@ -21,7 +22,7 @@ from pyoco import clips as clipfmt
 from pyoco.config import ModelConfig
 from pyoco.errors import InputError
 from pyoco.model import TinyUNetConfig, build_unet2d, load_unet2d, load_vae
-from pyoco.package import load_package
+from pyoco.package import load_package, read_info
 from pyoco.pretrained import check_compatible, resolve_pretrained
 from pyoco.text import CLIPTextEncoder, load_text_encoder
 from pyoco.vae import decode_frames, encode_frames, vae_factor, vae_identity
@@ -257,14 +258,18 @@ def test_compatibility_errors_name_both_values_and_fields(sd_pipeline, sd_pipeli
 @pytest.mark.parametrize("fixture", ["sd_pipeline", "sd_pipeline_v"])
 def test_model_init_then_sample_on_a_latent_folder(fixture, request, tmp_path):
     sd = request.getfixturevalue(fixture)
+    source = tmp_path / "source"
+    shutil.copytree(sd.path, source)
     model = tmp_path / "model"
-    init = runner.invoke(app, ["model", "init", "--out", str(model), "--pretrained", str(sd.path)])
+    init = runner.invoke(app, ["model", "init", "--out", str(model), "--pretrained", str(source)])
     assert init.exit_code == 0, init.output
+    shutil.rmtree(source)  # the package must carry everything it samples with
     assert "(latent, 32x32 px, text encoder clip)" in " ".join(init.output.split())
     pkg = load_package(str(model))
     assert pkg.info.has_vae and pkg.info.height == pkg.info.width == sd.pixel_size
     assert pkg.info.vae_identity == vae_identity(load_vae(sd.path))
-    assert pkg.info.text_encoder["kind"] == "clip" and pkg.info.text_encoder["path"] == "."
+    assert read_info(model).text_encoder["path"] == "."  # inside the package, wherever it is copied
+    assert pkg.info.text_encoder == {**read_info(model).text_encoder, "path": str(model)}
     assert pkg.scheduler_config["prediction_type"] == sd.prediction_type
     enc = pkg.text_encoder()  # from the package's own copy, not the source folder
     ref = load_text_encoder(str(sd.path))
