@@ -23,7 +23,7 @@ from torch import nn
 from pyoco.model import decode_video, encode_video
 from pyoco.sampling import from_uint8_video, to_uint8_video
 
-__all__ = ["decode_frames", "encode_frames", "vae_factor", "vae_identity"]
+__all__ = ["LatentEncoder", "decode_frames", "encode_frames", "vae_factor", "vae_identity"]
 
 
 def vae_factor(vae_or_config: nn.Module | dict[str, Any]) -> int:
@@ -63,3 +63,34 @@ def vae_identity(vae: nn.Module) -> str:
         digest.update(f"{name}:{tuple(value.shape)};".encode())
         digest.update(value.numpy().tobytes())
     return "sha256:" + digest.hexdigest()
+
+
+class LatentEncoder:
+    """A loaded VAE as a batch function: uint8 ``(B, T, H, W, 3)`` → float32 numpy ``(B, C, T, h, w)``.
+
+    What a preprocess actor holds (one per actor: the VAE loads once). ``identity`` is computed from the
+    float32 weights before the cast to ``dtype`` (bf16 on GPU halves the memory and the encode time), so it
+    equals the identity train computes on its own float32 copy.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        chunk_frames: int | None = 16,
+        cache_dir: str | None = None,
+        storage_options: dict | None = None,
+    ):
+        from pyoco.model import load_vae
+
+        vae = load_vae(uri, cache_dir=cache_dir, storage_options=storage_options).eval()
+        self.identity = vae_identity(vae)
+        self.factor = vae_factor(vae)
+        self.latent_channels = int(vae.config.latent_channels)
+        self.vae = vae.to(device=device, dtype=dtype).requires_grad_(False)
+        self.chunk_frames = chunk_frames
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        return encode_frames(self.vae, frames, chunk_frames=self.chunk_frames).cpu().numpy()

@@ -25,7 +25,7 @@ from pyoco.model import TinyUNetConfig, build_unet2d, load_unet2d, load_vae
 from pyoco.package import load_package, read_info
 from pyoco.pretrained import check_compatible, resolve_pretrained
 from pyoco.text import CLIPTextEncoder, load_text_encoder
-from pyoco.vae import decode_frames, encode_frames, vae_factor, vae_identity
+from pyoco.vae import LatentEncoder, decode_frames, encode_frames, vae_factor, vae_identity
 from tests.sd_tiny import CLIP_DIM, MAX_LENGTH, build_sd_pipeline, build_vae
 
 runner = CliRunner()
@@ -158,6 +158,12 @@ def test_vae_identity_follows_config_and_weights(sd_pipeline, sd_pipeline_other_
     with torch.no_grad():
         vae.decoder.conv_out.bias[0] += 1e-3
     assert vae_identity(vae) != ident
+    actor = LatentEncoder(str(sd_pipeline.path), dtype=torch.bfloat16, chunk_frames=2)
+    assert actor.identity == ident and (actor.factor, actor.latent_channels) == (8, 4)
+    frames = _frames(1)
+    z16, z32 = actor(frames), encode_frames(load_vae(sd_pipeline.path), frames).numpy()
+    assert z16.shape == z32.shape == (1, 4, 3, 4, 4) and z16.dtype == np.float32
+    np.testing.assert_allclose(z16, z32, atol=0.05 * np.abs(z32).max())  # bf16 VAE: ~3 significant digits
     rescaled = build_vae(seed=0, scaling_factor=0.13025)
     assert vae_identity(rescaled) != vae_identity(build_vae(seed=0))  # config only
 
