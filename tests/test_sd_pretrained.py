@@ -109,21 +109,30 @@ def test_pixel_space_folder_and_latent_unet_without_vae(tmp_path):
         resolve_pretrained(ModelConfig(pretrained=str(latent.path)))
 
 
-def test_remote_folder_resolves_and_loads_through_the_cache(sd_pipeline, tmp_path):
-    """The fsspec branch (s3:// in production) on fsspec's in-memory filesystem: configs are read remotely,
-    weights go through pyoco.model.localize's content-keyed cache."""
-    mem = fsspec.filesystem("memory")
-    mem.put(str(sd_pipeline.path) + "/", "/pyoco-sd/", recursive=True)
+@pytest.mark.parametrize("store", ["memory", "s3"])
+def test_remote_folder_resolves_and_loads_through_the_cache(store, sd_pipeline, tmp_path, request):
+    """The fsspec branch: fsspec's in-memory filesystem, and s3:// on a real moto server. Configs are read
+    remotely; weights go through pyoco.model.localize's content-keyed cache."""
+    if store == "s3":
+        bucket = request.getfixturevalue("moto_s3").make_bucket("pyoco-sd")
+        root = f"s3://{bucket}/models/sd"
+    else:
+        root = "memory://pyoco-sd"
+    fs, path = fsspec.core.url_to_fs(root)
+    fs.put(str(sd_pipeline.path) + "/", path + "/", recursive=True)
     try:
-        spec = resolve_pretrained(ModelConfig(pretrained="memory://pyoco-sd"))
-        assert spec.vae == "memory://pyoco-sd/vae" and spec.text_encoder == "memory://pyoco-sd"
+        spec = resolve_pretrained(ModelConfig(pretrained=root))
+        assert spec.unet == root + "/unet" and spec.vae == root + "/vae" and spec.text_encoder == root
+        assert spec.text_dim == CLIP_DIM and spec.scheduler_config["prediction_type"] == "epsilon"
         cache = tmp_path / "cache"
         vae = load_vae(spec.vae, cache_dir=cache)
         enc = load_text_encoder(spec.text_encoder, cache_dir=cache)
+        unet = load_unet2d(spec.unet, cache_dir=cache)
         assert vae_identity(vae) == vae_identity(load_vae(sd_pipeline.path))
         assert enc.encode(["a red circle"])[0].shape == (1, MAX_LENGTH, CLIP_DIM)
+        assert unet.config.cross_attention_dim == CLIP_DIM
     finally:
-        mem.rm("/pyoco-sd", recursive=True)
+        fs.rm(path, recursive=True)
 
 
 # ------------------------------------------------------------------------------------------------- VAE
