@@ -278,6 +278,21 @@ def test_model_init_then_sample_on_a_latent_folder(fixture, request, tmp_path):
     model = tmp_path / "model"
     init = runner.invoke(app, ["model", "init", "--out", str(model), "--pretrained", str(source)])
     assert init.exit_code == 0, init.output
+    bad = runner.invoke(
+        app,
+        [
+            "model",
+            "init",
+            "--out",
+            str(tmp_path / "bad"),
+            "--pretrained",
+            str(source),
+            "--text-encoder",
+            "minilm",
+        ],
+    )
+    assert bad.exit_code == 2 and not (tmp_path / "bad").exists()
+    assert "cross_attention_dim=32 != the text encoder's width 384" in bad.output
     shutil.rmtree(source)  # the package must carry everything it samples with
     assert "(latent, 32x32 px, text encoder clip)" in " ".join(init.output.split())
     pkg = load_package(str(model))
