@@ -37,6 +37,9 @@ class PretrainedSpec:
     vae_config: dict[str, Any] | None
     text_encoder: str  # "minilm" or a folder URI (pipeline folder or bare text_encoder + tokenizer)
     text_dim: int
+    text_len: (
+        int  # L: CLIP's own length (tokenizer model_max_length, 77 for SD); MiniLM: model.text_max_length
+    )
     scheduler_config: dict[str, Any] | None
 
     @property
@@ -106,10 +109,14 @@ def resolve_pretrained(model_cfg, *, storage_options: dict | None = None) -> Pre
         vae = resolve_component(vae, "vae", storage_options=storage_options)
         vae_config = _json(vae + "/config.json", storage_options)
     if text.lower() == "minilm":
-        text, text_dim = "minilm", MINILM_DIM
+        text, text_dim, text_len = "minilm", MINILM_DIM, int(model_cfg.text_max_length)
     else:
         enc = resolve_component(text, "text_encoder", storage_options=storage_options)
-        text_dim = int(_json(enc + "/config.json", storage_options)["hidden_size"])
+        enc_config = _json(enc + "/config.json", storage_options)
+        text_dim = int(enc_config["hidden_size"])
+        tok = enc if enc == text else text.rstrip("/") + "/tokenizer"  # as CLIPTextEncoder.from_pretrained
+        tok_max = _json(tok + "/tokenizer_config.json", storage_options).get("model_max_length")
+        text_len = min(int(enc_config["max_position_embeddings"]), int(tok_max or 10**9))
     spec = PretrainedSpec(
         unet=unet,
         unet_config=unet_config,
@@ -117,6 +124,7 @@ def resolve_pretrained(model_cfg, *, storage_options: dict | None = None) -> Pre
         vae_config=vae_config,
         text_encoder=text,
         text_dim=text_dim,
+        text_len=text_len,
         scheduler_config=scheduler,
     )
     _check_channels(spec, model_cfg)

@@ -77,7 +77,7 @@ def test_resolve_takes_every_part_from_the_one_folder(sd_pipeline, sd_pipeline_o
     root = str(sd_pipeline.path)
     spec = resolve_pretrained(ModelConfig(pretrained=root))
     assert spec.unet == root + "/unet" and spec.vae == root + "/vae" and spec.text_encoder == root
-    assert spec.text_dim == CLIP_DIM and spec.latent and spec.vae_factor == 8
+    assert (spec.text_dim, spec.text_len) == (CLIP_DIM, MAX_LENGTH) and spec.latent and spec.vae_factor == 8
     assert spec.pixel_multiple == 4 * 8 and spec.pixel_size == sd_pipeline.pixel_size == 32
     assert spec.scheduler_config["_class_name"] == "PNDMScheduler"
     check_compatible(spec, clip_text_dim=CLIP_DIM, height=32, width=64)
@@ -89,7 +89,8 @@ def test_resolve_takes_every_part_from_the_one_folder(sd_pipeline, sd_pipeline_o
 
     other = str(sd_pipeline_other_vae.path)
     swapped = resolve_pretrained(ModelConfig(pretrained=root, vae=other, text_encoder="minilm"))
-    assert swapped.vae == other + "/vae" and swapped.text_encoder == "minilm" and swapped.text_dim == 384
+    assert swapped.vae == other + "/vae" and swapped.text_encoder == "minilm"
+    assert (swapped.text_dim, swapped.text_len) == (384, 32)
     with pytest.raises(InputError, match=r"cross_attention_dim=32 != the text encoder's width 384"):
         check_compatible(swapped)
 
