@@ -228,7 +228,7 @@ class PretrainConfig(TrainConfig):
 
 # --------------------------------------------------------------------------------------------- evaluate etc.
 class EvaluateConfig(_Section):
-    """``pyoco evaluate``: metrics on the val split (see pipelines/evaluate.py for each one)."""
+    """``pyoco evaluate``: metrics on the val split (see pipelines/evaluate/metrics.py for each one)."""
 
     num_clips: int = Field(16, ge=1)  # val clips (smallest clip ids) for val_loss
     seed: int = 0
@@ -252,7 +252,7 @@ class MlflowConfig(_Section):
 
 
 class PromoteConfig(_Section):
-    # None: fvd when evaluate.evaluator is set, else val_loss (see pipelines.registry.default_gate)
+    # None: fvd when evaluate.evaluator is set, else val_loss (see pipelines.registry.register.default_gate)
     metric: str | None = None
     mode: Literal["min", "max"] | None = None  # None: min
     min_improvement: float = Field(0.0, ge=0)  # the margin is max(this, the challenger's CI half-width)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipelines.common import PyocoError
-from pipelines.train import CHECKPOINT_TAG, STATE_DIR, TRAIN_STATE, export_checkpoint
+from pipelines.train.driver import CHECKPOINT_TAG, STATE_DIR, TRAIN_STATE, export_checkpoint
 from pyoco.config import PyocoConfig
 
 pytest_plugins = ("tests.fixtures_registry",)
@@ -136,7 +136,7 @@ def test_concurrent_resolvers_of_one_version_never_delete_each_others_copy(
     """Four threads resolve the same models:/NAME/1 at once (empty cache, so each downloads), and each
     keeps reading every file of the folder it got back until all four are done. Before the fix a later
     resolver deleted the complete copy an earlier one was reading."""
-    from pipelines import registry
+    from pipelines.registry import register as registry
     from pyoco.package import read_info
 
     registry.register_model(model_name, checkpoint=str(tiny_package), metrics={"val_loss": 0.5})

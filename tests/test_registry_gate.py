@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from pipelines import registry
-from pipelines.evaluate import run_evaluate
+from pipelines.evaluate.metrics import run_evaluate
+from pipelines.registry import register as registry
 from pyoco.config import EvaluateConfig
 from tests.fixtures_registry import make_clips_dir
 

@@ -17,8 +17,8 @@ import types
 
 import pytest
 
-from pipelines import registry
 from pipelines.common import PyocoError
+from pipelines.registry import register as registry
 
 pytest_plugins = ("tests.fixtures_registry",)
 
@@ -164,7 +164,7 @@ def test_lock_waits_for_a_live_holder(tracking_env, model_name):
 # lock and releases it.
 HOLDER = """
 import json, sys, time
-from pipelines import registry
+from pipelines.registry import register as registry
 uri, name, lease_s, hold_s = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 lock = registry.RegistryLock(registry._client(uri), name, lease_s=lease_s, timeout_s=60).acquire()
 print(json.dumps({"acquired": lock.owner}), flush=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines import registry
+from pipelines.registry import register as registry
 from tests.conftest import TEST_AWS_SECRET, start_mlflow_server, stop
 
 pytest_plugins = ("tests.fixtures_registry",)

@@ -139,7 +139,7 @@ def _resolved(cfg: PyocoConfig) -> PyocoConfig:
         cfg.preprocess.input = cfg.synth.out
     if cfg.preprocess is not None and cfg.train.data is None:
         cfg.train.data = join(cfg.preprocess.output, "clips", "train")
-    # train.output / train.storage_path defaults are filled once, by pipelines.train.resolve_config.
+    # train.output / train.storage_path defaults are filled once, by pipelines.train.driver.resolve_config.
     if cfg.evaluate.output is None:
         cfg.evaluate.output = join(cfg.output, "eval", "metrics.json")
     return cfg
@@ -156,8 +156,8 @@ def _step_synth(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key
 
 
 def _step_preprocess(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
-    from pipelines.preprocess import run_preprocess
-    from pipelines.train_data import manifest_data_hash
+    from pipelines.preprocess.stages import run_preprocess
+    from pipelines.train.data import manifest_data_hash
 
     ensure_ray(cfg.ray.address)  # the workflow's one Ray (run_preprocess then reuses it)
     manifest = run_preprocess(cfg.preprocess, ray_address=cfg.ray.address)
@@ -169,7 +169,7 @@ def _step_preprocess(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *
 
 
 def _step_pretrain(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
-    from pipelines.train import pretrain_config, run_train
+    from pipelines.train.driver import pretrain_config, run_train
 
     result = run_train(pretrain_config(cfg), image_pretrain=True, ctx=ctx, run_key=key)
     return {**result, "stamp": _dir_stamp(result["model_dir"])}
@@ -182,7 +182,7 @@ def _evaluator_path(cfg: PyocoConfig, outs: dict[str, dict]) -> str | None:
 
 def _step_evaluator(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     """Train the learned evaluator on the preprocessed clips (train split; held-out accuracy on val)."""
-    from pipelines.evaluator_cli import run_evaluator_train
+    from pipelines.evaluate.evaluator import run_evaluator_train
 
     e = cfg.evaluator
     out = e.output or join(cfg.output, "evaluator")
@@ -200,7 +200,7 @@ def _image_model(cfg: PyocoConfig, outs: dict[str, dict]) -> str | None:
 
 def _step_noise_fit(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     """``noise: auto``: fit the prior to the val clips DDIM-inverted by the image model (pyoco noise fit)."""
-    from pipelines.noise_fit import run_noise_fit
+    from pipelines.evaluate.noise_fit import run_noise_fit
 
     model = _image_model(cfg, outs)
     if model is None:
@@ -241,7 +241,7 @@ def _fitted_noise(cfg: PyocoConfig, outs: dict[str, dict]) -> PyocoConfig:
 def _step_train(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     """Ray Train's run name comes from this step's key (unless train.run_name is set): a changed config
     starts a new run instead of resuming the old one; a re-run after a crash resumes it."""
-    from pipelines.train import run_train
+    from pipelines.train.driver import run_train
 
     cfg = _fitted_noise(cfg, outs).model_copy(deep=True)
     if "pretrain" in outs and cfg.model.pretrained is None:
@@ -253,7 +253,7 @@ def _step_train(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key
 def _step_evaluate(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     """Scores the package under the noise prior it was trained with (recorded in the package), the same
     prior that register tags the version with."""
-    from pipelines.evaluate import run_evaluate
+    from pipelines.evaluate.metrics import run_evaluate
 
     if cfg.preprocess is not None:
         data = cfg.preprocess.output
@@ -276,7 +276,7 @@ def _step_evaluate(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, 
 
 
 def _step_register(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
-    from pipelines.registry import register_model
+    from pipelines.registry.register import register_model
 
     result = register_model(
         name=ctx.registered_model,
@@ -297,7 +297,7 @@ def _step_register(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, 
 
 
 def _step_promote(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
-    from pipelines.registry import promote
+    from pipelines.registry.register import promote
 
     result = promote(
         ctx.registered_model,
@@ -318,8 +318,8 @@ def _step_sample(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, ke
     """Sample the champion to {output}/sample.mp4 (+ .gif); remote outputs are written locally, then uploaded."""
     import tempfile
 
-    from pipelines.core_cli import sample_to_files
-    from pipelines.registry import resolve_model_uri
+    from pipelines.cli.core import sample_to_files
+    from pipelines.registry.register import resolve_model_uri
 
     remote = "://" in cfg.output
     local_dir = Path(tempfile.mkdtemp(prefix="pyoco-sample-")) if remote else Path(cfg.output)

@@ -13,8 +13,8 @@ format, ``scheduler/``, ``pyoco_package.json``) at ``train.output``.
 
 Worker (:func:`train_loop_per_worker`, one per rank): typed config on the first line, build/load the UNet
 (inflated unless image pretraining), ``deepspeed.initialize`` with the generated config
-(:mod:`pipelines.train_ds`), EMA (:mod:`pipelines.train_ema`), restore from ``ray.train.get_checkpoint()``, then
-the loop: stream batches (:mod:`pipelines.train_data`), ``DiffusionLoss`` with the prior and a per-rank
+(:mod:`pipelines.train.deepspeed`), EMA (:mod:`pipelines.train.ema`), restore from ``ray.train.get_checkpoint()``, then
+the loop: stream batches (:mod:`pipelines.train.data`), ``DiffusionLoss`` with the prior and a per-rank
 generator, backward/step, log, checkpoint every ``checkpoint_every`` steps, sample every ``sample_every`` steps.
 
 Checkpoint layout (one Ray checkpoint = the merged folders of all ranks)::
@@ -424,8 +424,8 @@ class Trainer:
         import ray.train
         import torch
 
-        from pipelines.train_data import ClipGeometry
-        from pipelines.train_ds import make_lr_scheduler, setup_deepspeed, use_bf16
+        from pipelines.train.data import ClipGeometry
+        from pipelines.train.deepspeed import make_lr_scheduler, setup_deepspeed, use_bf16
         from pyoco.diffusion import DiffusionLoss, make_scheduler_config
         from pyoco.noise import make_prior, rank_generator
 
@@ -475,7 +475,7 @@ class Trainer:
         self.trainable_names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         self.ema = None
         if self.t.ema_decay:
-            from pipelines.train_ema import ShardedEMA
+            from pipelines.train.ema import ShardedEMA
 
             named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
             self.ema = ShardedEMA(named, self.t.ema_decay, rank=self.rank)
@@ -524,12 +524,12 @@ class Trainer:
 
         Nothing here runs code from the checkpoint: our own state (RNG, EMA, train_state.json) holds no
         pickles, and DeepSpeed's ``ds/`` files are read with ``weights_only=True``
-        (:func:`pipelines.train_ds.use_weights_only_loading`; DeepSpeed 0.19's ``load_checkpoint`` has no
+        (:func:`pipelines.train.deepspeed.use_weights_only_loading`; DeepSpeed 0.19's ``load_checkpoint`` has no
         such argument)."""
         import ray.train
 
-        from pipelines.train_ds import use_weights_only_loading
-        from pipelines.train_ema import ema_file, load_ema_state
+        from pipelines.train.deepspeed import use_weights_only_loading
+        from pipelines.train.ema import ema_file, load_ema_state
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
@@ -563,7 +563,7 @@ class Trainer:
         """Every rank writes its part; Ray merges the folders into one checkpoint in storage."""
         import ray.train
 
-        from pipelines.train_ema import ema_file, save_ema_state
+        from pipelines.train.ema import ema_file, save_ema_state
 
         with tempfile.TemporaryDirectory(prefix="pyoco-ckpt-") as tmp:
             root = Path(tmp)
@@ -661,7 +661,7 @@ class Trainer:
         """Endless stream of collated batches from this worker's shard; each pass is one (reshuffled) epoch."""
         import ray.train
 
-        from pipelines.train_data import make_collate
+        from pipelines.train.data import make_collate
 
         shard = ray.train.get_dataset_shard("train")
         collate = make_collate(self.geometry)
@@ -851,7 +851,7 @@ def consolidated_state_dict(ckpt_dir: Path, zero_stage: int) -> dict:
         with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115 - it prints per shard
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=CHECKPOINT_TAG)
         return {k: v.float() for k, v in sd.items()}
-    from pipelines.train_ds import _safe_ds_globals
+    from pipelines.train.deepspeed import _safe_ds_globals
 
     with torch.serialization.safe_globals(_safe_ds_globals()):
         states = torch.load(
@@ -871,7 +871,7 @@ def export_checkpoint(
     """Consolidate the checkpoint at ``ckpt_dir`` into a model package at ``out_uri``; returns its facts.
 
     ``out_uri`` must be absent, empty or an earlier package (see :func:`publish_package`)."""
-    from pipelines.train_ema import consolidate, load_ema_shards
+    from pipelines.train.ema import consolidate, load_ema_shards
     from pyoco.model import VideoDenoiser
     from pyoco.package import PackageInfo, save_package
 
@@ -1140,8 +1140,8 @@ def run_train(
     ``cfg.mlflow`` and the environment). ``run_key`` (the workflow step's cache key) names the Ray Train run
     when ``train.run_name`` is unset; without it the compatibility hash does."""
     from pipelines import tracking
-    from pipelines.train_data import DataError, inspect_clips, manifest_hash
-    from pipelines.train_ds import deepspeed_config
+    from pipelines.train.data import DataError, inspect_clips, manifest_hash
+    from pipelines.train.deepspeed import deepspeed_config
 
     if image_pretrain:
         cfg = cfg.model_copy(update={"noise": NoiseConfig(kind="iid", alpha=0.0)})

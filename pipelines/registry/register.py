@@ -664,7 +664,7 @@ def reevaluate_champion(
     """Evaluate the champion's model on the eval data and settings the challenger was evaluated with, and
     record the results on the champion version as ``pyoco.reeval.<hash>.<metric>`` tags (idempotent, so
     done outside the registry lock: an evaluation takes longer than a lock lease)."""
-    from pipelines.evaluate import run_evaluate
+    from pipelines.evaluate.metrics import run_evaluate
     from pyoco.config import EvaluateConfig
 
     cand_mv = _version(client, name, candidate)
@@ -1186,7 +1186,7 @@ def register_model(
         model_dir = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
             path=str(model_dir),
-            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            python_model=str(Path(__file__).with_name("pyfunc.py")),
             artifacts={"package": str(pkg_dir), "pyoco_config": str(cfg_file)},
             signature=_signature(info),
             pip_requirements=_pip_requirements(),

@@ -153,7 +153,7 @@ def read_auth_token(environ: dict[str, str] | None = None) -> AuthToken:
 # --------------------------------------------------------------------------------------------- package
 def project_root() -> Path | None:
     """The source checkout pyoco runs from (pyproject.toml next to pipelines/), or None if installed."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if (root / "pyproject.toml").is_file() and (root / "pyoco").is_dir():
         return root
     return None
