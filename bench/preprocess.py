@@ -165,7 +165,7 @@ def child_run(args) -> None:
     """In a fresh process: start Ray with --cpus, run the step, print JSON timing."""
     import ray
 
-    from pipelines.preprocess.stages import run_preprocess
+    from pipelines.preprocess.step import run_preprocess
 
     ray.init(
         num_cpus=args.cpus,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.preprocess.stages import run_preprocess
+from pipelines.preprocess.step import run_preprocess
 from pipelines.train.data import DataError, inspect_clips, list_shards
 from pyoco import clips, synth
 from pyoco.config import PreprocessConfig

@@ -25,7 +25,7 @@ COMMAND_MODULES = [
     "pipelines.cli.core",  # noise stats, sample
     "pipelines.evaluate.noise_fit",  # noise fit
     "pipelines.cli.data",  # data synth
-    "pipelines.preprocess.stages",
+    "pipelines.cli.preprocess",
     "pipelines.train.driver",
     "pipelines.evaluate.metrics",
     "pipelines.evaluate.evaluator",  # evaluator train

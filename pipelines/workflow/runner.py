@@ -156,7 +156,7 @@ def _step_synth(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key
 
 
 def _step_preprocess(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
-    from pipelines.preprocess.stages import run_preprocess
+    from pipelines.preprocess.step import run_preprocess
     from pipelines.train.data import manifest_data_hash
 
     ensure_ray(cfg.ray.address)  # the workflow's one Ray (run_preprocess then reuses it)
