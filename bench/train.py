@@ -71,7 +71,7 @@ def bare_loop(cfg, batch, steps: int, threads: int) -> list[float]:
     import torch
 
     from pipelines.train.deepspeed import ADAM_EPS
-    from pipelines.train.driver import build_denoiser
+    from pipelines.train.engine import build_denoiser
     from pyoco.diffusion import DiffusionLoss
     from pyoco.noise import make_prior, rank_generator
 

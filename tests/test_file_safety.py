@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pipelines.common import PyocoError
-from pipelines.train.driver import CHECKPOINT_TAG, STATE_DIR, TRAIN_STATE, export_checkpoint
+from pipelines.train.checkpoint import CHECKPOINT_TAG, STATE_DIR, TRAIN_STATE
+from pipelines.train.export import export_checkpoint
 from pyoco.config import PyocoConfig
 
 pytest_plugins = ("tests.fixtures_registry",)

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from pipelines import tracking
 from pipelines.train.data import DataError, collate_clips, inspect_clips, manifest_hash
 from pipelines.train.deepspeed import deepspeed_config, lr_multiplier, use_bf16
-from pipelines.train.driver import pretrain_config, resolve_config, total_steps
 from pipelines.train.ema import ShardedEMA, consolidate
+from pipelines.train.plan import pretrain_config, resolve_config, total_steps
 from pyoco.config import PyocoConfig, TrainConfig, parse_config
 from tests.fixtures_train import clip_frames, ema_zero3_worker, tiny_config, write_clips
 
@@ -278,7 +278,7 @@ def test_epochs_alone_is_not_capped_by_the_default_max_steps():
 
 
 def _compat(tmp_path, **over):
-    from pipelines.train.driver import compat_fields
+    from pipelines.train.checkpoint import compat_fields
 
     clips = write_clips(tmp_path / "data", num_clips=4, num_frames=4, size=8)
     cfg = parse_config(tiny_config(tmp_path, clips))
@@ -293,7 +293,7 @@ def test_resume_check_names_the_changed_settings_and_the_worker_count(tmp_path):
     """Issue 12 item 2: a checkpoint records what was learned with; restore refuses another config in one
     line naming the fields, and another worker count."""
     from pipelines.common import PyocoError
-    from pipelines.train.driver import check_resume, compat_hash
+    from pipelines.train.checkpoint import check_resume, compat_hash
 
     base = _compat(tmp_path)
     state = {"world_size": 2, "compat": {"hash": compat_hash(base), "fields": base}}
@@ -327,7 +327,7 @@ def test_rng_and_ema_state_are_tensors_and_json_not_pickles(tmp_path):
     """Issue 12 item 7: checkpoint RNG/EMA state loads without unpickling anything."""
     import random
 
-    from pipelines.train.driver import load_rng_state, save_rng_state
+    from pipelines.train.checkpoint import load_rng_state, save_rng_state
     from pipelines.train.ema import load_ema_state, save_ema_state
 
     torch.manual_seed(3)

@@ -26,7 +26,7 @@ COMMAND_MODULES = [
     "pipelines.evaluate.noise_fit",  # noise fit
     "pipelines.cli.data",  # data synth
     "pipelines.cli.preprocess",
-    "pipelines.train.driver",
+    "pipelines.cli.train",
     "pipelines.evaluate.metrics",
     "pipelines.evaluate.evaluator",  # evaluator train
     "pipelines.registry.register",

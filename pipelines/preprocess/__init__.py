@@ -1,1 +1,2 @@
-"""The preprocess step: discover inputs, index tars, decode/embed stages on Ray Data, the ledger and the manifest."""
+"""The preprocess step: discover inputs, index tars, decode/embed/write stages on Ray Data, the ledger and
+the manifest."""

@@ -1,1 +1,2 @@
-"""The train step: the worker plan, the Ray Train driver, the DeepSpeed engine and loop, EMA, data and export."""
+"""The train step: the worker plan, the Ray Train driver, the model and loop, checkpoints, EMA, DeepSpeed,
+data and export."""

@@ -139,7 +139,7 @@ def _resolved(cfg: PyocoConfig) -> PyocoConfig:
         cfg.preprocess.input = cfg.synth.out
     if cfg.preprocess is not None and cfg.train.data is None:
         cfg.train.data = join(cfg.preprocess.output, "clips", "train")
-    # train.output / train.storage_path defaults are filled once, by pipelines.train.driver.resolve_config.
+    # train.output / train.storage_path defaults are filled once, by pipelines.train.plan.resolve_config.
     if cfg.evaluate.output is None:
         cfg.evaluate.output = join(cfg.output, "eval", "metrics.json")
     return cfg
@@ -169,7 +169,8 @@ def _step_preprocess(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *
 
 
 def _step_pretrain(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
-    from pipelines.train.driver import pretrain_config, run_train
+    from pipelines.train.driver import run_train
+    from pipelines.train.plan import pretrain_config
 
     result = run_train(pretrain_config(cfg), image_pretrain=True, ctx=ctx, run_key=key)
     return {**result, "stamp": _dir_stamp(result["model_dir"])}
