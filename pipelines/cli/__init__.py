@@ -29,7 +29,7 @@ COMMAND_MODULES = [
     "pipelines.cli.train",
     "pipelines.evaluate.metrics",
     "pipelines.evaluate.evaluator",  # evaluator train
-    "pipelines.registry.register",
+    "pipelines.cli.registry",
     "pipelines.workflow.runner",
     "pipelines.workflow.submit",
 ]

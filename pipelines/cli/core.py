@@ -147,7 +147,7 @@ def build_initial_package(out, *, pretrained=None, size=32, frames=8, noise="pro
 def resolve_model(model: str) -> str:
     """A local folder for ``model``: a path, an s3:// URI, or models:/NAME@ALIAS from the registry."""
     if model.startswith("models:/") or model.startswith("runs:/"):
-        from pipelines.registry.register import resolve_model_uri
+        from pipelines.registry.resolve import resolve_model_uri
 
         return resolve_model_uri(model)
     return model

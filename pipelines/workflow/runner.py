@@ -298,7 +298,7 @@ def _step_register(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, 
 
 
 def _step_promote(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
-    from pipelines.registry.register import promote
+    from pipelines.registry.promote import promote
 
     result = promote(
         ctx.registered_model,
@@ -320,7 +320,7 @@ def _step_sample(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, ke
     import tempfile
 
     from pipelines.cli.core import sample_to_files
-    from pipelines.registry.register import resolve_model_uri
+    from pipelines.registry.resolve import resolve_model_uri
 
     remote = "://" in cfg.output
     local_dir = Path(tempfile.mkdtemp(prefix="pyoco-sample-")) if remote else Path(cfg.output)
