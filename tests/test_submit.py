@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from pipelines.common import PyocoError
+from pipelines.workflow.package import build_package
 from pipelines.workflow.submit import (
     AuthToken,
     alive_nodes,
-    build_package,
     check_local_paths,
     check_no_secrets,
     exit_code_for,

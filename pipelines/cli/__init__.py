@@ -30,8 +30,8 @@ COMMAND_MODULES = [
     "pipelines.evaluate.metrics",
     "pipelines.evaluate.evaluator",  # evaluator train
     "pipelines.cli.registry",
-    "pipelines.workflow.runner",
-    "pipelines.workflow.submit",
+    "pipelines.cli.workflow",
+    "pipelines.cli.submit",
 ]
 
 
