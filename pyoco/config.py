@@ -228,7 +228,7 @@ class PretrainConfig(TrainConfig):
 
 # --------------------------------------------------------------------------------------------- evaluate etc.
 class EvaluateConfig(_Section):
-    """``pyoco evaluate``: metrics on the val split (see pipelines/evaluate/metrics.py for each one)."""
+    """``pyoco evaluate``: metrics on the val split (see pipelines/evaluate/step.py for each one)."""
 
     num_clips: int = Field(16, ge=1)  # val clips (smallest clip ids) for val_loss
     seed: int = 0

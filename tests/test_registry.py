@@ -219,7 +219,7 @@ def test_register_from_a_training_run(tracking_env, tiny_package, model_name, tm
     """`register --run`: the package comes from the run's pyoco.model_dir tag, the metrics from the eval.*
     metrics that evaluate logged into that run, and the pyfunc model is logged into the same run."""
     from pipelines import tracking
-    from pipelines.evaluate.metrics import run_evaluate
+    from pipelines.evaluate.step import run_evaluate
     from pyoco.config import EvaluateConfig
 
     uri = tracking_env.uri

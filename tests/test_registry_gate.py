@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.evaluate.metrics import run_evaluate
+from pipelines.evaluate.step import run_evaluate
 from pipelines.registry.client import _client
 from pipelines.registry.promote import (
     _gate,

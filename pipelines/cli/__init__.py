@@ -27,7 +27,7 @@ COMMAND_MODULES = [
     "pipelines.cli.data",  # data synth
     "pipelines.cli.preprocess",
     "pipelines.cli.train",
-    "pipelines.evaluate.metrics",
+    "pipelines.cli.evaluate",
     "pipelines.evaluate.evaluator",  # evaluator train
     "pipelines.cli.registry",
     "pipelines.cli.workflow",

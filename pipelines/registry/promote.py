@@ -133,7 +133,7 @@ def reevaluate_champion(
     """Evaluate the champion's model on the eval data and settings the challenger was evaluated with, and
     record the results on the champion version as ``pyoco.reeval.<hash>.<metric>`` tags (idempotent, so
     done outside the registry lock: an evaluation takes longer than a lock lease)."""
-    from pipelines.evaluate.metrics import run_evaluate
+    from pipelines.evaluate.step import run_evaluate
     from pyoco.config import EvaluateConfig
 
     cand_mv = _version(client, name, candidate)

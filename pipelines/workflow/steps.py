@@ -180,7 +180,7 @@ def _step_train(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key
 def _step_evaluate(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     """Scores the package under the noise prior it was trained with (recorded in the package), the same
     prior that register tags the version with."""
-    from pipelines.evaluate.metrics import run_evaluate
+    from pipelines.evaluate.step import run_evaluate
 
     if cfg.preprocess is not None:
         data = cfg.preprocess.output
