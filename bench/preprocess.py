@@ -216,7 +216,7 @@ def _pyoco_config(args):
 def job_pyoco(args) -> dict:
     import ray
 
-    from pipelines.preprocess import run_preprocess
+    from pipelines.preprocess.step import run_preprocess
 
     if args.address:  # the loopback cluster (token auth from RAY_AUTH_TOKEN_PATH in the environment)
         ray.init(address=args.address, log_to_driver=False, configure_logging=False)

@@ -70,8 +70,8 @@ def bare_loop(cfg, batch, steps: int, threads: int) -> list[float]:
     """Plain PyTorch: the same model, AdamW, loss, prior and batch; no Ray, no DeepSpeed."""
     import torch
 
-    from pipelines.train import build_denoiser
-    from pipelines.train_ds import ADAM_EPS
+    from pipelines.train.deepspeed import ADAM_EPS
+    from pipelines.train.engine import build_denoiser
     from pyoco.diffusion import DiffusionLoss
     from pyoco.noise import make_prior, rank_generator
 
@@ -127,8 +127,8 @@ def main() -> None:
     import pyarrow.parquet as pq
     import ray
 
-    from pipelines.train import run_train
-    from pipelines.train_data import collate_clips, inspect_clips
+    from pipelines.train.data import collate_clips, inspect_clips
+    from pipelines.train.driver import run_train
     from pyoco.config import parse_config
     from tests.fixtures_train import write_clips
 

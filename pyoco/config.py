@@ -7,6 +7,9 @@ keys, so a typo (``trian:``) is an error that names the field instead of a silen
 
 Errors are raised as :class:`ConfigError` whose message names the file and the dotted field path, e.g.
 ``demo.yaml: train.zero_stage: Input should be 0, 1, 2 or 3 (got 5)``.
+
+Over 400 lines because it is one pydantic model per config section, kept together so that the whole
+schema reads in one place.
 """
 
 from __future__ import annotations
@@ -243,7 +246,7 @@ class PretrainConfig(TrainConfig):
 
 # --------------------------------------------------------------------------------------------- evaluate etc.
 class EvaluateConfig(_Section):
-    """``pyoco evaluate``: metrics on the val split (see pipelines/evaluate.py for each one)."""
+    """``pyoco evaluate``: metrics on the val split (see pipelines/evaluate/step.py for each one)."""
 
     num_clips: int = Field(16, ge=1)  # val clips (smallest clip ids) for val_loss
     seed: int = 0
@@ -267,7 +270,7 @@ class MlflowConfig(_Section):
 
 
 class PromoteConfig(_Section):
-    # None: fvd when evaluate.evaluator is set, else val_loss (see pipelines.registry.default_gate)
+    # None: fvd when evaluate.evaluator is set, else val_loss (see pipelines.registry.register.default_gate)
     metric: str | None = None
     mode: Literal["min", "max"] | None = None  # None: min
     min_improvement: float = Field(0.0, ge=0)  # the margin is max(this, the challenger's CI half-width)

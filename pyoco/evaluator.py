@@ -27,6 +27,9 @@ Exported as TorchScript (``export``): ``forward(x) -> Dict[str, Tensor]`` and ``
 JSON next to it (:data:`META_NAME`) holding the label vocabularies, the input size and layout, the
 training-data hash and the held-out accuracy. :func:`load_evaluator` loads ours or a user's TorchScript
 network (see :class:`Evaluator` for that contract).
+
+Over 400 lines because the classifier, its training loop and its TorchScript export and loader are
+one file format that has to change in step.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ subfolders, or a bare component folder holding ``config.json`` + ``*.safetensors
 URIs) are downloaded once into a content-addressed cache and loaded from there; the endpoint and credentials
 come from the standard AWS environment (``AWS_ENDPOINT_URL``, ...) through s3fs/botocore, or from
 ``storage_options``.
+
+Over 400 lines because build, inflate, load and :class:`VideoDenoiser` (with `_motion_forward`, a copy
+of diffusers 0.42's forward) all lean on the same diffusers UNet internals; the VAE helpers could move out.
 """
 
 from __future__ import annotations

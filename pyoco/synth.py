@@ -32,6 +32,9 @@ the whole clip, so the direction is always visible.
     specs = [make_spec(i, seed=0, frames=24, size=64) for i in range(4)]
     frames = render(specs[0])                       # uint8 (T, H, W, 3)
     write_dataset("s3://bucket/raw", videos=64, shards=4, seed=0)
+
+Over 400 lines because the generator stays with its ground-truth scorer (:func:`score_video`,
+:func:`prompt_accuracy`, which checks videos against :class:`ShapeSpec`'s fields).
 """
 
 from __future__ import annotations

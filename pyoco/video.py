@@ -15,6 +15,9 @@ Clip sampling. With a source of ``N`` frames, a clip takes source frames ``start
 (its fps is then ``src_fps / step``). Clip starts are drawn with a ``random.Random`` seeded by
 ``(seed, key)``, so a video always yields the same clips whatever worker decodes it. Clips of one video
 do not overlap when there is room; a video shorter than one clip span is ``too_short``.
+
+Over 400 lines because it is the one module that touches PyAV: decoding (probe, clip plan, threaded seek)
+and the writers; decode and encode could be split apart later.
 """
 
 from __future__ import annotations

@@ -299,7 +299,7 @@ def two_node_main(config_json: str, out_json: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipelines.preprocess import run_preprocess
+    from pipelines.preprocess.step import run_preprocess
     from pyoco.config import PreprocessConfig
 
     cfg = PreprocessConfig.model_validate(json.loads(config_json))

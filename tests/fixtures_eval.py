@@ -77,7 +77,7 @@ def trained_evaluator(labelled_clips, tmp_path_factory) -> dict:
     """``pyoco evaluator train`` once per session (fixed seed): its JSON, with ``path`` to the .pt."""
     import torch
 
-    from pipelines.evaluator_cli import run_evaluator_train
+    from pipelines.evaluate.evaluator import run_evaluator_train
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)

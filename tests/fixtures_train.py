@@ -191,7 +191,7 @@ def ema_zero3_worker(rank: int, world: int, port: int, out: str) -> None:
     """One rank of tests/test_train_unit.py's ZeRO-3 EMA check (spawned; kept here so children import little)."""
     import torch
 
-    from pipelines.train_ema import ShardedEMA, consolidate, load_ema_state, save_ema_state
+    from pipelines.train.ema import ShardedEMA, consolidate, load_ema_state, save_ema_state
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -202,7 +202,7 @@ def ema_zero3_worker(rank: int, world: int, port: int, out: str) -> None:
     )
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    from pipelines.train_ds import setup_deepspeed
+    from pipelines.train.deepspeed import setup_deepspeed
 
     deepspeed = setup_deepspeed(use_gpu=False)
     deepspeed.init_distributed(dist_backend="gloo")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.workflow import WorkflowState
+from pipelines.workflow.state import WorkflowState
 
 OLD = {"train": {"status": "done", "key": "k1", "outputs": {"model_dir": "/m"}}}
 

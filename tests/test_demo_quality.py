@@ -84,7 +84,7 @@ def golden_losses(tmp: Path) -> list[float]:
     """The per-step training loss of 12 seeded steps: tiny video UNet, 1 worker, ZeRO-0, fp32, no shuffle."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.train import run_train
+    from pipelines.train.driver import run_train
     from pyoco.config import parse_config
     from tests.fixtures_train import tiny_config, write_clips
 

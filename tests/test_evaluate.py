@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines.common import PyocoError
-from pipelines.evaluate import load_eval_clips, run_evaluate, sample_metrics
+from pipelines.evaluate.metrics import load_eval_clips, sample_metrics
+from pipelines.evaluate.step import run_evaluate
 from pyoco.config import EvaluateConfig, NoiseConfig
 from tests.fixtures_eval import EVAL_VAL_VIDEOS
 from tests.fixtures_registry import TINY_FRAMES, TINY_SIZE, make_clips_dir

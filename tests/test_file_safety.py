@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pipelines.common import PyocoError
-from pipelines.train import CHECKPOINT_TAG, STATE_DIR, TRAIN_STATE, export_checkpoint
+from pipelines.train.checkpoint import CHECKPOINT_TAG, STATE_DIR, TRAIN_STATE
+from pipelines.train.export import export_checkpoint
 from pyoco.config import PyocoConfig
 
 pytest_plugins = ("tests.fixtures_registry",)
@@ -136,10 +137,11 @@ def test_concurrent_resolvers_of_one_version_never_delete_each_others_copy(
     """Four threads resolve the same models:/NAME/1 at once (empty cache, so each downloads), and each
     keeps reading every file of the folder it got back until all four are done. Before the fix a later
     resolver deleted the complete copy an earlier one was reading."""
-    from pipelines import registry
+    from pipelines.registry.register import register_model
+    from pipelines.registry.resolve import resolve_model_uri
     from pyoco.package import read_info
 
-    registry.register_model(model_name, checkpoint=str(tiny_package), metrics={"val_loss": 0.5})
+    register_model(model_name, checkpoint=str(tiny_package), metrics={"val_loss": 0.5})
     n = 4
     barrier = threading.Barrier(n)
     done = threading.Event()
@@ -150,7 +152,7 @@ def test_concurrent_resolvers_of_one_version_never_delete_each_others_copy(
     def resolve(i: int) -> None:
         try:
             barrier.wait(timeout=60)
-            path = Path(registry.resolve_model_uri(f"models:/{model_name}/1"))
+            path = Path(resolve_model_uri(f"models:/{model_name}/1"))
             results[i] = str(path)
             files = sorted(p for p in path.rglob("*") if p.is_file())
             assert files, "empty package"

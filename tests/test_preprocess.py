@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.preprocess import run_preprocess
+from pipelines.preprocess.step import run_preprocess
 from pyoco import synth, video
 from pyoco.clips import embedding_arrays, frames_array
 from pyoco.config import PreprocessConfig

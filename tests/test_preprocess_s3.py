@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.preprocess import run_preprocess
+from pipelines.preprocess.step import run_preprocess
 from pyoco import storage, synth
 from pyoco.clips import embedding_arrays, frames_array
 from pyoco.config import PreprocessConfig

@@ -13,7 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.common import PyocoError
-from pipelines.preprocess import StepSettings, decode_row, run_preprocess
+from pipelines.preprocess.discover import StepSettings
+from pipelines.preprocess.stages import decode_row
+from pipelines.preprocess.step import run_preprocess
 from pyoco import synth
 from pyoco.config import PreprocessConfig
 from tests.fixtures_data import build_bad_corpus, shape_video
@@ -67,7 +69,8 @@ def test_memory_error_propagates_instead_of_becoming_a_reject(tmp_path):
     video.write_bytes(shape_video(1, frames=12, size=32))
     script = f"""
 import resource
-from pipelines.preprocess import StepSettings, decode_row
+from pipelines.preprocess.discover import StepSettings
+from pipelines.preprocess.stages import decode_row
 from pyoco.config import PreprocessConfig
 settings = StepSettings.from_config(PreprocessConfig(input="x", output="y", num_frames=8, size=4096))
 row = {{"source": {str(video)!r}, "key": "v", "caption": "a", "video_uri": {str(video)!r}, "offset": -1, "size": -1}}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.preprocess import run_preprocess
-from pipelines.train_data import DataError, inspect_clips, list_shards
+from pipelines.preprocess.step import run_preprocess
+from pipelines.train.data import DataError, inspect_clips, list_shards
 from pyoco import clips, synth
 from pyoco.config import PreprocessConfig
 from tests.fixtures_data import shape_video

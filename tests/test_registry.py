@@ -12,7 +12,10 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from pipelines import registry
+from pipelines.common import PyocoError
+from pipelines.registry.client import _client
+from pipelines.registry.resolve import resolve_model_uri
+from pipelines.registry.transaction import read_state
 from tests.fixtures_registry import TINY_SIZE, make_clips_dir
 
 pytest_plugins = ("tests.fixtures_registry",)
@@ -49,7 +52,7 @@ def _one_line_error(res, *needles: str) -> str:
 
 def test_register_promote_refuse_force_rollback_sample(tracking_env, tiny_package, model_name, tmp_path):
     name = model_name
-    client = registry._client()
+    client = _client()
     data = make_clips_dir(tmp_path / "data", num_clips=4)
 
     # evaluate -> JSON + an MLflow run with eval.* metrics
@@ -69,12 +72,12 @@ def test_register_promote_refuse_force_rollback_sample(tracking_env, tiny_packag
     assert mv.tags["pyoco.git_revision"] == "0123abcd"
     assert mv.tags["pyoco.register_run_id"] == v1["run_id"]
     assert float(mv.tags["pyoco.metric.val_loss"]) == pytest.approx(results["val_loss"])
-    assert registry.read_state(client, name).aliases == {"challenger": "1"}
+    assert read_state(client, name).aliases == {"challenger": "1"}
 
     # first promotion: no champion yet
     p1 = _last_json(_cli("promote", "--name", name))
     assert p1["promoted"] and p1["reason"] == "no champion yet"
-    assert registry.read_state(client, name).champion == "1"
+    assert read_state(client, name).champion == "1"
 
     # a worse version: challenger, and promotion is refused with exit 1 and a one-line reason
     worse = tmp_path / "eval2.json"
@@ -93,15 +96,15 @@ def test_register_promote_refuse_force_rollback_sample(tracking_env, tiny_packag
     try:
         err = _one_line_error(_cli("promote", "--name", name, code=1), "refused", "not better", "val_loss")
         assert f"{name} v2" in err
-        assert registry.read_state(client, name).champion == "1"
+        assert read_state(client, name).champion == "1"
 
         forced = _last_json(_cli("promote", "--name", name, "--force"))
         assert forced["promoted"] and forced["forced"] and forced["previous_champion"] == "1"
-        assert registry.read_state(client, name).champion == "2"
+        assert read_state(client, name).champion == "2"
 
         rolled = _last_json(_cli("rollback", "--name", name))
         assert rolled == {"champion_version": "1", "rolled_back": "2", "generation": 6}
-        assert registry.read_state(client, name).aliases == {"champion": "1", "challenger": "2"}
+        assert read_state(client, name).aliases == {"champion": "1", "challenger": "2"}
 
         hist = _last_json_block(_cli("registry", "history", "--name", name, "--json"))
         assert [e["action"] for e in hist["history"]] == [
@@ -149,7 +152,7 @@ def _last_json_block(res) -> dict:
 
 
 def test_bad_registry_input_is_a_one_line_error(tracking_env, model_name, tmp_path):
-    client = registry._client()
+    client = _client()
     _one_line_error(_cli("promote", "--name", model_name, code=2), "no registered model named")
     _one_line_error(_cli("rollback", "--name", model_name, code=2), "no registered model named")
     _one_line_error(_cli("registry", "history", "--name", model_name, code=2), "no registered model named")
@@ -183,10 +186,10 @@ def test_bad_registry_input_is_a_one_line_error(tracking_env, model_name, tmp_pa
     )
     _one_line_error(_cli("promote", "--name", model_name, code=2), "no 'challenger' alias")
     _one_line_error(_cli("rollback", "--name", model_name, code=1), "has no 'champion'")
-    with pytest.raises(registry.PyocoError, match="has no version 7"):
-        registry.resolve_model_uri(f"models:/{model_name}/7")
-    with pytest.raises(registry.PyocoError, match="expected models:/NAME@ALIAS"):
-        registry.resolve_model_uri("models:/just-a-name")
+    with pytest.raises(PyocoError, match="has no version 7"):
+        resolve_model_uri(f"models:/{model_name}/7")
+    with pytest.raises(PyocoError, match="expected models:/NAME@ALIAS"):
+        resolve_model_uri("models:/just-a-name")
 
     exp = client.get_experiment_by_name("pyoco") or client.get_experiment(client.create_experiment("pyoco"))
     empty_run = client.create_run(exp.experiment_id, run_name="no-model").info.run_id
@@ -216,7 +219,7 @@ def test_register_from_a_training_run(tracking_env, tiny_package, model_name, tm
     """`register --run`: the package comes from the run's pyoco.model_dir tag, the metrics from the eval.*
     metrics that evaluate logged into that run, and the pyfunc model is logged into the same run."""
     from pipelines import tracking
-    from pipelines.evaluate import run_evaluate
+    from pipelines.evaluate.step import run_evaluate
     from pyoco.config import EvaluateConfig
 
     uri = tracking_env.uri
@@ -231,7 +234,7 @@ def test_register_from_a_training_run(tracking_env, tiny_package, model_name, tm
 
     out = _last_json(_cli("register", "--run", run_id, "--name", model_name))
     assert out["run_id"] == run_id and out["metrics"]["val_loss"] == pytest.approx(results["val_loss"])
-    client = registry._client()
+    client = _client()
     mv = client.get_model_version(model_name, out["version"])
     assert mv.run_id == run_id and mv.tags["pyoco.run_id"] == run_id
     assert {a.path for a in client.list_artifacts(run_id)} >= {"pyfunc", "evaluate"}

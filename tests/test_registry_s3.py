@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines import registry
+from pipelines.registry.client import _client
+from pipelines.registry.promote import promote
+from pipelines.registry.register import register_model
+from pipelines.registry.resolve import resolve_model_uri
 from tests.conftest import TEST_AWS_SECRET, start_mlflow_server, stop
 
 pytest_plugins = ("tests.fixtures_registry",)
@@ -31,26 +34,26 @@ def test_register_and_resolve_with_s3_artifacts(moto_s3, tmp_path, tiny_package,
         fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": moto_s3.endpoint_url})
         fs.put(str(tiny_package) + "/", f"{bucket}/exports/model/", recursive=True)
         name = "pyoco-s3"
-        result = registry.register_model(
+        result = register_model(
             name, checkpoint=f"s3://{bucket}/exports/model", metrics={"val_loss": 0.25}, tracking_uri=uri
         )
         assert (
             result["version"] == "1" and result["lineage"]["pyoco.source"] == f"s3://{bucket}/exports/model"
         )
-        assert registry.promote(name, tracking_uri=uri)["champion_version"] == "1"
+        assert promote(name, tracking_uri=uri)["champion_version"] == "1"
 
         s3 = boto3.client("s3", endpoint_url=moto_s3.endpoint_url)
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="mlflow/")["Contents"]]
         assert any(k.endswith("pyfunc/MLmodel") for k in keys)
         assert any(k.endswith("unet/diffusion_pytorch_model.safetensors") for k in keys)
 
-        local = registry.resolve_model_uri(f"models:/{name}@champion", tracking_uri=uri)
+        local = resolve_model_uri(f"models:/{name}@champion", tracking_uri=uri)
         pkg = load_package(local)
         assert pkg.info.num_frames == 4 and pkg.denoiser.is_video
         # cached: the same version resolves to the same folder without downloading again
-        assert registry.resolve_model_uri(f"models:/{name}/1", tracking_uri=uri) == local
+        assert resolve_model_uri(f"models:/{name}/1", tracking_uri=uri) == local
 
-        client = registry._client(uri)
+        client = _client(uri)
         mv = client.get_model_version(name, "1")
         stored = " ".join([*mv.tags.values(), *client.get_registered_model(name).tags.values()])
         mlmodel = s3.get_object(Bucket=bucket, Key=next(k for k in keys if k.endswith("pyfunc/MLmodel")))

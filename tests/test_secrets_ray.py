@@ -93,7 +93,8 @@ def test_train_ships_credential_names_not_values(ray_local, moto_s3, monkeypatch
     Ray pickles to the controller and workers carries the driver's AWS secret or MLflow password."""
     import s3fs
 
-    from pipelines.train import SecretEnv, run_train
+    from pipelines.train.driver import run_train
+    from pipelines.train.plan import SecretEnv
     from pyoco.config import parse_config
     from tests.fixtures_train import tiny_config, write_clips
 
@@ -131,7 +132,7 @@ def test_train_ships_credential_names_not_values(ray_local, moto_s3, monkeypatch
 
 @pytest.mark.parametrize("have", [True, False])
 def test_worker_env_sends_names_and_the_worker_reports_missing_ones(monkeypatch, have):
-    from pipelines.train import apply_worker_env, worker_env
+    from pipelines.train.plan import apply_worker_env, worker_env
 
     env = {
         "AWS_SECRET_ACCESS_KEY": DRIVER_SECRET,

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from pipelines import tracking
 from pipelines.common import PyocoError
-from pipelines.submit import job_env_vars
+from pipelines.workflow.submit import job_env_vars
 from pyoco.config import ConfigError, load_config
 
 pytest_plugins = ("tests.fixtures_registry",)

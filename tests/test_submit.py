@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from pipelines.common import PyocoError
-from pipelines.submit import (
+from pipelines.workflow.package import build_package
+from pipelines.workflow.submit import (
     AuthToken,
     alive_nodes,
-    build_package,
     check_local_paths,
     check_no_secrets,
     exit_code_for,
@@ -138,7 +138,9 @@ def test_package_is_the_project_without_local_state_and_deterministic(tmp_path):
     assert first.path.read_bytes() == second.path.read_bytes(), "same content must give the same zip"
     names = zipfile.ZipFile(first.path).namelist()
     assert first.config_in_job == "_pyoco_submit/outside.yaml" and first.config_in_job in names
-    assert "pipelines/submit.py" in names and "pyoco/config.py" in names and "pyproject.toml" in names
+    assert (
+        "pipelines/workflow/submit.py" in names and "pyoco/config.py" in names and "pyproject.toml" in names
+    )
     forbidden = (
         ".venv/",
         ".git/",
@@ -322,7 +324,7 @@ def test_submit_wait_exits_with_the_failed_jobs_code(head_stack, tmp_path):
 
 
 def test_wrong_token_is_refused(head_stack, tmp_path, monkeypatch):
-    from pipelines.submit import submit_workflow
+    from pipelines.workflow.submit import submit_workflow
 
     config = tmp_path / "c.yaml"
     config.write_text(CONFIG)

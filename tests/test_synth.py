@@ -138,7 +138,7 @@ def test_cli_rejects_bad_flags(tmp_path):
 def test_smaller_rerun_leaves_no_stale_shards_for_preprocess(tmp_path):
     """Issue 12: a rerun with fewer shards used to leave the earlier run's extra shards, which preprocess
     then ingested. Only this run's shards remain, and preprocess's discovery sees exactly those."""
-    from pipelines.preprocess import StepSettings, discover_inputs
+    from pipelines.preprocess.discover import StepSettings, discover_inputs
     from pyoco.config import PreprocessConfig
 
     out = tmp_path / "raw"

@@ -19,8 +19,9 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from pipelines import tracking
-from pipelines.train import FAULT_MARKER, build_denoiser, run_train
-from pipelines.train_data import manifest_hash
+from pipelines.train.data import manifest_hash
+from pipelines.train.driver import FAULT_MARKER, run_train
+from pipelines.train.engine import build_denoiser
 from pyoco.config import parse_config
 from pyoco.package import load_package
 from tests.fixtures_train import tiny_config, write_clips

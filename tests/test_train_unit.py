@@ -16,10 +16,10 @@ import torch
 from typer.testing import CliRunner
 
 from pipelines import tracking
-from pipelines.train import pretrain_config, resolve_config, total_steps
-from pipelines.train_data import DataError, collate_clips, inspect_clips, manifest_hash
-from pipelines.train_ds import deepspeed_config, lr_multiplier, use_bf16
-from pipelines.train_ema import ShardedEMA, consolidate
+from pipelines.train.data import DataError, collate_clips, inspect_clips, manifest_hash
+from pipelines.train.deepspeed import deepspeed_config, lr_multiplier, use_bf16
+from pipelines.train.ema import ShardedEMA, consolidate
+from pipelines.train.plan import pretrain_config, resolve_config, total_steps
 from pyoco.config import PyocoConfig, TrainConfig, parse_config
 from tests.fixtures_train import clip_frames, ema_zero3_worker, tiny_config, write_clips
 
@@ -278,7 +278,7 @@ def test_epochs_alone_is_not_capped_by_the_default_max_steps():
 
 
 def _compat(tmp_path, **over):
-    from pipelines.train import compat_fields
+    from pipelines.train.checkpoint import compat_fields
 
     clips = write_clips(tmp_path / "data", num_clips=4, num_frames=4, size=8)
     cfg = parse_config(tiny_config(tmp_path, clips))
@@ -293,7 +293,7 @@ def test_resume_check_names_the_changed_settings_and_the_worker_count(tmp_path):
     """Issue 12 item 2: a checkpoint records what was learned with; restore refuses another config in one
     line naming the fields, and another worker count."""
     from pipelines.common import PyocoError
-    from pipelines.train import check_resume, compat_hash
+    from pipelines.train.checkpoint import check_resume, compat_hash
 
     base = _compat(tmp_path)
     state = {"world_size": 2, "compat": {"hash": compat_hash(base), "fields": base}}
@@ -327,8 +327,8 @@ def test_rng_and_ema_state_are_tensors_and_json_not_pickles(tmp_path):
     """Issue 12 item 7: checkpoint RNG/EMA state loads without unpickling anything."""
     import random
 
-    from pipelines.train import load_rng_state, save_rng_state
-    from pipelines.train_ema import load_ema_state, save_ema_state
+    from pipelines.train.checkpoint import load_rng_state, save_rng_state
+    from pipelines.train.ema import load_ema_state, save_ema_state
 
     torch.manual_seed(3)
     net = torch.nn.Linear(3, 2)
@@ -389,7 +389,7 @@ def test_manifest_hash_is_the_stable_data_hash(tmp_path):
 def test_pooled_clips_sample_with_the_one_pooled_token_they_trained_on(tmp_path):
     """Issue 12 item 8: a pooled-embedding dataset trains on 1 token; the package's text encoder must give
     the same conditioning at sampling/evaluation, not 32 token states."""
-    from pipelines.train import _text_embeddings
+    from pipelines.train.driver import _text_embeddings
     from pyoco.text import load_text_encoder
 
     clips = write_clips(tmp_path, num_clips=2, embedding="pooled")
@@ -415,7 +415,7 @@ def test_deepspeed_checkpoint_loading_refuses_code_in_the_pickle(tmp_path):
     import os
     import types
 
-    from pipelines.train_ds import setup_deepspeed, use_weights_only_loading
+    from pipelines.train.deepspeed import setup_deepspeed, use_weights_only_loading
 
     setup_deepspeed(use_gpu=False)
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine

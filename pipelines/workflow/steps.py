@@ -1,49 +1,17 @@
-"""``pyoco run``: the whole workflow as cached steps, on an embedded Ray or inside a Ray job.
-
-    synth? -> preprocess -> evaluator? -> pretrain? -> noise_fit? -> train -> evaluate -> register -> promote
-    -> sample
-
-(``evaluator`` trains the learned evaluator when the config has an ``evaluator:`` section; ``noise_fit``
-runs when ``noise.kind`` or ``noise.alpha`` is ``auto`` and fits them with the image model.)
-
-(Image pretraining runs after preprocess because it trains on the preprocessed clips' frames.)
-
-Each step has a cache key: the hash of its own resolved config section plus the identities of what it
-consumes (the data manifest's hash, the model export's content stamp, the registered version...). The
-state lives next to the outputs, in ``{output}/workflow/state.json`` (local or s3://). On a re-run a step
-whose key is unchanged is skipped, and the log says so; a step that runs makes every later step run too.
-A failing step is recorded as failed with its message, the workflow stops, and the next ``pyoco run``
-resumes from it (earlier steps are skipped by their keys).
-
-MLflow mirrors it: one parent run per ``pyoco run`` with a nested run per step (skipped steps included,
-tagged ``pyoco.step.status=skipped``); the training run is re-parented under its step.
-
-Every step gets the same :class:`pipelines.context.RunContext`, built once from the config and the environment
-(``mlflow.tracking_uri`` else ``$MLFLOW_TRACKING_URI``): train, evaluate, register, promote and sample all use
-that one MLflow server and experiment, and the keys of the steps that read or write MLflow cover it. The whole
-workflow shares one Ray (:func:`pipelines.context.ray_session`).
-
-Adding a step: write ``_step_x(cfg, outs, ctx) -> dict`` and insert ``Step("x", enabled, key_inputs, _step_x)``
-into ``STEPS`` (and its name into ``STEP_ORDER``); ``key_inputs(cfg, outs, ctx)`` lists everything it reads.
-"""
+"""The workflow's steps: each one's run function and the inputs its cache key covers, in ``STEPS`` order."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import typer
-
-from pipelines.common import PyocoError, cli_errors, console
-from pipelines.context import RunContext, ensure_ray, ray_session
-from pyoco.config import PyocoConfig, config_hash, load_config
+from pipelines.common import PyocoError, console
+from pipelines.context import RunContext, ensure_ray
+from pipelines.workflow.state import _fs, join
+from pyoco.config import PyocoConfig, config_hash
 
 STEP_ORDER = [
     "synth",
@@ -57,48 +25,6 @@ STEP_ORDER = [
     "promote",
     "sample",
 ]
-
-
-# --------------------------------------------------------------------------------------------------- state
-def _fs(uri: str):
-    import fsspec
-
-    fs, _, (path,) = fsspec.get_fs_token_paths(uri)
-    return fs, path
-
-
-def join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
-
-
-@dataclass
-class WorkflowState:
-    uri: str
-    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, output: str) -> WorkflowState:
-        uri = join(output, "workflow", "state.json")
-        fs, path = _fs(uri)
-        if not fs.exists(path):
-            return cls(uri)
-        try:
-            with fs.open(path, "r") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise PyocoError(f"{uri}: corrupt workflow state ({err.msg}); delete it to start over") from None
-        return cls(uri, data.get("steps", {}))
-
-    def save(self) -> None:
-        """Serialise first, then replace the file in one step (:func:`pyoco.storage.write_bytes`: a rename
-        locally, one PUT on S3), so a crash or an error mid-save leaves the previous state intact."""
-        from pyoco import storage
-
-        data = json.dumps({"steps": self.steps}, indent=2, sort_keys=True, default=str).encode()
-        storage.write_bytes(self.uri, data)
-
-    def outputs(self, step: str) -> dict[str, Any]:
-        return dict(self.steps.get(step, {}).get("outputs", {}))
 
 
 # --------------------------------------------------------------------------------------------------- steps
@@ -139,7 +65,7 @@ def _resolved(cfg: PyocoConfig) -> PyocoConfig:
         cfg.preprocess.input = cfg.synth.out
     if cfg.preprocess is not None and cfg.train.data is None:
         cfg.train.data = join(cfg.preprocess.output, "clips", "train")
-    # train.output / train.storage_path defaults are filled once, by pipelines.train.resolve_config.
+    # train.output / train.storage_path defaults are filled once, by pipelines.train.plan.resolve_config.
     if cfg.evaluate.output is None:
         cfg.evaluate.output = join(cfg.output, "eval", "metrics.json")
     return cfg
@@ -156,8 +82,8 @@ def _step_synth(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key
 
 
 def _step_preprocess(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
-    from pipelines.preprocess import run_preprocess
-    from pipelines.train_data import manifest_data_hash
+    from pipelines.preprocess.step import run_preprocess
+    from pipelines.train.data import manifest_data_hash
 
     ensure_ray(cfg.ray.address)  # the workflow's one Ray (run_preprocess then reuses it)
     manifest = run_preprocess(cfg.preprocess, ray_address=cfg.ray.address)
@@ -169,7 +95,8 @@ def _step_preprocess(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *
 
 
 def _step_pretrain(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
-    from pipelines.train import pretrain_config, run_train
+    from pipelines.train.driver import run_train
+    from pipelines.train.plan import pretrain_config
 
     result = run_train(pretrain_config(cfg), image_pretrain=True, ctx=ctx, run_key=key)
     return {**result, "stamp": _dir_stamp(result["model_dir"])}
@@ -182,7 +109,7 @@ def _evaluator_path(cfg: PyocoConfig, outs: dict[str, dict]) -> str | None:
 
 def _step_evaluator(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     """Train the learned evaluator on the preprocessed clips (train split; held-out accuracy on val)."""
-    from pipelines.evaluator_cli import run_evaluator_train
+    from pipelines.evaluate.evaluator import run_evaluator_train
 
     e = cfg.evaluator
     out = e.output or join(cfg.output, "evaluator")
@@ -200,7 +127,7 @@ def _image_model(cfg: PyocoConfig, outs: dict[str, dict]) -> str | None:
 
 def _step_noise_fit(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     """``noise: auto``: fit the prior to the val clips DDIM-inverted by the image model (pyoco noise fit)."""
-    from pipelines.noise_fit import run_noise_fit
+    from pipelines.evaluate.noise_fit import run_noise_fit
 
     model = _image_model(cfg, outs)
     if model is None:
@@ -241,7 +168,7 @@ def _fitted_noise(cfg: PyocoConfig, outs: dict[str, dict]) -> PyocoConfig:
 def _step_train(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     """Ray Train's run name comes from this step's key (unless train.run_name is set): a changed config
     starts a new run instead of resuming the old one; a re-run after a crash resumes it."""
-    from pipelines.train import run_train
+    from pipelines.train.driver import run_train
 
     cfg = _fitted_noise(cfg, outs).model_copy(deep=True)
     if "pretrain" in outs and cfg.model.pretrained is None:
@@ -253,7 +180,7 @@ def _step_train(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key
 def _step_evaluate(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     """Scores the package under the noise prior it was trained with (recorded in the package), the same
     prior that register tags the version with."""
-    from pipelines.evaluate import run_evaluate
+    from pipelines.evaluate.step import run_evaluate
 
     if cfg.preprocess is not None:
         data = cfg.preprocess.output
@@ -276,7 +203,7 @@ def _step_evaluate(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, 
 
 
 def _step_register(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
-    from pipelines.registry import register_model
+    from pipelines.registry.register import register_model
 
     result = register_model(
         name=ctx.registered_model,
@@ -297,7 +224,7 @@ def _step_register(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, 
 
 
 def _step_promote(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
-    from pipelines.registry import promote
+    from pipelines.registry.promote import promote
 
     result = promote(
         ctx.registered_model,
@@ -318,8 +245,8 @@ def _step_sample(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, ke
     """Sample the champion to {output}/sample.mp4 (+ .gif); remote outputs are written locally, then uploaded."""
     import tempfile
 
-    from pipelines.core_cli import sample_to_files
-    from pipelines.registry import resolve_model_uri
+    from pipelines.cli.core import sample_to_files
+    from pipelines.registry.resolve import resolve_model_uri
 
     remote = "://" in cfg.output
     local_dir = Path(tempfile.mkdtemp(prefix="pyoco-sample-")) if remote else Path(cfg.output)
@@ -443,192 +370,3 @@ STEPS = [
         _step_sample,
     ),
 ]
-
-
-# ---------------------------------------------------------------------------------------------------- run
-@dataclass
-class _Mirror:
-    """The workflow's MLflow parent run; each step becomes a nested run under it."""
-
-    tracking_uri: str
-    experiment: str
-    run_id: str
-
-    @classmethod
-    def start(cls, cfg: PyocoConfig, ctx: RunContext) -> _Mirror:
-        from pipelines import tracking
-
-        run_id = tracking.start_run(
-            ctx.tracking_uri,
-            ctx.experiment,
-            run_name=f"workflow:{cfg.name}",
-            config=cfg,
-            tags={"pyoco.workflow": cfg.name},
-        )
-        return cls(ctx.tracking_uri, ctx.experiment, run_id)
-
-    def step(self, step: str, status: str, key: str, seconds: float, outputs: dict) -> None:
-        from pipelines import tracking
-
-        c = tracking.client(self.tracking_uri)
-        run = c.create_run(
-            c.get_run(self.run_id).info.experiment_id,
-            run_name=step,
-            tags={"mlflow.parentRunId": self.run_id, "pyoco.step": step, "pyoco.step.status": status},
-        )
-        c.log_param(run.info.run_id, "cache_key", key)
-        c.log_metric(run.info.run_id, "seconds", seconds)
-        c.log_text(
-            run.info.run_id, tracking.scrub(json.dumps(outputs, indent=2, default=str)), "outputs.json"
-        )
-        c.set_terminated(run.info.run_id, "FAILED" if status == "failed" else "FINISHED")
-        child = outputs.get("mlflow_run_id") if isinstance(outputs, dict) else None
-        if child and status == "ran":
-            c.set_tag(child, "mlflow.parentRunId", run.info.run_id)
-
-    def end(self, status: str) -> None:
-        from pipelines import tracking
-
-        tracking.client(self.tracking_uri).set_terminated(self.run_id, status)
-
-
-def run_workflow(
-    cfg: PyocoConfig,
-    *,
-    from_step: str | None = None,
-    only: str | None = None,
-    use_mlflow: bool = True,
-    ctx: RunContext | None = None,
-) -> dict[str, Any]:
-    """Run the enabled steps in order, all with one RunContext (built from ``cfg`` and the environment
-    when not given) and one Ray; returns {step: {"status", "seconds", "outputs"}}."""
-    for flag, value in (("--from", from_step), ("--only", only)):
-        if value is not None and value not in STEP_ORDER:
-            raise PyocoError(f"{flag} {value!r}: unknown step; steps are {', '.join(STEP_ORDER)}")
-    cfg = _resolved(cfg)
-    ctx = ctx or RunContext.from_config(cfg)
-    state = WorkflowState.load(cfg.output)
-    enabled = [s for s in STEPS if s.enabled(cfg)]
-    names = [s.name for s in enabled]
-    for flag, value in (("--from", from_step), ("--only", only)):
-        if value is not None and value not in names:
-            raise PyocoError(
-                f"{flag} {value}: that step is not enabled by this config (enabled: {', '.join(names)})"
-            )
-
-    summary: dict[str, Any] = {}
-    outs: dict[str, dict] = {}
-    dirty = False
-    mirror = _Mirror.start(cfg, ctx) if use_mlflow else None
-    status = "FAILED"
-    session = contextlib.ExitStack()
-    try:
-        session.enter_context(ray_session())  # one Ray for all steps, started by the first that needs it
-        for i, step in enumerate(enabled):
-            forced = (from_step is not None and i >= names.index(from_step)) or only == step.name
-            selected = only is None or only == step.name
-            prior = state.steps.get(step.name, {})
-            key = config_hash(step.key_inputs(cfg, outs, ctx))
-            unchanged = prior.get("status") == "done" and prior.get("key") == key
-            if not selected or (unchanged and not dirty and not forced):
-                if not unchanged:
-                    raise PyocoError(
-                        f"step {step.name} has no up-to-date outputs to reuse; run without --only/--from first"
-                    )
-                outs[step.name] = prior.get("outputs", {})
-                console.print(f"[dim]- {step.name}: unchanged (key {key}), skipped[/dim]")
-                summary[step.name] = {"status": "skipped", "seconds": 0.0, "outputs": outs[step.name]}
-                _mirror(mirror, step.name, "skipped", key, 0.0, outs[step.name])
-                continue
-            console.print(f"[bold]> {step.name}[/bold] (key {key})")
-            t0 = time.perf_counter()
-            try:
-                result = step.run(cfg, outs, ctx, key=key)
-            except Exception as err:  # noqa: BLE001 - recorded, then re-raised as a one-line error
-                seconds = time.perf_counter() - t0
-                message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                state.steps[step.name] = {
-                    "status": "failed",
-                    "key": key,
-                    "error": message,
-                    "seconds": seconds,
-                }
-                state.save()
-                _mirror(mirror, step.name, "failed", key, seconds, {"error": message})
-                if os.environ.get("PYOCO_DEBUG"):
-                    traceback.print_exc()
-                raise PyocoError(
-                    f"step {step.name} failed: {message} (fix it and re-run; finished steps are kept)",
-                    exit_code=1,
-                ) from err
-            seconds = time.perf_counter() - t0
-            dirty = True
-            outs[step.name] = result
-            state.steps[step.name] = {"status": "done", "key": key, "outputs": result, "seconds": seconds}
-            state.save()
-            summary[step.name] = {"status": "ran", "seconds": seconds, "outputs": result}
-            _mirror(mirror, step.name, "ran", key, seconds, result)
-            console.print(f"  {step.name} done in {seconds:.1f}s")
-        status = "FINISHED"
-    finally:
-        session.close()
-        if mirror is not None:
-            mirror.end(status)
-    return summary
-
-
-def _mirror(mirror: _Mirror | None, step: str, status: str, key: str, seconds: float, outputs: dict) -> None:
-    if mirror is not None:
-        mirror.step(step, status, key, seconds, outputs)
-
-
-def print_summary(cfg: PyocoConfig, summary: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"workflow {cfg.name}")
-    table.add_column("step")
-    table.add_column("status")
-    table.add_column("seconds", justify="right")
-    table.add_column("output")
-    for name, s in summary.items():
-        out = s["outputs"]
-        where = (
-            out.get("mp4")
-            or out.get("model_dir")
-            or out.get("output")
-            or out.get("uri")
-            or out.get("version")
-            or ""
-        )
-        table.add_row(name, s["status"], f"{s['seconds']:.1f}", str(where))
-    console.print(table)
-
-
-@cli_errors
-def run_cmd(
-    config: Path = typer.Option(..., "--config", help="Workflow YAML (see pipelines/configs/)."),
-    from_step: str | None = typer.Option(
-        None, "--from", help=f"Re-run from this step: {', '.join(STEP_ORDER)}."
-    ),
-    only: str | None = typer.Option(None, "--only", help="Run just this step (earlier outputs must exist)."),
-) -> None:
-    """Run the whole workflow: preprocess, train, evaluate, register, promote (cached per step)."""
-    if from_step and only:
-        raise PyocoError("use --from or --only, not both")
-    cfg = load_config(config)
-    ctx = RunContext.from_config(cfg)
-    t0 = time.perf_counter()
-    summary = run_workflow(cfg, from_step=from_step, only=only, ctx=ctx)
-    print_summary(cfg, summary)
-    console.print(
-        f"workflow finished in {time.perf_counter() - t0:.1f}s; state: {join(cfg.output, 'workflow')}"
-    )
-    from pipelines.tracking import redact_uri
-
-    uri = redact_uri(ctx.tracking_uri)
-    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
-    console.print(f"MLflow: {uri}  (UI: {ui})")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("run")(run_cmd)

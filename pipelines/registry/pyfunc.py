@@ -1,7 +1,7 @@
 """The MLflow pyfunc wrapper of a pyoco video model ("models from code": MLflow copies this file into the
 logged model and runs it at load time, so loading never unpickles a class).
 
-Artifacts (see ``pipelines.registry.register_model``):
+Artifacts (see ``pipelines.registry.register.register_model``):
 
     package/          the pyoco model folder (pyoco.package): unet/ (diffusers, safetensors),
                       scheduler/scheduler_config.json, pyoco_package.json (text-encoder reference, noise

@@ -125,7 +125,7 @@ def setup_deepspeed(use_gpu: bool, *, quiet: bool = True):
     if name not in sys.modules:
         import types
 
-        stub = types.ModuleType(name, "pyoco stand-in: Muon is not used (see pipelines/train_ds.py)")
+        stub = types.ModuleType(name, "pyoco stand-in: Muon is not used (see pipelines/train/deepspeed.py)")
         stub.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
         sys.modules[name] = stub
     import deepspeed

@@ -22,16 +22,16 @@ app = typer.Typer(
 
 # Order is the order of `pyoco --help`.
 COMMAND_MODULES = [
-    "pipelines.core_cli",  # noise stats, sample
-    "pipelines.noise_fit",  # noise fit
-    "pipelines.data_cli",  # data synth
-    "pipelines.preprocess",
-    "pipelines.train",
-    "pipelines.evaluate",
-    "pipelines.evaluator_cli",  # evaluator train
-    "pipelines.registry",
-    "pipelines.workflow",
-    "pipelines.submit",
+    "pipelines.cli.core",  # noise stats, sample
+    "pipelines.evaluate.noise_fit",  # noise fit
+    "pipelines.cli.data",  # data synth
+    "pipelines.cli.preprocess",
+    "pipelines.cli.train",
+    "pipelines.cli.evaluate",
+    "pipelines.evaluate.evaluator",  # evaluator train
+    "pipelines.cli.registry",
+    "pipelines.cli.workflow",
+    "pipelines.cli.submit",
 ]
 
 
@@ -52,7 +52,3 @@ _register_all()
 
 def main() -> None:
     app()
-
-
-if __name__ == "__main__":
-    main()

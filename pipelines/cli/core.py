@@ -193,7 +193,7 @@ def build_initial_package(
 def resolve_model(model: str) -> str:
     """A local folder for ``model``: a path, an s3:// URI, or models:/NAME@ALIAS from the registry."""
     if model.startswith("models:/") or model.startswith("runs:/"):
-        from pipelines.registry import resolve_model_uri
+        from pipelines.registry.resolve import resolve_model_uri
 
         return resolve_model_uri(model)
     return model

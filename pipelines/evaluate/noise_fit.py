@@ -232,6 +232,6 @@ def noise_fit_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    from pipelines.core_cli import noise_app
+    from pipelines.cli.core import noise_app
 
     noise_app.command("fit")(noise_fit_cmd)

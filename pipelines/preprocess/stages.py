@@ -1,0 +1,315 @@
+"""Stages 2-4 on Ray Data: decode + clip (tasks), caption embedding (actor pool) and parquet writing."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from collections import OrderedDict
+
+from pipelines.common import PyocoError
+from pipelines.preprocess.discover import StepSettings
+from pipelines.preprocess.ledger import STAGE_DECODE, STAGE_READ
+from pipelines.preprocess.schemas import decoded_schema, summary_schema
+from pipelines.preprocess.tar_index import _storage_reject
+from pyoco import clips as clipfmt
+
+EMBED_DIM = 384
+
+
+def clip_id(source: str, key: str, start_frame: int, num_frames: int, step: float) -> str:
+    return hashlib.sha256(f"{source}\0{key}\0{start_frame}\0{num_frames}\0{step:g}".encode()).hexdigest()[:24]
+
+
+# ------------------------------------------------------------------------------------ stage 2: decode + clip
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (unit tests, bench)
+        return "local"
+
+
+def decode_row(row: dict, settings: StepSettings, options, node_id: str = "local") -> list[dict]:
+    """One index row → clip rows (``reason`` None) or one reject row.
+
+    Transient storage errors are retried and, past the deadline, fail the step; a permanent one (gone,
+    shrunk, forbidden) rejects this video. ``MemoryError`` always propagates: it is never bad data."""
+    from pyoco import storage, video
+
+    base = {
+        "source": row["source"],
+        "key": row["key"],
+        "caption": row["caption"],
+        "labels": row.get("labels"),
+        "node_id": node_id,
+        "clip_id": None,
+        "clip_index": None,
+        "start_frame": None,
+        "num_frames": None,
+        "fps": None,
+        "height": None,
+        "width": None,
+        "frames": None,
+        "reason": None,
+        "stage": None,
+        "detail": "",
+    }
+    uri = row["video_uri"]
+    try:
+        if row["offset"] is not None and row["offset"] >= 0:
+            data = storage.read_range(uri, row["offset"], row["offset"] + row["size"], options=options)
+        else:
+            data = storage.read_bytes(uri, options=options)
+    except Exception as err:  # noqa: BLE001 - sorted by _storage_reject; anything else re-raised
+        reason = _storage_reject(err)
+        if reason is None:
+            raise
+        detail = f"{uri}: {type(err).__name__}: {err}"[:500]
+        return [{**base, "reason": reason, "stage": STAGE_READ, "detail": detail}]
+    try:
+        clips = video.decode_clips(
+            data,
+            num_frames=settings.num_frames,
+            frame_stride=settings.frame_stride,
+            target_fps=settings.target_fps,
+            size=settings.size,
+            max_clips=settings.max_clips,
+            seed=settings.seed,
+            key=f"{row['source']}\0{row['key']}",
+            threads=settings.decode_threads,
+        )
+    except video.VideoDecodeError as err:
+        return [{**base, "reason": err.reason, "stage": STAGE_DECODE, "detail": err.detail[:500]}]
+    except MemoryError:
+        raise  # the worker ran out of memory: not a property of the video
+    except Exception as err:  # noqa: BLE001 - a decoder bug on odd input must not kill the job
+        return [
+            {
+                **base,
+                "reason": "decode_error",
+                "stage": STAGE_DECODE,
+                "detail": f"{type(err).__name__}: {err}"[:500],
+            }
+        ]
+    out = []
+    for i, c in enumerate(clips):
+        t, h, w, _ = c.frames.shape
+        step = (c.frame_indices[1] - c.frame_indices[0]) if len(c.frame_indices) > 1 else 1
+        out.append(
+            {
+                **base,
+                "clip_id": clip_id(row["source"], row["key"], c.start_frame, t, step),
+                "clip_index": i,
+                "start_frame": c.start_frame,
+                "num_frames": t,
+                "fps": c.fps,
+                "height": h,
+                "width": w,
+                "frames": c.frames.tobytes(),
+            }
+        )
+    return out
+
+
+CRASH_TEST_ENV = "PYOCO_TEST_CRASH_ON_KEY"  # test hook: a decode task that meets this key kills its worker
+
+
+def decode_rows(rows: list[dict], settings: StepSettings, options, crash_on_key: str | None = None):
+    """Plain Ray task body: index rows → decoded clip rows and decode rejects (a pyarrow table).
+
+    ``crash_on_key`` is a test hook (from ``$PYOCO_TEST_CRASH_ON_KEY`` on the driver): the worker exits
+    with ``os._exit(1)`` on that key, as a segfaulting decoder or an OOM kill would end it.
+    """
+    import pyarrow as pa
+
+    node = _node_id()
+    out: list[dict] = []
+    for row in rows:
+        if crash_on_key is not None and row["key"] == crash_on_key:
+            os._exit(1)
+        out.extend(decode_row(row, settings, options, node))
+    return pa.Table.from_pylist(out, schema=decoded_schema())
+
+
+@functools.cache
+def _decode_task():
+    """:func:`decode_rows` as a Ray remote function (made once per process)."""
+    import ray
+
+    return ray.remote(decode_rows)
+
+
+def _worker_died(err: BaseException) -> bool:
+    """A task whose worker process died (segfault, ``os._exit``, OOM kill) rather than raised."""
+    import ray.exceptions as rexc
+
+    if isinstance(err, rexc.WorkerCrashedError | rexc.OutOfMemoryError):
+        return True
+    return isinstance(err, rexc.RayTaskError) and isinstance(
+        getattr(err, "cause", None), rexc.WorkerCrashedError | rexc.OutOfMemoryError
+    )
+
+
+def _crash_reject(row: dict, err: BaseException) -> dict:
+    return {
+        **{name: None for name in decoded_schema().names},
+        "source": row["source"],
+        "key": row["key"],
+        "caption": row["caption"],
+        "node_id": "",
+        "reason": "decode_crash",
+        "stage": STAGE_DECODE,
+        "detail": f"the decode worker died on this video, alone in its task ({type(err).__name__})",
+    }
+
+
+def decode_batch(batch, *, settings: StepSettings, options, task_args: dict, crash_on_key: str | None = None):
+    """Ray Data UDF (tasks): index rows → decoded clip rows and decode rejects.
+
+    The decoding itself runs in a plain Ray task (``task_args``: its CPUs and resource label; this UDF
+    only waits, and Ray lends its CPU back while it does). A decoder that kills its worker process
+    (FFmpeg segfault, OOM kill) cannot be caught in-process, and inside Ray Data it would fail the whole
+    dataset. So when the batch's task dies (``WorkerCrashedError`` / ``OutOfMemoryError``), each of its
+    videos is decoded again alone, in its own task; a video whose lone task dies again is recorded as
+    ``decode_crash``, and the others keep their clips. Every row of the batch comes back exactly once.
+    """
+    import pyarrow as pa
+    import ray
+
+    rows = batch.to_pylist()
+    if not rows:
+        return pa.Table.from_pylist([], schema=decoded_schema())
+    task = _decode_task().options(max_retries=0, **task_args)
+    try:
+        return ray.get(task.remote(rows, settings, options, crash_on_key))
+    except Exception as err:  # noqa: BLE001 - only a dead worker is handled here
+        if not _worker_died(err):
+            raise
+    alone = [task.remote([row], settings, options, crash_on_key) for row in rows]
+    tables = []
+    for row, ref in zip(rows, alone, strict=True):
+        try:
+            tables.append(ray.get(ref))
+        except Exception as err:  # noqa: BLE001
+            if not _worker_died(err):
+                raise
+            tables.append(pa.Table.from_pylist([_crash_reject(row, err)], schema=decoded_schema()))
+    return pa.concat_tables(tables)
+
+
+# ----------------------------------------------------------------------------------------- stage 3: embed
+class CaptionEmbedder:
+    """Ray Data actor: adds ``caption_embedding`` (L, 384) float32 and ``caption_mask`` (L,) bool."""
+
+    def __init__(self, text_encoder: str = "minilm", text_len: int = 32, threads: int = 1):
+        import torch
+
+        from pyoco.text import load_text_encoder
+
+        torch.set_num_threads(max(1, threads))
+        self.text_len = text_len
+        # Clips of one video (max_clips_per_video > 1) and class-named datasets repeat captions: an LRU of
+        # recent captions' states saves re-encoding them (1024 x L x 384 x 4 B = 48 MiB at most for L=32).
+        self.cache_size = 1024
+        self._cache: OrderedDict[str, tuple] = OrderedDict()
+        self.encoder = load_text_encoder(text_encoder, max_length=text_len)
+        if getattr(self.encoder, "dim", EMBED_DIM) != EMBED_DIM:
+            raise PyocoError(
+                f"text encoder {text_encoder!r} has dim {self.encoder.dim}, clips store {EMBED_DIM}"
+            )
+
+    def __call__(self, batch):
+        import numpy as np
+        import pyarrow as pa
+
+        n = batch.num_rows
+        emb = np.zeros((n, self.text_len, EMBED_DIM), np.float32)
+        mask = np.zeros((n, self.text_len), bool)
+        reasons = batch.column("reason").to_pylist()
+        captions = batch.column("caption").to_pylist()
+        todo = [i for i in range(n) if reasons[i] is None]
+        missing = sorted({captions[i] for i in todo} - self._cache.keys())
+        if missing:
+            e, m = self.encoder.encode(missing)
+            e = np.asarray(e.detach().cpu().numpy() if hasattr(e, "detach") else e, np.float32)
+            m = np.asarray(m.detach().cpu().numpy() if hasattr(m, "detach") else m, bool)
+            for j, c in enumerate(missing):
+                self._cache[c] = (e[j], m[j])
+        for i in todo:
+            emb[i], mask[i] = self._cache[captions[i]]
+            self._cache.move_to_end(captions[i])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        # One flat fixed-size list per row (L * 384 floats, row-major (L, 384)): pyarrow 25's filter/take on
+        # *sliced nested* fixed-size lists return garbage, and Ray Data slices blocks freely.
+        emb_arr = pa.FixedSizeListArray.from_arrays(
+            pa.array(emb.reshape(-1), pa.float32()), self.text_len * EMBED_DIM
+        )
+        mask_arr = pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1), pa.bool_()), self.text_len)
+        return batch.append_column("caption_embedding", emb_arr).append_column("caption_mask", mask_arr)
+
+
+# ----------------------------------------------------------------------------------------- stage 4: write
+def write_batch(batch, *, clips_uri: str, text_len: int, val_fraction: float, options):
+    """Ray Data UDF (tasks): write the batch's clips to one parquet file per split (``clips/train/``,
+    ``clips/val/``; the side of a clip is :func:`pyoco.clips.split_of` of its video's key); return one
+    summary row per row.
+
+    A file's name is a hash of its clip ids, so a retried task overwrites its own file.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pyoco import storage
+
+    ok = pc.is_null(batch.column("reason")).to_pylist()
+    keys = batch.column("key").to_pylist()
+    splits = [clipfmt.split_of(k, val_fraction) if o else None for k, o in zip(keys, ok, strict=True)]
+    files: list[str | None] = [None] * batch.num_rows
+    emb_type = batch.schema.field(clipfmt.EMBEDDING).type
+    embed_dim = emb_type.list_size // text_len if pa.types.is_fixed_size_list(emb_type) else 0
+    for split in clipfmt.SPLITS:
+        idx = [i for i, s in enumerate(splits) if s == split]
+        if not idx:
+            continue
+        schema = clipfmt.clip_schema(text_len, embed_dim)
+        table = batch.take(idx).select(schema.names).cast(schema)
+        ids = "\n".join(sorted(table.column("clip_id").to_pylist()))
+        file_name = f"{split}/part-{hashlib.sha256(ids.encode()).hexdigest()[:20]}.parquet"
+        clipfmt.write_clip_table(table, storage.join(clips_uri, file_name), storage_options=options)
+        for i in idx:
+            files[i] = file_name
+    if not batch.num_rows:
+        return pa.Table.from_pylist([], schema=summary_schema())
+    return pa.Table.from_arrays(
+        [
+            batch.column("clip_id"),
+            batch.column("source"),
+            batch.column("key"),
+            batch.column("clip_index"),
+            batch.column("node_id"),
+            pa.array(splits, pa.string()),
+            pa.array(files, pa.string()),
+            batch.column("reason"),
+            batch.column("stage"),
+            batch.column("detail"),
+        ],
+        schema=summary_schema(),
+    )
+
+
+def drop_rejected(batch, *, duplicates: dict[str, str]):
+    """Ray Data UDF: keep the index rows that passed every read/caption rule and are not duplicates."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keep = pc.is_null(batch.column("reason"))
+    if duplicates:
+        idents = [
+            f"{s}\0{k}"
+            for s, k in zip(batch.column("source").to_pylist(), batch.column("key").to_pylist(), strict=True)
+        ]
+        keep = pc.and_(keep, pa.array([i not in duplicates for i in idents]))
+    return batch.filter(keep)

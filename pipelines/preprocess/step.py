@@ -1,0 +1,417 @@
+"""``pyoco preprocess``: raw videos (WebDataset shards, a captioned folder, or UCF-101 class folders, local or
+s3://) → training clips in parquet, with a ledger of every rejected input and a manifest.
+
+Pipeline (Ray Data, streaming; every stage runs in Ray tasks/actors, never on the driver)::
+
+    index (1 task per shard: tar headers + captions, no video bytes) → caption rules (pyoco.captions)
+      → materialise the small index → duplicate captions resolved on the driver (first (source, key) wins)
+      → decode + clip + resize/crop (tasks, pyoco.video; reads each video's bytes by range)
+      → caption embedding (MiniLM, actor pool) → write parquet (tasks, ≤ rows_per_file rows per file)
+      → a small per-row summary streams back to the driver, which writes rejects/ and manifest.json.
+
+Placement: every task and actor requests ``cfg.resource`` (default ``preprocess``, a tiny fraction of one
+unit, so it acts as a node label) when some node offers it, else plain CPU scheduling. Decode tasks take
+``num_cpus_per_task`` CPUs, index and write tasks at most a quarter CPU, embedding actors
+``embed_num_cpus`` (default 0: MiniLM on short captions costs a few % of decoding, and a whole CPU per actor
+would starve decode on small nodes).
+
+Memory: Ray Data's streaming executor backpressures between stages, so the data in flight is bounded
+by the object store, whatever the dataset size. What grows with the dataset is the index (a few hundred
+bytes per video, in the object store, spillable), the driver's duplicate table (one 32-char hash per
+distinct caption) and the reject ledger. Frames are stored as ``large_binary`` (64-bit offsets), so big
+rows never hit Arrow's 2 GiB ``binary`` offset limit, and a file holds at most ``rows_per_file`` rows and
+about 256 MiB.
+
+Output (ARCHITECTURE.md)::
+
+    OUT/clips/train/part-<hash>.parquet  one row per clip of a training video (schema: pyoco.clips)
+    OUT/clips/val/part-<hash>.parquet    one row per clip of a held-out video
+    OUT/rejects/part-00000.parquet       one row per rejected input: source, key, stage, reason, detail
+    OUT/manifest.json                    counts (per split too), rejects by reason, config, data and
+                                         eval-data hashes, pyoco version, decode nodes
+
+A run writes ``clips/`` and ``rejects/`` under ``OUT/.staging/`` and swaps them in for the previous run's
+only once it has succeeded (accounting holds, reject fraction within ``max_reject_fraction``), writing
+``manifest.json`` last (:func:`_publish`). A failed run leaves ``OUT/`` as it was and its own outputs, with
+``manifest.incomplete.json``, in ``OUT/.staging/``.
+
+The clip columns, and how a video is assigned to train or val (``preprocess.val_fraction``, a threshold on
+a hash of the video's key: stable when videos are added), are documented in :mod:`pyoco.clips`. We store
+the token-level ``(L, D)`` caption states and the mask rather than a pooled ``(D,)`` vector because that is
+exactly the cross-attention input training needs (so training never runs the text encoder).
+
+Labels (the ``labels`` column, JSON object text): a WebDataset sample's ``.json`` member (the object as-is,
+e.g. the synth ground truth), ``{"class": TEXT}`` from a ``.cls`` member (merged into the ``.json`` object
+when a sample has both), ``{"class": NAME}`` for a UCF-101 class folder; null otherwise.
+
+Reject reasons (``rejects/`` ``stage`` / ``reason``):
+
+- ``read``: ``not_a_tar`` (a shard tarfile can't open, or an empty one), ``truncated_tar`` (a member cut off
+  by the end of the shard, or an unreadable tail), ``unsafe_path`` (``../``, absolute, link or device
+  members: never extracted, never used as a path), ``missing_video`` (a key with no video member, or a
+  captions-file line naming a missing file), ``duplicate_entry`` (a file listed twice), ``read_error``
+  (a file that disappeared between listing and reading);
+- ``labels``: ``bad_labels`` (a ``.json`` member that is not a JSON object or is over 64 KiB, a ``.cls``
+  member that is empty or over 1 KiB: a sample whose labels would be silently lost);
+- ``caption``: the ``caption_*`` codes of :mod:`pyoco.captions`; ``dedupe``: ``duplicate_caption``;
+- ``read`` (storage): ``access_denied`` and ``storage_error``, a *permanent* storage error on one object
+  (forbidden, invalid range, ...), recorded at once, never retried;
+- ``decode``: :data:`pyoco.video.DECODE_REASONS` (``empty_file``, ``decode_error``, ``no_video_stream``,
+  ``too_short``), and ``decode_crash``: the video killed its decode worker process (segfault, OOM kill)
+  when decoded alone (:func:`decode_batch`).
+
+A transient storage error that outlasts the retries (see :mod:`pyoco.storage`) fails the job with an
+error, and so does ``MemoryError``; neither is ever recorded as a property of the data. More than
+``max_reject_fraction`` (default 0.5) of the inputs rejected fails the step, naming the top reasons.
+
+Accounting: every input (a sample of a shard, a video of a folder, a damaged shard or tail of a shard)
+is exactly one row of the index. The step fails, without writing a manifest, unless
+``inputs == accepted_videos + sum(rejected.values())``.
+
+Config: ``--config`` takes the workflow YAML (its ``preprocess:`` section is used) or a YAML file whose
+top level is just the preprocess fields (``input:``, ``output:``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from pipelines.common import PyocoError, console
+from pipelines.preprocess.discover import StepSettings, discover_inputs
+from pipelines.preprocess.ledger import STAGE_DEDUPE, _check_reject_fraction, _RejectWriter
+from pipelines.preprocess.manifest import STAGING, _prepare_output, _publish, pyoco_version
+from pipelines.preprocess.schemas import index_schema
+from pipelines.preprocess.stages import (
+    CRASH_TEST_ENV,
+    EMBED_DIM,
+    CaptionEmbedder,
+    decode_batch,
+    drop_rejected,
+    write_batch,
+)
+from pipelines.preprocess.tar_index import index_batch
+from pyoco import clips as clipfmt
+from pyoco.config import ConfigError, PreprocessConfig, config_hash
+
+MAX_FILE_BYTES = 256 * 2**20  # target upper bound of one clips parquet file
+RESOURCE_FRACTION = 0.001  # custom-resource request per task: a placement label, not a concurrency cap
+
+
+# Config fields that change how the step runs or where it writes, never what the clips contain.
+EXECUTION_ONLY_FIELDS = {
+    "output",
+    "rows_per_file",
+    "embed_actors",
+    "embed_batch_size",
+    "embed_num_cpus",
+    "decode_threads",
+    "videos_per_task",
+    "resource",
+    "num_cpus_per_task",
+    "s3_endpoint_url",
+    "max_reject_fraction",
+}
+
+
+# ------------------------------------------------------------------------------------------------ the step
+
+
+def _init_ray(ray_address: str | None, resource: str | None) -> bool:
+    """Connect to (or start) Ray; True when this call started it (so it should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    else:
+        cpus = os.cpu_count() or 1
+        ray.init(
+            num_cpus=cpus,
+            resources={resource: cpus} if resource else None,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    return True
+
+
+def _remote_args(cfg: PreprocessConfig, num_cpus: float) -> dict:
+    """Ray options for one task/actor: CPUs plus the custom resource when some node has it."""
+    import ray
+
+    args: dict[str, Any] = {"num_cpus": num_cpus}
+    if cfg.resource and ray.cluster_resources().get(cfg.resource, 0) > 0:
+        args["resources"] = {cfg.resource: RESOURCE_FRACTION}
+    return args
+
+
+def rows_per_file(cfg: PreprocessConfig) -> int:
+    """``cfg.rows_per_file``, lowered so that one file stays under ~256 MiB."""
+    row_bytes = cfg.num_frames * cfg.size * cfg.size * 3 + cfg.text_max_length * (EMBED_DIM * 4 + 1) + 512
+    return max(1, min(cfg.rows_per_file, MAX_FILE_BYTES // row_bytes))
+
+
+def run_preprocess(
+    cfg: PreprocessConfig,
+    *,
+    ray_address: str | None = None,
+    progress: bool = True,
+    workflow_hash: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Run the step; returns the manifest (also written to ``OUT/manifest.json``).
+
+    Raises PyocoError when the accounting invariant fails (nothing is reported as success then).
+    ``on_progress(videos_done, videos_to_decode)`` is called on the driver as decoded videos come back.
+    """
+    import ray
+    import ray.data
+
+    from pyoco import storage
+
+    started = time.monotonic()
+    options = storage.StorageOptions.from_env(cfg.s3_endpoint_url)
+    # What Ray tasks get: endpoint and region only. Credentials would live in the task specs and in the
+    # serialized map functions (object store, which spills to disk); the workers read the AWS_* variables
+    # (or their instance role) from their own environment instead.
+    task_options = dataclasses.replace(options, key=None, secret=None, token=None)
+    settings = StepSettings.from_config(cfg)
+    settings.caption_filter()  # validate rules before starting anything
+    plan = discover_inputs(cfg.input, cfg.format, settings, options)
+    clips_uri, rejects_uri = _prepare_output(cfg, options)
+    own_ray = _init_ray(ray_address, cfg.resource)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        saved_ctx = (ctx.enable_progress_bars, ctx.execution_options.preserve_order)
+        ctx.enable_progress_bars = progress
+        ctx.execution_options.preserve_order = False
+        task_args = _remote_args(cfg, cfg.num_cpus_per_task)
+        light_args = _remote_args(cfg, min(0.25, cfg.num_cpus_per_task))
+
+        # Stage 1: index (per shard, in tasks) or ready rows (folder/ucf101, listed on the driver).
+        if plan.kind == "webdataset":
+            shards = ray.data.from_items(
+                [{"shard": s} for s in plan.shards], override_num_blocks=len(plan.shards)
+            )
+            index = shards.map_batches(
+                index_batch,
+                batch_size=1,
+                batch_format="pyarrow",
+                fn_kwargs={"settings": settings, "options": task_options},
+                **light_args,
+            )
+        else:
+            import pyarrow as pa
+
+            index = ray.data.from_arrow(pa.Table.from_pylist(plan.rows, schema=index_schema()))
+        index = index.materialize()
+
+        # Driver pass over the small index: count inputs, ledger the rejects, resolve duplicates.
+        rejects = _RejectWriter(rejects_uri, options)
+        inputs = 0
+        first_of: dict[str, tuple[str, str]] = {}  # dedupe key -> smallest (source, key)
+        for b in index.iter_batches(batch_format="pyarrow", batch_size=4096):
+            for r in b.select(["source", "key", "dedupe_key", "reason", "stage", "detail"]).to_pylist():
+                inputs += 1
+                if r["reason"] is not None:
+                    rejects.add(r["source"], r["key"], r["stage"], r["reason"], r["detail"])
+                elif r["dedupe_key"] is not None:
+                    ident = (r["source"], r["key"])
+                    cur = first_of.get(r["dedupe_key"])
+                    if cur is None or ident < cur:
+                        first_of[r["dedupe_key"]] = ident
+        duplicates: dict[str, str] = {}
+        if first_of:
+            for b in index.iter_batches(batch_format="pyarrow", batch_size=4096):
+                for r in b.select(["source", "key", "dedupe_key", "reason"]).to_pylist():
+                    if r["reason"] is None and r["dedupe_key"] is not None:
+                        first = first_of[r["dedupe_key"]]
+                        if (r["source"], r["key"]) != first:
+                            duplicates[f"{r['source']}\0{r['key']}"] = f"{first[0]}#{first[1]}"
+                            rejects.add(
+                                r["source"],
+                                r["key"],
+                                STAGE_DEDUPE,
+                                "duplicate_caption",
+                                f"same caption as {first[1]} in {first[0]}",
+                            )
+        first_of.clear()
+        to_decode = inputs - sum(rejects.by_reason.values())
+
+        # Stages 2-4, streaming: decode (tasks) → embed (actor pool) → write parquet (tasks) → summary.
+        accepted_videos = clips_written = 0
+        nodes: Counter = Counter()
+        clip_files: set[str] = set()
+        clips_digest = 0  # order-independent digest of every clip id written
+        per_split = {sp: {"clips": 0, "videos": 0, "digest": 0} for sp in clipfmt.SPLITS}
+        decode_seen = 0
+        if to_decode > 0:
+            per_file = rows_per_file(cfg)
+            ds = (
+                index.map_batches(
+                    drop_rejected, batch_format="pyarrow", fn_kwargs={"duplicates": duplicates}, **light_args
+                )
+                .repartition(target_num_rows_per_block=cfg.videos_per_task)
+                .map_batches(
+                    decode_batch,
+                    batch_size=None,
+                    batch_format="pyarrow",
+                    fn_kwargs={
+                        "settings": settings,
+                        "options": task_options,
+                        "task_args": task_args,  # the decode task's; this UDF only waits for it
+                        "crash_on_key": os.environ.get(CRASH_TEST_ENV) or None,
+                    },
+                    **light_args,
+                )
+                .map_batches(
+                    CaptionEmbedder,
+                    batch_size=cfg.embed_batch_size,
+                    batch_format="pyarrow",
+                    compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors),
+                    fn_constructor_kwargs={
+                        "text_encoder": cfg.text_encoder,
+                        "text_len": cfg.text_max_length,
+                        "threads": max(1, math.floor(cfg.embed_num_cpus)),
+                    },
+                    **_remote_args(cfg, cfg.embed_num_cpus),
+                )
+                .map_batches(
+                    write_batch,
+                    batch_size=per_file,
+                    batch_format="pyarrow",
+                    fn_kwargs={
+                        "clips_uri": clips_uri,
+                        "text_len": cfg.text_max_length,
+                        "val_fraction": cfg.val_fraction,
+                        "options": task_options,
+                    },
+                    **light_args,  # parquet + zstd of a few MB: a quarter CPU, so decode keeps its slots
+                )
+            )
+            for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                before = decode_seen
+                for r in b.to_pylist():
+                    if r["reason"] is not None:
+                        decode_seen += 1
+                        rejects.add(r["source"], r["key"], r["stage"], r["reason"], r["detail"])
+                        continue
+                    clips_written += 1
+                    clip_files.add(r["file"])
+                    clips_digest = (clips_digest + int(r["clip_id"], 16)) % (1 << 128)
+                    side = per_split[r["split"]]
+                    side["clips"] += 1
+                    side["digest"] = (side["digest"] + int(r["clip_id"], 16)) % (1 << 128)
+                    if r["clip_index"] == 0:
+                        decode_seen += 1
+                        accepted_videos += 1
+                        side["videos"] += 1
+                        nodes[r["node_id"]] += 1
+                if on_progress is not None and decode_seen != before:
+                    on_progress(decode_seen, to_decode)
+            if os.environ.get("PYOCO_DATA_STATS"):  # per-operator timings, for tuning
+                console.print(ds.stats())
+        rejects.flush(final=True)
+    except (PyocoError, ConfigError, FileNotFoundError):
+        raise
+    except Exception as err:  # Ray task errors: one line for the CLI, the cause chained for PYOCO_DEBUG
+        first = " ".join(str(err).split())[:400]
+        raise PyocoError(f"preprocess failed: {type(err).__name__}: {first}", exit_code=1) from err
+    finally:
+        if "saved_ctx" in locals():
+            ctx.enable_progress_bars, ctx.execution_options.preserve_order = saved_ctx
+        if own_ray:
+            ray.shutdown()
+
+    rejected = dict(sorted(rejects.by_reason.items()))
+    content_config = cfg.model_dump(mode="json", exclude=EXECUTION_ONLY_FIELDS)
+    warnings = []
+    if cfg.val_fraction > 0 and accepted_videos and per_split["val"]["videos"] == 0:
+        warnings.append(
+            f"val split is empty: none of the {accepted_videos} accepted videos hashed below val_fraction "
+            f"{cfg.val_fraction} (the split is a per-video hash threshold, so tiny datasets can get no val "
+            "video; add videos or raise preprocess.val_fraction)"
+        )
+        console.print(f"[yellow]warning:[/] {warnings[-1]}")
+    manifest = {
+        "pyoco_version": pyoco_version(),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "input": cfg.input,
+        "output": cfg.output,
+        "format": plan.kind,
+        "config_hash": config_hash(cfg.model_dump(mode="json")),
+        "workflow_config_hash": workflow_hash,
+        "config": cfg.model_dump(mode="json"),
+        "inputs": inputs,
+        "accepted_videos": accepted_videos,
+        "clips_written": clips_written,
+        "train_videos": per_split["train"]["videos"],
+        "val_videos": per_split["val"]["videos"],
+        "train_clips": per_split["train"]["clips"],
+        "val_clips": per_split["val"]["clips"],
+        "val_fraction": cfg.val_fraction,
+        "split_rule": "val iff sha256(key)[:8] / 2**64 < val_fraction (pyoco.clips.split_of)",
+        "rejected": rejected,
+        "invariant": "inputs == accepted_videos + sum(rejected.values())",
+        # Same inputs + config -> same data_hash, whatever the cluster (file names depend on batching).
+        "data_hash": config_hash(
+            {
+                "config": content_config,
+                "inputs": inputs,
+                "rejected": rejected,
+                "clips": clips_digest,
+            }
+        ),
+        # What evaluate measures on: the val clip ids and the config that shapes their content. Metrics with
+        # different eval_data_hash were computed on different clips and are not comparable.
+        "eval_data_hash": config_hash(
+            {
+                "config": {k: v for k, v in content_config.items() if k not in ("input", "val_fraction")},
+                "val_clips": per_split["val"]["clips"],
+                "val_digest": per_split["val"]["digest"],
+            }
+        ),
+        "warnings": warnings,
+        "clip_files": sorted(clip_files),
+        "reject_files": rejects.files,
+        "ignored_files": plan.ignored,
+        "decode_nodes": dict(sorted(nodes.items())),
+        "clip_shape": [cfg.num_frames, cfg.size, cfg.size, 3],
+        "caption_embedding": {
+            "encoder": cfg.text_encoder,
+            "shape": [cfg.text_max_length, EMBED_DIM],
+            "dtype": "float32",
+            "level": "token",
+        },
+        "elapsed_s": round(time.monotonic() - started, 2),
+    }
+    problems = []
+    if inputs != accepted_videos + sum(rejected.values()):
+        problems.append(f"inputs {inputs} != accepted {accepted_videos} + rejected {sum(rejected.values())}")
+    if decode_seen != to_decode:
+        problems.append(f"{to_decode} videos went to decode but {decode_seen} came back")
+    failure = "preprocess accounting failed: " + "; ".join(problems) if problems else None
+    if failure is None:
+        too_many = _check_reject_fraction(cfg, inputs, rejected)
+        failure = f"preprocess failed: {too_many}" if too_many else None
+    if failure is not None:
+        # The previous outputs stay as they were; this run's are kept in OUT/.staging/ for inspection.
+        staging = storage.join(cfg.output, STAGING)
+        storage.write_bytes(
+            storage.join(staging, "manifest.incomplete.json"),
+            json.dumps(manifest, indent=2).encode(),
+            options=options,
+        )
+        raise PyocoError(f"{failure} (this run's outputs are in {staging}; {cfg.output} is unchanged)", 1)
+    _publish(cfg.output, manifest, options)
+    return manifest

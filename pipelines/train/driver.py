@@ -1,0 +1,379 @@
+"""``pyoco train`` and ``pyoco pretrain-image``: Ray Train (V2 API) workers finetune the inflated video UNet with
+DeepSpeed ZeRO and the PYoCo noise prior; checkpoints, resume, fault tolerance, MLflow tracking and a
+consolidated diffusers export.
+
+    run_train(cfg)                        # -> {"model_dir", "checkpoint", "mlflow_run_id", "final_step", ...}
+    run_train(pretrain_config(cfg), image_pretrain=True)
+
+Driver (this process): resolve the config once, read the clips' geometry, compute the null/sample caption
+embeddings with the text encoder (so workers never load it), open the MLflow run (params, config artifact,
+DeepSpeed config, tags), start ``TorchTrainer`` over a streaming Ray Dataset of ``clips/*.parquet``, and at the
+end consolidate the final checkpoint into a model package (``pyoco.package``: ``unet/`` safetensors in diffusers
+format, ``scheduler/``, ``pyoco_package.json``) at ``train.output``.
+
+Worker (:func:`pipelines.train.loop.train_loop_per_worker`, one per rank): typed config on the first line,
+build/load the UNet (inflated unless image pretraining), ``deepspeed.initialize`` with the generated config
+(:mod:`pipelines.train.deepspeed`), EMA (:mod:`pipelines.train.ema`), restore from
+``ray.train.get_checkpoint()``, then the loop: stream batches (:mod:`pipelines.train.data`), ``DiffusionLoss``
+with the prior and a per-rank generator, backward/step, log, checkpoint every ``checkpoint_every`` steps,
+sample every ``sample_every`` steps.
+
+Checkpoint layout (one Ray checkpoint = the merged folders of all ranks)::
+
+    checkpoint_00000010/
+      ds/...                    DeepSpeed checkpoint (model + optimizer + LR schedule; ZeRO shards per rank)
+      latest                    DeepSpeed's tag pointer
+      pyoco/train_state.json    step, ZeRO stage, world size, trainable names, geometry, compatibility (rank 0)
+      pyoco/unet/config.json    the UNet architecture (rank 0)
+      pyoco/ema_rank000.safetensors ...  EMA (rank 0 at ZeRO 0-2; one shard per rank at ZeRO-3), JSON metadata
+      pyoco/rng_rank000.safetensors ...  per-rank RNG states (noise generator, torch, numpy as tensors; numpy's
+                                         scalars and Python's state as JSON metadata)
+
+No pyoco state is pickled, and DeepSpeed's ``ds/`` files are loaded with ``torch.load(weights_only=True)`` on
+resume: whoever can write the checkpoint bucket cannot run code on the workers. (The export's ZeRO
+consolidation, DeepSpeed's ``zero_to_fp32``, still unpickles fully; see the issue-12 notes.)
+
+Resume: Ray Train V2 restarts the worker group from the latest checkpoint after a worker failure
+(``FailureConfig(max_failures)``), and a new ``pyoco train`` with the same ``storage_path`` and run name picks
+up the run's latest checkpoint too. The data stream restarts at a fresh (reshuffled) epoch; model, optimizer,
+LR position, EMA, step and RNG states are restored exactly.
+
+A changed config never resumes an old run:
+
+- the default run name carries a key of the settings (``{name}-train-{key}``): the workflow's train step key,
+  or, for ``pyoco train``, the compatibility hash below; an explicit ``train.run_name`` is used as given;
+- every checkpoint records a compatibility hash and its fields
+  (:func:`pipelines.train.checkpoint.compat_fields`: everything that changes what is learned: model, noise,
+  data hash, optimiser, batch, seed, prediction type, trained layers, and the step horizon when the LR
+  schedule depends on it). Resuming from a checkpoint whose fields differ is refused with one line naming
+  them, on the driver before Ray Train starts and again in each worker;
+- resuming with a different ``num_workers`` is refused (ZeRO shards and per-rank RNG/EMA state are per rank).
+
+Extending ``max_steps`` under a constant LR schedule keeps the hash (and so resumes and trains on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from pipelines.common import PyocoError, console
+from pipelines.train.checkpoint import _check_existing_checkpoints, compat_fields, compat_hash
+from pipelines.train.export import export_checkpoint
+from pipelines.train.loop import train_loop_per_worker
+from pipelines.train.plan import WorkerPlan, _abs, _join, resolve_config, total_steps, worker_env
+from pyoco.config import NoiseConfig, PyocoConfig, TrainConfig
+
+MLFLOW_RUN_FILE = "pyoco_mlflow_run.json"
+FAULT_MARKER = "pyoco_fault_injected_at_step_{step}"
+
+
+# ================================================================================================ driver side
+def _ensure_ray(address: str | None) -> bool:
+    """Ray for this step: the workflow's session Ray when inside one (see pipelines.context)."""
+    from pipelines.context import ensure_ray
+
+    return ensure_ray(address, log_to_driver=True)
+
+
+def _check_cpus(t: TrainConfig, embedded: bool) -> None:
+    """Ray Data needs a CPU to read shards while the workers hold theirs; on a too-small cluster it would
+    wait forever, so say so instead."""
+    import ray
+
+    if t.use_gpu:
+        return
+    have = float(ray.cluster_resources().get("CPU", 0))
+    need = t.num_workers * float(t.resources_per_worker.get("CPU", 1))
+    if have - need < 0.5:
+        msg = (
+            f"train.num_workers ({t.num_workers}) x resources_per_worker.CPU "
+            f"({t.resources_per_worker.get('CPU', 1)}) = {need:g} leaves {have - need:g} of this Ray cluster's "
+            f"{have:g} CPUs for reading the data; lower resources_per_worker.CPU (e.g. 0.5) or num_workers"
+        )
+        if embedded:  # our own single-node Ray: it cannot grow, so this would hang
+            raise PyocoError(msg)
+        console.print(f"warning: {msg} (unless the cluster autoscales)")
+
+
+def _arrow_fs(uri: str):
+    """(pyarrow filesystem, path) for Ray Data / Ray Train storage; s3 goes through pyoco.storage's s3fs
+    (endpoint and region from the AWS environment). The filesystem is pickled into Ray's read tasks and
+    the trainer's run config, so it carries no credentials: each process's boto chain finds its own."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from pyoco.storage import StorageOptions, filesystem, is_remote
+
+    if not is_remote(uri):
+        return None, _abs(uri.removeprefix("file://"))
+    opts = dataclasses.replace(StorageOptions.from_env(), key=None, secret=None, token=None)
+    fs, path = filesystem(uri, options=opts)
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def _clips_dataset(t: TrainConfig, geometry):
+    """A lazy Ray Dataset over the clip shards (only the columns training reads), block order shuffled.
+
+    Read through Ray Data's V1 parquet datasource: the V2 one (default in Ray 2.60) starts a pool of 32
+    footer-reader actors on every execution, i.e. every epoch, which costs 15-40 s per epoch on a small node;
+    V1 re-reads an epoch of the test shards in well under a second."""
+    import ray.data
+
+    data_fs, _ = _arrow_fs(t.data)
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        dataset = ray.data.read_parquet(list(geometry.files), filesystem=data_fs, columns=geometry.columns)
+    finally:
+        ctx.use_datasource_v2 = previous
+    if t.shuffle_buffer:
+        dataset = dataset.randomize_block_order(seed=t.seed)
+    return dataset
+
+
+def _text_embeddings(cfg: PyocoConfig, geometry) -> tuple[dict, Any, Any, Any, Any]:
+    """(encoder description, null cond, null mask, sample cond, sample mask) in the data's layout."""
+    import numpy as np
+
+    from pyoco.text import load_text_encoder
+
+    enc = load_text_encoder(
+        cfg.model.text_encoder, max_length=geometry.text_len if geometry.token_level else 32
+    )
+    if enc.dim != geometry.text_dim:
+        raise PyocoError(
+            f"model.text_encoder {cfg.model.text_encoder!r} gives {enc.dim}-d states but the clips' "
+            f"caption_embedding is {geometry.text_dim}-d"
+        )
+    prompts = list(cfg.train.sample_prompts)
+    if geometry.token_level:
+        null, null_mask = enc.null_embedding(1)
+        cond, mask = enc.encode(prompts) if prompts else (null[:0], null_mask[:0])
+    else:  # pooled clips: pooled prompts, one token each
+        from pyoco.text import PooledTextEncoder
+
+        enc = PooledTextEncoder(enc)
+        null, null_mask = enc.null_embedding(1)
+        cond, mask = enc.encode(prompts) if prompts else (null[:0], null_mask[:0])
+    as_np = lambda x: x.numpy() if hasattr(x, "numpy") else np.asarray(x)  # noqa: E731
+    # The description goes into the package: sampling and evaluation rebuild this encoder from it (pooled
+    # and one token for pooled data, the data's token length otherwise).
+    return enc.describe(), as_np(null), as_np(null_mask), as_np(cond), as_np(mask)
+
+
+def _mlflow_run(
+    cfg: PyocoConfig, tracking_uri: str, experiment: str, *, kind: str, tags: dict, ds_config: dict
+) -> str:
+    """The run of this training job: the one recorded next to the Ray run (a resumed job continues it), or a
+    new one with params, the resolved config and the DeepSpeed config."""
+    from pipelines import tracking
+    from pyoco import storage
+
+    t = cfg.train
+    record = storage.join(t.storage_path, t.run_name, MLFLOW_RUN_FILE)
+    if storage.exists(record):
+        try:
+            prev = json.loads(storage.read_bytes(record))
+            if prev.get("tracking_uri") == tracking.redact_uri(tracking_uri):
+                c = tracking.client(tracking_uri)
+                run = c.get_run(prev["run_id"])
+                c.update_run(run.info.run_id, status="RUNNING")
+                tracking.set_tags(tracking_uri, run.info.run_id, tags)
+                return run.info.run_id
+        except Exception as err:  # noqa: BLE001 - an unreadable record just means a new run
+            console.print(f"note: not continuing the previous MLflow run ({type(err).__name__})")
+    run_id = tracking.start_run(
+        tracking_uri,
+        experiment,
+        run_name=t.run_name,
+        config=cfg,
+        tags={**tags, tracking.TAG_KIND: kind},
+    )
+    tracking.log_text(tracking_uri, run_id, json.dumps(ds_config, indent=2), "deepspeed/ds_config.json")
+    storage.write_bytes(
+        record, json.dumps({"run_id": run_id, "tracking_uri": tracking.redact_uri(tracking_uri)}).encode()
+    )
+    return run_id
+
+
+def run_train(
+    cfg: PyocoConfig,
+    *,
+    image_pretrain: bool = False,
+    ctx=None,
+    run_key: str | None = None,
+) -> dict:
+    """Train (or image-pretrain) as ``cfg`` says; returns ``{"model_dir", "checkpoint", "mlflow_run_id",
+    "final_step", "weights", "metrics", ...}``. ``model_dir`` is the exported model package.
+
+    ``ctx`` (a :class:`pipelines.context.RunContext`) gives the MLflow server and experiment (default: from
+    ``cfg.mlflow`` and the environment). ``run_key`` (the workflow step's cache key) names the Ray Train run
+    when ``train.run_name`` is unset; without it the compatibility hash does."""
+    from pipelines import tracking
+    from pipelines.train.data import DataError, inspect_clips, manifest_hash
+    from pipelines.train.deepspeed import deepspeed_config
+
+    if image_pretrain:
+        cfg = cfg.model_copy(update={"noise": NoiseConfig(kind="iid", alpha=0.0)})
+    elif cfg.noise.is_auto:
+        raise PyocoError(
+            "noise.kind/noise.alpha 'auto' is fitted by `pyoco run` (its noise_fit step); for `pyoco train`, "
+            "run `pyoco noise fit` and set the values it prints"
+        )
+    cfg = resolve_config(cfg, image_pretrain=image_pretrain)
+    t = cfg.train
+    image = t.image_pretrain
+    kind = "pretrain-image" if image else "train"
+    try:
+        geometry = inspect_clips(t.data)
+    except DataError as err:
+        raise PyocoError(str(err)) from None
+    if not image and geometry.num_frames > cfg.model.motion_max_seq_length:
+        raise PyocoError(
+            f"clips have {geometry.num_frames} frames but model.motion_max_seq_length is "
+            f"{cfg.model.motion_max_seq_length}"
+        )
+    if cfg.model.pretrained is None:
+        factor = 2 ** (len(cfg.model.tiny.block_out_channels) - 1) * (8 if cfg.model.vae else 1)
+        if geometry.height % factor or geometry.width % factor:
+            raise PyocoError(
+                f"clips are {geometry.height}x{geometry.width}; the model needs multiples of {factor}"
+            )
+        if cfg.model.tiny.cross_attention_dim != geometry.text_dim:
+            raise PyocoError(
+                f"model.tiny.cross_attention_dim {cfg.model.tiny.cross_attention_dim} != caption_embedding dim "
+                f"{geometry.text_dim}"
+            )
+    steps, per_epoch = total_steps(t, geometry.num_rows, t.num_workers)
+    mhash = manifest_hash(t.data)
+    compat = compat_fields(cfg, geometry, total=steps, data_hash=mhash)
+    t.run_name = t.run_name or f"{cfg.name}-{kind}-{(run_key or compat_hash(compat))[:12]}"
+    resume_step = _check_existing_checkpoints(t, compat)
+    ds_config = deepspeed_config(t, world_size=t.num_workers)
+    text_desc, null, null_mask, sample_cond, sample_mask = _text_embeddings(cfg, geometry)
+
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    started = _ensure_ray(cfg.ray.address)
+    try:
+        _check_cpus(t, embedded=not (cfg.ray.address or os.environ.get("RAY_ADDRESS")))
+        tracking_uri = (
+            ctx.tracking_uri if ctx is not None else tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        )
+        experiment = ctx.experiment if ctx is not None else cfg.mlflow.experiment
+        tags = {
+            tracking.TAG_NOISE_KIND: "iid" if image else cfg.noise.kind,
+            tracking.TAG_NOISE_ALPHA: cfg.noise.alpha,
+            tracking.TAG_MANIFEST_HASH: mhash or "none",
+            tracking.TAG_CONFIG_HASH: cfg.hash(),
+        }
+        run_id = _mlflow_run(cfg, tracking_uri, experiment, kind=kind, tags=tags, ds_config=ds_config)
+
+        dataset = _clips_dataset(t, geometry)
+        store_fs, store_path = _arrow_fs(t.storage_path)
+        forwarded, credential_names = worker_env()
+        plan = WorkerPlan(
+            config=cfg.model_dump(mode="json"),
+            geometry=geometry.to_dict(),
+            total_steps=steps,
+            steps_per_epoch=per_epoch,
+            ds_config=ds_config,
+            tracking_uri=tracking_uri,
+            run_id=run_id,
+            null_cond=null,
+            null_mask=null_mask,
+            sample_cond=sample_cond,
+            sample_mask=sample_mask,
+            fault_marker=_join(t.storage_path, t.run_name, FAULT_MARKER.format(step=t.fail_at_step))
+            if t.fail_at_step
+            else None,
+            env=forwarded,
+            compat=compat,
+            credential_names=credential_names,
+        )
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=dataclasses.asdict(plan) | {"env": plan.env},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=t.num_workers,
+                use_gpu=t.use_gpu,
+                resources_per_worker=dict(t.resources_per_worker),
+            ),
+            run_config=ray.train.RunConfig(
+                name=t.run_name,
+                storage_path=store_path,
+                storage_filesystem=store_fs,
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep),
+                failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            ),
+            datasets={"train": dataset},
+        )
+        console.print(
+            f"{kind}: {t.num_workers} worker(s), ZeRO-{t.zero_stage}, {steps} steps, "
+            f"clips {geometry.num_frames}x{geometry.height}x{geometry.width} from {t.data}; run {t.run_name}"
+            + (f" (resuming from step {resume_step})" if resume_step is not None else "")
+        )
+        t0 = time.perf_counter()
+        try:
+            result = trainer.fit()
+        except Exception as err:
+            tracking.end_run(tracking_uri, run_id, "FAILED")
+            raise PyocoError(f"training failed: {tracking.scrub(str(err)).splitlines()[0][:500]}") from err
+        try:
+            if result.checkpoint is None:
+                raise PyocoError("training finished without a checkpoint")
+            ckpt_uri = (
+                f"s3://{result.checkpoint.path}" if store_fs is not None else str(result.checkpoint.path)
+            )
+            lineage = {
+                "mlflow_run_id": run_id,
+                "data_manifest_hash": mhash,
+                "git_revision": tracking.git_revision(),
+                "checkpoint": ckpt_uri,
+                "kind": kind,
+            }
+            with result.checkpoint.as_directory() as d:
+                exported = export_checkpoint(d, t.output, cfg=cfg, text_encoder=text_desc, lineage=lineage)
+            tracking.set_tags(
+                tracking_uri,
+                run_id,
+                {
+                    tracking.TAG_MODEL_DIR: t.output,
+                    tracking.TAG_CHECKPOINT: ckpt_uri,
+                    tracking.TAG_EXPORT_WEIGHTS: exported["weights"],
+                },
+            )
+            tracking.end_run(tracking_uri, run_id, "FINISHED")
+        except BaseException as err:  # export or tagging failed: the run must not stay RUNNING
+            with contextlib.suppress(Exception):
+                tracking.end_run(tracking_uri, run_id, "FAILED")
+            if isinstance(err, PyocoError) or not isinstance(err, Exception):
+                raise
+            first = tracking.scrub(str(err)).strip().splitlines()[0][:500] if str(err).strip() else ""
+            raise PyocoError(
+                f"export after training failed: {type(err).__name__}: {first}", exit_code=1
+            ) from err
+        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+        return {
+            "model_dir": t.output,
+            "checkpoint": ckpt_uri,
+            "mlflow_run_id": run_id,
+            "tracking_uri": tracking.redact_uri(tracking_uri),
+            "final_step": exported["step"],
+            "weights": exported["weights"],
+            "run_name": t.run_name,
+            "storage_path": t.storage_path,
+            "metrics": metrics,
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
+    finally:
+        if started:
+            ray.shutdown()
