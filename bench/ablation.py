@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 # The pipelines pieces this bench reuses, together so they are easy to follow when the modules move.
+from pipelines.context import ensure_ray
 from pipelines.evaluate import generate_for_prompts, load_eval_clips
 from pipelines.evaluator_cli import run_evaluator_train
 from pipelines.preprocess import run_preprocess
@@ -366,6 +367,41 @@ def run_arm(
         "cpu_s": round(time.process_time() - cpu0, 1),
         "num_videos": recipe.num_videos,
     }
+
+
+def run_tasks(todo, results: list, log: Path, recipe: Recipe, data: str, evaluator: str, address) -> int:
+    """Run the (key, arm, seed, sample arms) tasks as Ray tasks, appending each result to ``results`` and
+    ``log`` as it finishes; returns how many run side by side (for the unloaded-time estimate)."""
+    import ray
+
+    cpus = os.cpu_count() or 1
+    remote_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
+    own_ray = ensure_ray(address, log_to_driver=False, **({} if remote_cluster else {"num_cpus": cpus}))
+    try:
+        resources = ray.cluster_resources()
+        gpus = float(resources.get("GPU", 0))
+        slots = max(1, min(int(resources.get("CPU", 1)) // recipe.threads, len(todo)))
+        # Fractional GPUs: these models are tiny, so 4 arms share one device.
+        remote = ray.remote(num_cpus=recipe.threads, num_gpus=0.25 if gpus else 0)(run_arm)
+        keys = {}
+        for key, arm, seed, sample in todo:
+            keys[remote.remote(arm, seed, sample, recipe, data, evaluator)] = key
+        pending = list(keys)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            res = ray.get(done[0])
+            results.append(res)
+            with log.open("a") as f:
+                f.write(json.dumps({"key": keys[done[0]], "result": res}) + "\n")
+            print(
+                f"ablation: {res['arm']} seed {res['seed']} done in {res['wall_s']} s "
+                f"(train {res['train_wall_s']} s, cpu {res['cpu_s']} s); {len(pending)} left",
+                flush=True,
+            )
+    finally:
+        if own_ray:
+            ray.shutdown()
+    return slots
 
 
 def task_key(arm: Arm | None, seed: int, sample_arms: list[Arm], recipe: Recipe, data: str) -> str:
@@ -732,9 +768,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    import ray
 
-    from pipelines.context import ensure_ray
     from pyoco.config import load_config
 
     t_start = time.perf_counter()
@@ -765,59 +799,36 @@ def main(argv: list[str] | None = None) -> dict:
         cfg, steps=pick["steps"], num_videos=pick["num_videos"], sample_steps=pick["sample_steps"]
     )
 
-    cpus = os.cpu_count() or 1
-    remote_cluster = bool(args.ray_address or os.environ.get("RAY_ADDRESS"))
-    # Embedded: as preprocess starts it (its decode tasks ask for the "preprocess" resource).
-    local = {} if remote_cluster else {"num_cpus": cpus, "resources": {"preprocess": cpus}}
-    own_ray = ensure_ray(args.ray_address, log_to_driver=False, **local)
-    try:
-        data, evaluator, data_info = prepare_data(
-            cfg, out, videos=pick["videos"], evaluator_steps=pick["evaluator_steps"]
-        )
-        t_data = time.perf_counter() - t_start
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        slots = max(
-            1, min(int(ray.cluster_resources().get("CPU", 1)) // recipe.threads, seeds * (len(arms) + 1))
-        )
-        # Fractional GPUs: these models are tiny, so 4 arms share one device.
-        remote = ray.remote(num_cpus=recipe.threads, num_gpus=0.25 if gpus else 0)(run_arm)
-        # Every finished task is appended to tasks.jsonl at once: a rerun with the same recipe skips it
-        # (an interrupted bench resumes), and the statistics can be recomputed from the file.
-        log = out / "tasks.jsonl"
-        done_before = {}
-        if log.is_file():
-            for line in log.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    done_before[row["key"]] = row["result"]
-        results, pending, keys = [], [], {}
-        for seed in range(seeds):
-            for arm in [*arms, None]:
-                sample = arms if arm is None else ([arm] if arm is IID else [arm, IID])
-                key = task_key(arm, seed, sample, recipe, data)
-                if key in done_before:
-                    results.append(done_before[key])
-                    continue
-                ref = remote.remote(arm, seed, sample, recipe, data, evaluator)
-                pending.append(ref)
-                keys[ref] = key
-        if results:
-            print(f"ablation: {len(results)} tasks reused from {log}", flush=True)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            res = ray.get(done[0])
-            results.append(res)
-            with log.open("a") as f:
-                f.write(json.dumps({"key": keys[done[0]], "result": res}) + "\n")
-            print(
-                f"ablation: {res['arm']} seed {res['seed']} done in {res['wall_s']} s "
-                f"(train {res['train_wall_s']} s, cpu {res['cpu_s']} s); {len(pending)} left",
-                flush=True,
-            )
-        t_arms = time.perf_counter() - t_start - t_data
-    finally:
-        if own_ray:
-            ray.shutdown()
+    # Preprocess starts (and stops) its own embedded Ray when there is none; Ray for the arms is started
+    # only when some task has not finished yet, so recomputing the statistics needs no Ray.
+    data, evaluator, data_info = prepare_data(
+        cfg, out, videos=pick["videos"], evaluator_steps=pick["evaluator_steps"]
+    )
+    t_data = time.perf_counter() - t_start
+    # Every finished task is appended to tasks.jsonl at once: a rerun with the same recipe skips it
+    # (an interrupted bench resumes, or a smaller --seeds reuses the first seeds' tasks).
+    log = out / "tasks.jsonl"
+    done_before = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done_before[row["key"]] = row["result"]
+    results, todo = [], []
+    for seed in range(seeds):
+        for arm in [*arms, None]:
+            sample = arms if arm is None else ([arm] if arm is IID else [arm, IID])
+            key = task_key(arm, seed, sample, recipe, data)
+            if key in done_before:
+                results.append(done_before[key])
+            else:
+                todo.append((key, arm, seed, sample))
+    if results:
+        print(f"ablation: {len(results)} tasks reused from {log}", flush=True)
+    slots = max(1, min((os.cpu_count() or 1) // recipe.threads, seeds * (len(arms) + 1)))
+    if todo:
+        slots = run_tasks(todo, results, log, recipe, data, evaluator, args.ray_address)
+    t_arms = time.perf_counter() - t_start - t_data
 
     from pyoco import metrics as M
     from pyoco.evaluator import load_evaluator
