@@ -56,11 +56,11 @@ import numpy as np
 
 # The pipelines pieces this bench reuses, together so they are easy to follow when the modules move.
 from pipelines.context import ensure_ray
-from pipelines.evaluate import generate_for_prompts, load_eval_clips
-from pipelines.evaluator_cli import run_evaluator_train
-from pipelines.preprocess import run_preprocess
-from pipelines.train import build_denoiser
-from pipelines.train_ds import ADAM_EPS, lr_multiplier
+from pipelines.evaluate.evaluator import run_evaluator_train
+from pipelines.evaluate.metrics import generate_for_prompts, load_eval_clips
+from pipelines.preprocess.step import run_preprocess
+from pipelines.train.deepspeed import ADAM_EPS, lr_multiplier
+from pipelines.train.engine import build_denoiser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "pipelines" / "configs" / "demo.yaml"
