@@ -79,7 +79,10 @@ class Trainer:
         model.set_trainable("all" if self.image else self.cfg.model.train_layers)
         if self.cfg.model.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        self.scheduler_config = make_scheduler_config(pretrained_sched, self.t.num_train_timesteps)
+        # Resolved once: the checkpoint and the exported package carry the prediction type the loss trains.
+        self.scheduler_config = make_scheduler_config(
+            pretrained_sched, self.t.num_train_timesteps, prediction_type=self.t.prediction_type
+        )
         self.vae = None
         if self.cfg.model.vae:
             from pyoco.model import load_vae
@@ -109,7 +112,6 @@ class Trainer:
 
         self.loss_fn = DiffusionLoss(
             self.scheduler_config,
-            prediction_type=self.t.prediction_type,
             min_snr_gamma=self.t.min_snr_gamma,
             caption_dropout=self.t.caption_dropout,
         )
