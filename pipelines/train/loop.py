@@ -52,7 +52,7 @@ class Trainer:
         import torch
 
         from pipelines.train.data import ClipGeometry
-        from pipelines.train.deepspeed import make_lr_scheduler, setup_deepspeed, use_bf16
+        from pipelines.train.deepspeed import make_lr_scheduler, param_groups, setup_deepspeed, use_bf16
         from pyoco.diffusion import DiffusionLoss, make_scheduler_config
         from pyoco.noise import make_prior, rank_generator
 
@@ -97,7 +97,7 @@ class Trainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, self.lr_scheduler = self.deepspeed.initialize(
             model=model,
-            model_parameters=trainable,
+            model_parameters=param_groups(model, self.t),
             config=plan.ds_config,
             lr_scheduler=make_lr_scheduler(self.t, plan.total_steps),
         )
