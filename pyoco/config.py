@@ -184,6 +184,9 @@ class TrainConfig(_Section):
     batch_size_per_worker: int = Field(2, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
+    # The inflated motion modules' LR is lr x this: they start at zero (identity) while the spatial layers are
+    # pretrained, so they can take a larger step without the image model forgetting what it draws.
+    motion_lr_multiplier: float = Field(1.0, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(0, ge=0)

@@ -43,12 +43,20 @@ DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
 
 
 def make_scheduler_config(
-    pretrained: dict[str, Any] | None = None, num_train_timesteps: int | None = None
+    pretrained: dict[str, Any] | None = None,
+    num_train_timesteps: int | None = None,
+    *,
+    prediction_type: str | None = None,
 ) -> dict[str, Any]:
-    """The scheduler config to train and sample with: a pretrained folder's, or our default."""
+    """The scheduler config to train and sample with: a pretrained folder's, or our default.
+
+    ``prediction_type`` (None: keep the config's) overrides what the model predicts, so the config a model
+    is exported with says what it was trained to predict: a v-model sampled as epsilon draws noise."""
     cfg = dict(pretrained) if pretrained else dict(DEFAULT_SCHEDULER_CONFIG)
     if num_train_timesteps is not None and not pretrained:
         cfg["num_train_timesteps"] = int(num_train_timesteps)
+    if prediction_type is not None:
+        cfg["prediction_type"] = prediction_type
     return cfg
 
 

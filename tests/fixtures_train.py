@@ -261,3 +261,51 @@ def ema_zero3_worker(rank: int, world: int, port: int, out: str) -> None:
         (Path(out) / "result.json").write_text(json.dumps(result))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def motion_lr_worker(rank: int, world: int, port: int, out: str, zero_stage: int) -> None:
+    """One rank of tests/test_train_unit.py's motion-LR check: one DeepSpeed step (the project's config and
+    LR schedule) of a tiny inflated UNet; writes the largest weight change of motion and spatial params."""
+    import torch
+
+    from pipelines.train.deepspeed import deepspeed_config, make_lr_scheduler, param_groups, setup_deepspeed
+    from pyoco.config import TrainConfig
+    from pyoco.model import TinyUNetConfig, VideoDenoiser, build_unet2d, inflate
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    deepspeed = setup_deepspeed(use_gpu=False)
+    deepspeed.init_distributed(dist_backend="gloo")
+    t = TrainConfig(
+        lr=1e-3, motion_lr_multiplier=10.0, zero_stage=zero_stage, batch_size_per_worker=2, warmup_steps=0
+    )
+    unet = build_unet2d(
+        TinyUNetConfig(sample_size=8, block_out_channels=(8, 16), attention_head_dim=2), seed=0
+    )
+    model = VideoDenoiser(inflate(unet, motion_num_attention_heads=1))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, t),
+        config=deepspeed_config(t, world_size=world),
+        lr_scheduler=make_lr_scheduler(t, 10),
+    )
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(2, 3, 2, 8, 8, generator=g), torch.randn(2, 4, 384, generator=g)
+    loss = (engine(x, torch.tensor([10, 500]), cond) - x).pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+    moved = {"motion": 0.0, "spatial": 0.0}
+    for n, p in engine.module.named_parameters():
+        kind = "motion" if ".motion_modules." in n else "spatial"
+        moved[kind] = max(moved[kind], float((p.detach() - before[n]).abs().max()))
+    moved["lrs"] = [grp["lr"] for grp in engine.optimizer.param_groups]
+    Path(out, "result.json").write_text(json.dumps(moved))
+    torch.distributed.destroy_process_group()

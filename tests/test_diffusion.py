@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyoco.diffusion import DiffusionLoss, alphas_cumprod, make_scheduler_config
+from pyoco.diffusion import DEFAULT_SCHEDULER_CONFIG, DiffusionLoss, alphas_cumprod, make_scheduler_config
 from pyoco.noise import make_prior
 from tests.toy_models import ToyVideoDenoiser
 
@@ -63,6 +63,16 @@ def test_loss_uses_scheduler_prediction_type_and_pretrained_schedule():
     assert loss_fn.prediction_type == "v_prediction"
     assert loss_fn.num_train_timesteps == 100
     assert DiffusionLoss(sched, prediction_type="epsilon").prediction_type == "epsilon"
+
+
+def test_scheduler_config_carries_the_resolved_prediction_type():
+    """What training exports must say what the model predicts: a pretrained epsilon schedule finetuned as v."""
+    pretrained = {**DEFAULT_SCHEDULER_CONFIG, "num_train_timesteps": 100}
+    cfg = make_scheduler_config(pretrained, 1000, prediction_type="v_prediction")
+    assert cfg["prediction_type"] == "v_prediction" and cfg["num_train_timesteps"] == 100
+    assert pretrained["prediction_type"] == "epsilon"  # the caller's dict is not changed
+    assert make_scheduler_config(pretrained)["prediction_type"] == "epsilon"
+    assert DiffusionLoss(cfg).prediction_type == "v_prediction"
 
 
 def test_one_timestep_per_clip_shared_by_frames():

@@ -201,6 +201,7 @@ def test_pretrain_image_cli_exports_a_2d_unet_that_finetuning_inflates(ray_local
         "sample_every": 2,
         "sample_steps": 2,
         "sample_prompts": ["a red square"],
+        "prediction_type": "v_prediction",  # the shipped schedule says epsilon: export must say v
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(json.dumps(cfg))
@@ -210,6 +211,7 @@ def test_pretrain_image_cli_exports_a_2d_unet_that_finetuning_inflates(ray_local
     assert out["final_step"] == 2 and out["model_dir"] == str(tmp_path / "out" / "pretrained-image")
     pkg = load_package(out["model_dir"])
     assert not pkg.denoiser.is_video and pkg.info.num_frames == 1 and pkg.info.noise["kind"] == "iid"
+    assert pkg.scheduler_config["prediction_type"] == "v_prediction"
 
     video_cfg = parse_config(cfg).model.model_copy(update={"pretrained": out["model_dir"]})
     model, sched = build_denoiser(video_cfg, image_pretrain=False)

@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 
 from pipelines import tracking
 from pipelines.train.data import DataError, collate_clips, inspect_clips, manifest_hash
-from pipelines.train.deepspeed import deepspeed_config, lr_multiplier, use_bf16
+from pipelines.train.deepspeed import deepspeed_config, lr_multiplier, param_groups, use_bf16
 from pipelines.train.ema import ShardedEMA, consolidate
 from pipelines.train.plan import pretrain_config, resolve_config, total_steps
 from pyoco.config import PyocoConfig, TrainConfig, parse_config
-from tests.fixtures_train import clip_frames, ema_zero3_worker, tiny_config, write_clips
+from tests.fixtures_train import clip_frames, ema_zero3_worker, motion_lr_worker, tiny_config, write_clips
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -115,6 +115,41 @@ def test_deepspeed_config_follows_train_config():
     assert deepspeed_config(TrainConfig(use_gpu=True), world_size=1)["bf16"] == {"enabled": True}
     assert use_bf16(TrainConfig(use_gpu=True, precision="fp32")) is False
     assert deepspeed_config(TrainConfig(grad_clip=None), world_size=1)["gradient_clipping"] == 0.0
+
+
+def test_param_groups_default_is_the_trainable_list_and_split_only_a_video_model():
+    from pyoco.model import TinyUNetConfig, VideoDenoiser, build_unet2d, inflate
+
+    unet = build_unet2d(
+        TinyUNetConfig(sample_size=8, block_out_channels=(8, 16), attention_head_dim=2), seed=0
+    )
+    image = VideoDenoiser(unet)
+    video = VideoDenoiser(inflate(unet, motion_num_attention_heads=1))
+    trainable = [p for p in video.parameters() if p.requires_grad]
+    assert param_groups(video, TrainConfig(lr=1e-3)) == trainable  # multiplier 1: as before, one group
+    spatial, motion = param_groups(video, TrainConfig(lr=1e-3, motion_lr_multiplier=30.0))
+    assert "lr" not in spatial and motion["lr"] == pytest.approx(3e-2)
+    assert {id(p) for p in motion["params"]} == {id(p) for p in video.motion_parameters()}
+    assert len(spatial["params"]) + len(motion["params"]) == len(trainable)
+    assert param_groups(image, TrainConfig(motion_lr_multiplier=30.0)) == list(image.parameters())
+    video.set_trainable("temporal")
+    (only,) = param_groups(video, TrainConfig(lr=1e-3, motion_lr_multiplier=30.0))
+    assert only["lr"] == pytest.approx(3e-2) and len(only["params"]) == len(video.motion_parameters())
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_motion_lr_multiplier_reaches_the_deepspeed_optimizer(tmp_path, zero_stage):
+    """Through a real DeepSpeed engine (ZeRO-0 and the demo's ZeRO-2): after one Adam step (whose first update
+    is about lr per weight) the motion modules moved ~10x as far as the spatial layers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(
+        motion_lr_worker, args=(1, port, str(tmp_path), zero_stage), nprocs=1, join=True
+    )
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["lrs"][1] == pytest.approx(10 * r["lrs"][0])  # after the step the schedule scaled both alike
+    assert r["spatial"] == pytest.approx(1e-3, rel=0.05) and r["motion"] == pytest.approx(1e-2, rel=0.05), r
 
 
 def test_lr_schedule_shapes():

@@ -86,6 +86,25 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, kind: str) 
     raise InputError(f"unknown lr_schedule {kind!r}")
 
 
+def param_groups(model, train: TrainConfig) -> list:
+    """What ``deepspeed.initialize(model_parameters=...)`` gets for a :class:`pyoco.model.VideoDenoiser`: its
+    trainable parameters, as today, or, with ``train.motion_lr_multiplier`` != 1, two AdamW groups: the
+    spatial layers at ``lr`` and the motion modules at ``lr x motion_lr_multiplier``. The LR schedule scales
+    both groups alike."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    motion_ids = {id(p) for p in model.motion_parameters() if p.requires_grad} if model.is_video else set()
+    if train.motion_lr_multiplier == 1.0 or not motion_ids:
+        return trainable
+    groups = [
+        {"params": [p for p in trainable if id(p) not in motion_ids]},
+        {
+            "params": [p for p in trainable if id(p) in motion_ids],
+            "lr": float(train.lr) * float(train.motion_lr_multiplier),
+        },
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def make_lr_scheduler(train: TrainConfig, total_steps: int):
     """``optimizer -> LambdaLR`` for ``deepspeed.initialize(lr_scheduler=...)``.
 

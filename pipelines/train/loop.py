@@ -52,7 +52,7 @@ class Trainer:
         import torch
 
         from pipelines.train.data import ClipGeometry
-        from pipelines.train.deepspeed import make_lr_scheduler, setup_deepspeed, use_bf16
+        from pipelines.train.deepspeed import make_lr_scheduler, param_groups, setup_deepspeed, use_bf16
         from pyoco.diffusion import DiffusionLoss, make_scheduler_config
         from pyoco.noise import make_prior, rank_generator
 
@@ -79,7 +79,10 @@ class Trainer:
         model.set_trainable("all" if self.image else self.cfg.model.train_layers)
         if self.cfg.model.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        self.scheduler_config = make_scheduler_config(pretrained_sched, self.t.num_train_timesteps)
+        # Resolved once: the checkpoint and the exported package carry the prediction type the loss trains.
+        self.scheduler_config = make_scheduler_config(
+            pretrained_sched, self.t.num_train_timesteps, prediction_type=self.t.prediction_type
+        )
         self.vae = None
         if self.cfg.model.vae:
             from pyoco.model import load_vae
@@ -94,7 +97,7 @@ class Trainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, self.lr_scheduler = self.deepspeed.initialize(
             model=model,
-            model_parameters=trainable,
+            model_parameters=param_groups(model, self.t),
             config=plan.ds_config,
             lr_scheduler=make_lr_scheduler(self.t, plan.total_steps),
         )
@@ -109,7 +112,6 @@ class Trainer:
 
         self.loss_fn = DiffusionLoss(
             self.scheduler_config,
-            prediction_type=self.t.prediction_type,
             min_snr_gamma=self.t.min_snr_gamma,
             caption_dropout=self.t.caption_dropout,
         )
