@@ -52,6 +52,8 @@ def test_validation_loss_is_deterministic_and_independent_of_batching(tiny_packa
     assert a["motion"] == b["motion"] and a["sample"]["num_videos"] == 6
     assert a["num_clips"] == 5 and a["num_val_clips"] == 7
     assert a["clip_shape"] == [TINY_FRAMES, TINY_SIZE, TINY_SIZE, 3]
+    # no noise override: scored under the prior the package was trained with (the one register tags)
+    assert (a["noise"]["kind"], a["noise"]["alpha"]) == ("progressive", 1.0)
     # without an evaluator FVD and prompt accuracy are skipped, with no number anywhere
     assert a["fvd"]["status"] == "skipped" and "value" not in a["fvd"] and "fvd" not in a["metrics"]
     assert not any(k.startswith(("prompt_accuracy", "inception_score")) for k in a["metrics"])

@@ -166,3 +166,25 @@ def test_evaluator_load_errors(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a TorchScript module"):
         E.load_evaluator(bad)
+
+
+def test_the_workflows_evaluator_step_trains_on_the_preprocessed_clips(tmp_path, labelled_clips):
+    """The workflow's ``evaluator`` step for real (the stub-step runner tests in test_workflow.py replace
+    it): it trains on ``preprocess.output`` into ``{output}/evaluator`` and returns the .pt path evaluate and
+    promote then use, its held-out accuracy and a stamp of the folder (in their cache keys)."""
+    from pipelines.context import RunContext
+    from pipelines.workflow import steps
+    from pyoco.config import parse_config
+
+    cfg = parse_config({
+        "name": "ev", "output": str(tmp_path / "out"), "preprocess": {"input": str(tmp_path), "output": str(labelled_clips)},
+        "evaluator": {"labels": ["color", "direction"], "steps": 5, "size": TINY_SIZE},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    })  # fmt: skip
+    res = steps._step_evaluator(cfg, {}, RunContext.from_config(cfg), key="k")
+    assert res["path"].endswith(".pt") and res["path"].startswith(str(tmp_path / "out" / "evaluator"))
+    assert set(res["heldout_accuracy"]) == {"color", "direction"} and len(res["stamp"]) >= 8
+    assert E.load_evaluator(res["path"]).labels["direction"] == ["down", "left", "right", "up"]
+    assert steps._evaluator_path(cfg, {"evaluator": res}) == res["path"]
+    pinned = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"evaluator": "mine.pt"})})
+    assert steps._evaluator_path(pinned, {"evaluator": res}) == "mine.pt"

@@ -181,3 +181,41 @@ def test_noise_fit_cli_bad_inputs_are_one_line_errors(tmp_path, image_model):
         app, [*base[:2], "--data", str(tmp_path / "nodata"), *base[4:], "--model", str(video)]
     )
     assert res.exit_code == 2 and "clips/val" in res.stderr and one_error_line(res)
+
+
+@pytest.mark.parametrize("kind", ["auto", "progressive"])
+def test_the_workflows_noise_fit_step_fits_with_the_pretrained_image_model(tmp_path, image_model, kind):
+    """The workflow's ``noise_fit`` step for real (the stub-step runner tests in test_workflow.py replace
+    it): it inverts the val clips with the image model pretrain exported, writes fit.json and fit.png under
+    the workflow's output, and returns what train uses: the fitted kind with its alpha, or for a fixed kind
+    that kind's own best alpha."""
+    import json
+
+    from pipelines.context import RunContext
+    from pipelines.workflow import steps
+    from pyoco.config import parse_config
+    from pyoco.package import PackageInfo, save_package
+
+    data = _val_folder(tmp_path / "data")
+    model = save_package(tmp_path / "image", image_model, scheduler_config={}, info=PackageInfo(num_frames=1))
+    cfg = parse_config({
+        "name": "nf", "output": str(tmp_path / "out"), "preprocess": {"input": str(tmp_path), "output": str(data)},
+        "noise": {"kind": kind, "alpha": "auto", "fit_clips": 6, "fit_steps": 3},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    })  # fmt: skip
+    outs = {"pretrain": {"model_dir": str(model)}}
+    res = steps._step_noise_fit(cfg, outs, RunContext.from_config(cfg), key="k")
+    report = json.loads((tmp_path / "out" / "noise_fit" / "fit.json").read_text())
+    assert report["num_clips"] == 6 and res["report"].endswith("noise_fit/fit.json")
+    assert (tmp_path / "out" / "noise_fit" / "fit.png").read_bytes()[:4] == b"\x89PNG"
+    if kind == "auto":
+        assert res["kind"] == report["fit"]["kind"] and res["alpha"] == pytest.approx(report["fit"]["alpha"])
+    else:
+        assert res["kind"] == "progressive"
+        assert res["alpha"] == pytest.approx(report["fit"]["params"]["progressive"]["alpha"])
+    fitted = steps._fitted_noise(cfg, {"noise_fit": res})
+    assert fitted.noise.kind == res["kind"] and fitted.noise.alpha == round(res["alpha"], 4)
+
+    no_model = cfg.model_copy(update={"pretrain": None})
+    with pytest.raises(Exception, match="noise 'auto' needs an image model"):
+        steps._step_noise_fit(no_model, {}, RunContext.from_config(cfg), key="k")

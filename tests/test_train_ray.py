@@ -270,8 +270,9 @@ def test_changed_config_never_resumes_and_a_failed_export_ends_the_run_failed(
         run_train(cfg(1.0, run_name="fixed", num_workers=2, resources_per_worker={"CPU": 0.5}))
 
     # (c) no run name: alpha 2 gets its own run, trained from step 0, and everything downstream says 2.0.
-    res = run_train(cfg(2.0))
-    assert res["run_name"] != "fixed" and res["run_name"].startswith("t-train-")
+    # The workflow passes its train step's cache key: the run is named after it (a changed key, a new run).
+    res = run_train(cfg(2.0), run_key="0123456789abcdef-step-key")
+    assert res["run_name"] == "t-train-0123456789ab"
     assert res["final_step"] == 2 and res["metrics"]["attempt_start_step"] == 0
     pkg = load_package(res["model_dir"])
     assert pkg.info.noise == {"kind": "progressive", "alpha": 2.0}

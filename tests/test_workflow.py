@@ -1,223 +1,301 @@
-"""`pyoco run` end to end on embedded defaults: every step for real, then caching, --from and resume."""
+"""The workflow runner (pipelines/workflow/runner.py + state.py) in-process, with stub step functions.
+
+Each step keeps its real ``enabled`` and ``key_inputs`` (from ``pipelines.workflow.steps.STEPS``); only its
+``run`` is replaced by a function that records the call and returns outputs shaped like the real step's. So
+the caching, the resume after a failure, ``--from``/``--only``, the downstream re-runs of a changed key, the
+one RunContext handed to every step and the MLflow mirror are checked in seconds, without Ray or training.
+
+The real steps run end to end in ``test_workflow_cluster.py`` (the one real workflow, on the 2-node
+cluster); the step wrappers that workflow does not enable are run for real by ``test_noisefit.py``
+(``noise_fit``) and ``test_evaluator.py`` (``evaluator``); the training run name derived from the step's key
+(a changed config trains from step 0, a re-run resumes) is checked by ``test_train_ray.py``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from pipelines.common import PyocoError
+from pipelines.workflow import runner, steps
+from pyoco.config import parse_config
+
 TINY = {
     "name": "wf-test",
     "synth": {"videos": 4, "shards": 2, "frames": 6, "size": 16, "fps": 4},
-    "preprocess": {
-        "num_frames": 4,
-        "size": 16,
-        "max_clips_per_video": 1,
-        "rows_per_file": 8,
-        "videos_per_task": 2,
-        "val_fraction": 0.34,  # of the 4 videos, key 00000003 (score 0.315) is held out for evaluate
-        "captions": {"dedupe": "none"},
-    },
+    "preprocess": {"num_frames": 4, "size": 16, "max_clips_per_video": 1},
     "model": {"tiny": {"sample_size": 16, "block_out_channels": [16, 32]}, "train_layers": "all"},
     "noise": {"kind": "progressive", "alpha": 1.0},
-    "train": {
-        "num_workers": 1,
-        "resources_per_worker": {"CPU": 1},
-        "zero_stage": 0,
-        "batch_size_per_worker": 2,
-        "max_steps": 2,
-        "checkpoint_every": 2,
-        "ema_decay": None,
-        "sample_every": None,
-    },
-    "evaluate": {
-        "num_clips": 2,
-        "timesteps": [100, 900],
-        "num_videos": 4,
-        "sample_steps": 1,
-    },
+    "train": {"num_workers": 1, "max_steps": 2, "checkpoint_every": 2, "ema_decay": None},
+    "evaluate": {"num_clips": 2, "timesteps": [100, 900], "sample_steps": 1},
     "mlflow": {"experiment": "wf-test", "registered_model": "wf-test"},
     "sample": {"num_frames": 4, "steps": 1},
 }
+ALL = ["synth", "preprocess", "train", "evaluate", "register", "promote", "sample"]
 
 
-def _write(tmp: Path, cfg: dict) -> Path:
-    out = tmp / "out"
-    cfg = json.loads(json.dumps(cfg))
-    cfg["output"] = str(out)
-    cfg["synth"]["out"] = str(out / "raw")
-    cfg["preprocess"]["input"] = str(out / "raw")
-    cfg["preprocess"]["output"] = str(out / "data")
-    path = tmp / "wf.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def _cfg(tmp_path, **changes):
+    data = json.loads(json.dumps(TINY))
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    out = tmp_path / "out"
+    data["output"] = str(out)
+    data["synth"]["out"] = str(out / "raw")
+    data["preprocess"]["input"] = str(out / "raw")
+    data["preprocess"]["output"] = str(out / "data")
+    return parse_config(data)
 
 
-def _run(cfg_path: Path, *extra: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "run", "--config", str(cfg_path), *extra],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-        cwd=cfg_path.parent,
+def _fake_outputs(name: str, cfg, outs: dict, key: str) -> dict:
+    """What each real step returns, in the fields that later steps' keys and inputs read."""
+    return {
+        "synth": lambda: {"summary": {"videos": cfg.synth.videos}},
+        "preprocess": lambda: {"output": cfg.preprocess.output, "manifest_hash": "manifest-1"},
+        "evaluator": lambda: {"path": f"{cfg.output}/evaluator/evaluator.pt", "stamp": f"ev-{key}"},
+        "pretrain": lambda: {"model_dir": f"{cfg.output}/pretrain/model", "stamp": f"pre-{key}"},
+        "noise_fit": lambda: {"kind": "mixed" if cfg.noise.kind == "auto" else cfg.noise.kind, "alpha": 0.25},
+        "train": lambda: {"model_dir": f"{cfg.output}/train/{key}", "stamp": f"train-{key}"},
+        "evaluate": lambda: {"metrics": {"val_loss": 0.5}, "metrics_hash": f"metrics-{key}"},
+        "register": lambda: {"version": str(next(VERSIONS))},  # the registry numbers versions 1, 2, ...
+        "promote": lambda: {"champion_version": outs["register"]["version"]},
+        "sample": lambda: {"mp4": f"{cfg.output}/sample.mp4"},
+    }[name]()
+
+
+CALLS: list[tuple[str, str, object, dict]] = []  # (step, key, ctx, outs it was given) per stub call
+VERSIONS = itertools.count(1)
+
+
+@pytest.fixture()
+def stub_steps(monkeypatch):
+    """Replace every step's run with a recorder; ``fail[name] = message`` makes that step raise."""
+    global VERSIONS
+    CALLS.clear()
+    VERSIONS = itertools.count(1)
+    fail: dict[str, str] = {}
+
+    def make(step):
+        def run(cfg, outs, ctx, *, key):
+            CALLS.append((step.name, key, ctx, json.loads(json.dumps(outs))))
+            if step.name in fail:
+                raise PyocoError(fail[step.name])
+            return _fake_outputs(step.name, cfg, outs, key)
+
+        return dataclasses.replace(step, run=run)
+
+    monkeypatch.setattr(runner, "STEPS", [make(s) for s in steps.STEPS])
+    yield fail
+    CALLS.clear()
+
+
+def _ran() -> list[str]:
+    names = [c[0] for c in CALLS]
+    CALLS.clear()
+    return names
+
+
+def _state(tmp_path) -> dict:
+    return json.loads((tmp_path / "out" / "workflow" / "state.json").read_text())["steps"]
+
+
+def test_a_failed_step_resumes_there_and_an_unchanged_rerun_skips_everything(tmp_path, stub_steps, capsys):
+    cfg = _cfg(tmp_path)
+    stub_steps["train"] = "model.tiny.cross_attention_dim 128 != caption_embedding dim 384"
+    with pytest.raises(PyocoError) as err:
+        runner.run_workflow(cfg, use_mlflow=False)
+    assert err.value.exit_code == 1
+    assert str(err.value).startswith(
+        "step train failed: model.tiny.cross_attention_dim 128 != caption_embedding dim 384 (fix it"
     )
-
-
-def _state(tmp: Path) -> dict:
-    return json.loads((tmp / "out" / "workflow" / "state.json").read_text())["steps"]
-
-
-def test_workflow_runs_caches_and_resumes(tmp_path):
-    import os
-
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-
-    # 1. A failing step stops the workflow with one line; earlier steps are kept.
-    broken = json.loads(json.dumps(TINY))
-    broken["train"]["max_steps"] = 2
-    broken["model"]["tiny"]["cross_attention_dim"] = 128  # does not match the 384-d caption embeddings
-    path = _write(tmp_path, broken)
-    first = _run(path, env=env)
-    assert first.returncode == 1, first.stderr[-2000:]
-    assert (
-        "error: step train failed: model.tiny.cross_attention_dim 128 != caption_embedding dim 384"
-        in first.stderr
-    )
+    assert _ran() == ["synth", "preprocess", "train"]
     st = _state(tmp_path)
     assert st["preprocess"]["status"] == "done" and st["train"]["status"] == "failed"
+    assert st["train"]["error"].startswith("model.tiny.cross_attention_dim 128")
 
-    # 2. Fixed: resumes at train (synth and preprocess skipped by their keys) and finishes with a champion.
-    path = _write(tmp_path, TINY)
-    second = _run(path, env=env)
-    assert second.returncode == 0, second.stderr[-3000:]
-    log = second.stdout + second.stderr
+    # Fixed: synth and preprocess are skipped by their keys, train onwards runs, with preprocess's outputs.
+    del stub_steps["train"]
+    capsys.readouterr()
+    summary = runner.run_workflow(cfg, use_mlflow=False)
+    log = capsys.readouterr().err
     assert "synth: unchanged" in log and "preprocess: unchanged" in log
+    train_call = next(c for c in CALLS if c[0] == "train")
+    assert (
+        train_call[3]["preprocess"]["manifest_hash"] == "manifest-1"
+    )  # skipped steps' outputs are passed on
+    assert _ran() == ["train", "evaluate", "register", "promote", "sample"]
+    assert [s for s, v in summary.items() if v["status"] == "skipped"] == ["synth", "preprocess"]
     st = _state(tmp_path)
-    assert all(st[s]["status"] == "done" for s in ("train", "evaluate", "register", "promote", "sample"))
-    assert st["promote"]["outputs"]["champion_version"] == st["register"]["outputs"]["version"]
-    assert (tmp_path / "out" / "sample.mp4").stat().st_size > 0
-    manifest = json.loads((tmp_path / "out" / "data" / "manifest.json").read_text())
-    assert manifest["inputs"] == manifest["accepted_videos"] + sum(manifest["rejected"].values())
+    assert all(st[s]["status"] == "done" for s in ALL)
+    assert st["promote"]["outputs"]["champion_version"] == st["register"]["outputs"]["version"] == "1"
 
-    # 3. Re-run: every step unchanged and skipped.
-    third = _run(path, env=env)
-    assert third.returncode == 0, third.stderr[-2000:]
-    for step in ("synth", "preprocess", "train", "evaluate", "register", "promote", "sample"):
-        assert f"{step}: unchanged" in third.stdout + third.stderr, step
+    # Re-run: every step unchanged and skipped; the state is the same.
+    capsys.readouterr()
+    summary = runner.run_workflow(cfg, use_mlflow=False)
+    log = capsys.readouterr().err
+    assert _ran() == [] and all(v["status"] == "skipped" for v in summary.values())
+    for step in ALL:
+        assert f"{step}: unchanged" in log, step
+    assert {s: v["key"] for s, v in _state(tmp_path).items()} == {s: v["key"] for s, v in st.items()}
 
-    # 4. --only with an unknown step is a one-line error.
-    bad = _run(path, "--only", "deploy", env=env)
-    assert bad.returncode == 2 and "unknown step" in bad.stderr and "Traceback" not in bad.stderr
 
-    # 5. MLflow mirrors the workflow: parent runs with one nested run per step.
-    import mlflow
+def test_a_changed_section_reruns_its_step_and_every_later_one(tmp_path, stub_steps):
+    runner.run_workflow(_cfg(tmp_path), use_mlflow=False)
+    first = {c[0]: c[1] for c in CALLS}
+    assert _ran() == ALL
 
-    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("wf-test")
-    runs = client.search_runs([exp.experiment_id], max_results=200)
-    parents = {r.info.run_id for r in runs if r.data.tags.get("pyoco.workflow") == "wf-test"}
-    steps = [
-        r for r in runs if r.data.tags.get("mlflow.parentRunId") in parents and "pyoco.step" in r.data.tags
-    ]
-    assert {r.data.tags["pyoco.step"] for r in steps} >= {
-        "synth",
-        "preprocess",
-        "train",
+    # noise.alpha is in train's key: train gets a new key (so a new Ray Train run name), and all after it run.
+    runner.run_workflow(_cfg(tmp_path, **{"noise.alpha": 2.0}), use_mlflow=False)
+    second = {c[0]: c[1] for c in CALLS}
+    assert _ran() == ["train", "evaluate", "register", "promote", "sample"]
+    assert second["train"] != first["train"]
+    assert _state(tmp_path)["register"]["outputs"]["version"] == "2"
+
+    # evaluate's own section: train is kept, evaluate onwards runs.
+    runner.run_workflow(_cfg(tmp_path, **{"noise.alpha": 2.0, "evaluate.num_clips": 3}), use_mlflow=False)
+    assert _ran() == ["evaluate", "register", "promote", "sample"]
+
+    # the synth section changes synth's summary, which is in preprocess's key: everything runs.
+    runner.run_workflow(_cfg(tmp_path, **{"noise.alpha": 2.0, "evaluate.num_clips": 3, "synth.videos": 6}),
+                        use_mlflow=False)  # fmt: skip
+    assert _ran() == ALL
+
+
+def test_from_and_only_force_their_steps_and_refuse_what_they_cannot_do(tmp_path, stub_steps):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(PyocoError, match="step synth has no up-to-date outputs to reuse; run without --only"):
+        runner.run_workflow(cfg, only="register", use_mlflow=False)  # nothing before it has run yet
+    assert _ran() == []
+    runner.run_workflow(cfg, use_mlflow=False)
+    keys = {c[0]: c[1] for c in CALLS}
+    _ran()
+
+    summary = runner.run_workflow(cfg, from_step="evaluate", use_mlflow=False)
+    assert _ran() == ["evaluate", "register", "promote", "sample"]
+    assert [s for s, v in summary.items() if v["status"] == "ran"] == [
         "evaluate",
+        "register",
+        "promote",
         "sample",
-    }
-    assert any(r.data.tags["pyoco.step.status"] == "skipped" for r in steps)
+    ]
+
+    summary = runner.run_workflow(cfg, only="train", use_mlflow=False)
+    assert [(c[0], c[1]) for c in CALLS] == [("train", keys["train"])]  # same key: forced, not changed
+    assert _ran() == ["train"] and summary["sample"]["status"] == "skipped"
+
+    for flag, kwargs in (("--from", {"from_step": "deploy"}), ("--only", {"only": "deploy"})):
+        with pytest.raises(PyocoError, match=rf"{flag} 'deploy': unknown step; steps are synth, preprocess"):
+            runner.run_workflow(cfg, use_mlflow=False, **kwargs)
+    with pytest.raises(PyocoError, match=r"--only noise_fit: that step is not enabled by this config"):
+        runner.run_workflow(cfg, only="noise_fit", use_mlflow=False)
+    assert _ran() == []
 
 
-def test_workflow_uses_the_mlflow_server_from_the_yaml_and_a_changed_alpha_retrains(tmp_path, mlflow_server):
-    """Issue 12 items 1 and 2. The tracking URI is set in the YAML only (no MLFLOW_TRACKING_URI): every step
-    (train, evaluate, register, promote, sample) uses that `mlflow server`, and nothing lands in a local
-    store. Then noise.alpha changes: train starts a new run from step 0 (not a resume of the finished one), and
-    the package, the evaluation and the registered version all carry alpha 2.0."""
-    import os
+def test_cli_unknown_step_and_both_flags_are_one_line_errors(tmp_path, stub_steps):
+    from typer.testing import CliRunner
 
+    from pipelines.cli import app
+
+    path = tmp_path / "wf.yaml"
+    cfg = _cfg(tmp_path)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    for extra, message in (
+        (["--only", "deploy"], "unknown step"),
+        (["--only", "train", "--from", "train"], "not both"),
+    ):
+        res = CliRunner().invoke(app, ["run", "--config", str(path), *extra])
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+    assert _ran() == []
+
+
+def test_every_step_gets_the_yaml_mlflow_server_and_mlflow_mirrors_the_workflow(
+    tmp_path, stub_steps, monkeypatch, mlflow_server
+):
+    """Issue 12 item 1: the tracking URI is set in the YAML only, and $MLFLOW_TRACKING_URI names another
+    store, which stays untouched (as do the local defaults). Every step gets the one RunContext, on the YAML's
+    `mlflow server`; there MLflow holds one parent run per ``pyoco run`` with a nested run per step (its key
+    as a param, its outputs as an artifact), skipped steps tagged as such."""
     import mlflow
 
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    name = f"wf-server-{tmp_path.name[-20:]}".replace("_", "-")
-    cfg = json.loads(json.dumps(TINY))
-    cfg["mlflow"] = {"tracking_uri": mlflow_server.uri, "experiment": name, "registered_model": name}
-    first = _run(_write(tmp_path, cfg), env=env)
-    assert first.returncode == 0, first.stderr[-3000:]
-    st = _state(tmp_path)
+    name = f"wf-mirror-{tmp_path.name[-12:]}".replace("_", "-")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(
+        tmp_path, mlflow={"tracking_uri": mlflow_server.uri, "experiment": name, "registered_model": name}
+    )
+    runner.run_workflow(cfg)
+    contexts = {id(c[2]) for c in CALLS}
+    ctx = CALLS[0][2]
+    assert len(contexts) == 1 and (ctx.tracking_uri, ctx.experiment, ctx.registered_model) == (
+        mlflow_server.uri,
+        name,
+        name,
+    )
+    assert _ran() == ALL
+    runner.run_workflow(cfg, from_step="sample")
+    assert _ran() == ["sample"]
+    assert not any((tmp_path / p).exists() for p in ("env.db", "mlflow.db", "mlruns"))
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server.uri)
-    champion = client.get_model_version_by_alias(name, "champion")
-    assert champion.version == st["register"]["outputs"]["version"] == "1"
-    train_run = client.get_run(st["train"]["outputs"]["mlflow_run_id"])
-    assert "eval.val_loss" in train_run.data.metrics  # evaluate logged into the training run, on the server
-    assert champion.run_id == train_run.info.run_id  # register logged the pyfunc into that run
-    assert champion.tags["pyoco.data_manifest_hash"] == st["preprocess"]["outputs"]["manifest_hash"]
-    assert train_run.data.tags["pyoco.data_manifest_hash"] == st["preprocess"]["outputs"]["manifest_hash"]
-    assert client.get_experiment_by_name(name) is not None
-    # Nothing in the local default stores (sqlite in the working folder, or ./mlruns).
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
-    assert (tmp_path / "out" / "sample.mp4").stat().st_size > 0
-
-    cfg["noise"]["alpha"] = 2.0
-    second = _run(_write(tmp_path, cfg), env=env)
-    assert second.returncode == 0, second.stderr[-3000:]
-    st2 = _state(tmp_path)
-    train = st2["train"]["outputs"]
-    assert train["run_name"] != st["train"]["outputs"]["run_name"]
-    assert train["metrics"]["attempt_start_step"] == 0 and train["final_step"] == 2  # trained, not resumed
-    package = json.loads((Path(train["model_dir"]) / "pyoco_package.json").read_text())
-    assert package["noise"]["alpha"] == 2.0
-    assert st2["evaluate"]["outputs"]["metrics"]["noise"]["alpha"] == 2.0
-    v2 = client.get_model_version(name, st2["register"]["outputs"]["version"])
-    assert v2.version == "2" and float(v2.tags["pyoco.noise_alpha"]) == 2.0
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
-
-
-def test_workflow_trains_the_evaluator_and_fits_noise_auto_before_train(tmp_path):
-    """Issue 10 (the workflow trains the evaluator; evaluate and the gate use it) and issue 11 (``noise:
-    {kind: auto, alpha: auto}`` runs the noise fit with the pretrained image model as a cached step, and train
-    uses what it found)."""
-    import os
-
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    env.pop("RAY_ADDRESS", None)
-    cfg = json.loads(json.dumps(TINY))
-    cfg["name"] = cfg["mlflow"]["experiment"] = cfg["mlflow"]["registered_model"] = "wf-auto"
-    cfg["synth"]["videos"] = 8  # keys 00000003 and 00000006 are held out at 0.34: 6 train, 2 val
-    cfg["noise"] = {"kind": "auto", "alpha": "auto", "fit_clips": 2, "fit_steps": 2}
-    cfg["pretrain"] = {"num_workers": 1, "resources_per_worker": {"CPU": 1}, "zero_stage": 0, "max_steps": 2,
-                       "batch_size_per_worker": 2, "checkpoint_every": 2, "ema_decay": None}  # fmt: skip
-    cfg["evaluator"] = {"labels": ["color", "direction"], "steps": 5, "size": 16}
-    cfg["evaluate"]["num_videos"] = 32  # FVD's minimum
-    path = _write(tmp_path, cfg)
-    res = _run(path, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    st = _state(tmp_path)
-    order = [
-        s for s in ("preprocess", "evaluator", "pretrain", "noise_fit", "train") if st[s]["status"] == "done"
-    ]
-    assert order == ["preprocess", "evaluator", "pretrain", "noise_fit", "train"]
-    fit = st["noise_fit"]["outputs"]
-    assert fit["kind"] in ("mixed", "progressive") and fit["alpha"] >= 0
-    report = json.loads((tmp_path / "out" / "noise_fit" / "fit.json").read_text())
-    assert report["num_clips"] == 2 and report["fit"]["kind"] == fit["kind"]
-    assert (tmp_path / "out" / "noise_fit" / "fit.png").is_file()
-    # train used the fitted prior: the package records it, and register tags the version with it
-    pkg = json.loads((Path(st["train"]["outputs"]["model_dir"]) / "pyoco_package.json").read_text())
-    assert pkg["noise"]["kind"] == fit["kind"] and pkg["noise"]["alpha"] == pytest.approx(
-        fit["alpha"], abs=1e-3
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=200)
+    parents = {r.info.run_id for r in runs if r.data.tags.get("pyoco.workflow") == "wf-test"}
+    assert len(parents) == 2
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in parents]
+    status = sorted((r.data.tags["pyoco.step"], r.data.tags["pyoco.step.status"]) for r in children)
+    assert status == sorted(
+        [(s, "ran") for s in ALL] + [(s, "skipped") for s in ALL[:-1]] + [("sample", "ran")]
     )
-    metrics = st["evaluate"]["outputs"]["metrics"]
-    assert "fvd" in json.dumps(metrics) and st["evaluator"]["outputs"]["path"].endswith(".pt")
-    # re-run: the evaluator and the fit are cached like every other step
-    again = _run(path, env=env)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "evaluator: unchanged" in again.stdout + again.stderr
-    assert "noise_fit: unchanged" in again.stdout + again.stderr
+    assert all(r.data.params["cache_key"] for r in children)
+    register = next(r for r in children if r.data.tags["pyoco.step"] == "register")
+    outputs = json.loads(
+        Path(client.download_artifacts(register.info.run_id, "outputs.json", str(tmp_path))).read_text()
+    )
+    assert outputs == {"version": "1"}
+
+
+def test_auto_noise_and_an_evaluator_section_add_their_steps_in_order_and_cache_them(tmp_path, stub_steps):
+    """``noise: auto`` adds noise_fit (after pretrain, whose image model it fits with), an ``evaluator:``
+    section adds evaluator (after preprocess); train sees the fit, evaluate and promote the evaluator."""
+    pretrain = {"num_workers": 1, "max_steps": 2, "checkpoint_every": 2, "ema_decay": None}
+    changes = {
+        "noise": {"kind": "auto", "alpha": "auto", "fit_clips": 2, "fit_steps": 2},
+        "pretrain": pretrain,
+        "evaluator": {"labels": ["color", "direction"], "steps": 5, "size": 16},
+    }
+    cfg = _cfg(tmp_path, **changes)
+    runner.run_workflow(cfg, use_mlflow=False)
+    outs_at = {c[0]: c[3] for c in CALLS}
+    assert _ran() == ["synth", "preprocess", "evaluator", "pretrain", "noise_fit", *ALL[2:]]
+    assert outs_at["noise_fit"]["pretrain"]["model_dir"].endswith("/pretrain/model")
+    fitted = steps._fitted_noise(cfg, outs_at["train"])
+    assert (fitted.noise.kind, fitted.noise.alpha) == ("mixed", 0.25) and cfg.noise.is_auto
+    assert steps._evaluator_path(cfg, outs_at["evaluate"]).endswith("/evaluator/evaluator.pt")
+    assert steps._evaluator_path(cfg, outs_at["promote"]) == steps._evaluator_path(cfg, outs_at["evaluate"])
+
+    runner.run_workflow(cfg, use_mlflow=False)
+    assert _ran() == []  # evaluator and noise_fit are cached like every other step
+
+    # A new evaluator: evaluator reruns (its stamp is in evaluate's and promote's keys); pretrain does not.
+    changes["evaluator"]["steps"] = 6
+    runner.run_workflow(_cfg(tmp_path, **changes), use_mlflow=False)
+    assert _ran() == ["evaluator", "pretrain", "noise_fit", *ALL[2:]]  # a step that runs dirties the rest
+
+
+def test_fixed_kind_with_auto_alpha_and_a_pretrained_model_skip_pretrain(tmp_path, stub_steps):
+    cfg = _cfg(tmp_path, **{"noise.alpha": "auto", "model.pretrained": str(tmp_path / "image")})
+    assert [s.name for s in steps.STEPS if s.enabled(cfg)] == ["synth", "preprocess", "noise_fit", *ALL[2:]]
+    runner.run_workflow(cfg, use_mlflow=False)
+    outs_at = {c[0]: c[3] for c in CALLS}
+    assert _ran() == ["synth", "preprocess", "noise_fit", *ALL[2:]]
+    fitted = steps._fitted_noise(cfg, outs_at["train"])
+    assert fitted.noise.alpha == 0.25 and steps._image_model(cfg, outs_at["noise_fit"]) == str(
+        tmp_path / "image"
+    )

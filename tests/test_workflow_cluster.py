@@ -363,6 +363,12 @@ def _run_and_check(
     champion = ml.get_model_version_by_alias(MODEL, "champion")
     assert champion.version == str(wf["register"]["outputs"]["version"]) == "1"
     assert wf["promote"]["outputs"]["promoted"] is True
+    # evaluate logged into the training run, and register logged the pyfunc into that same run, on this server
+    train_run = ml.get_run(train["mlflow_run_id"])
+    assert "eval.val_loss" in train_run.data.metrics and champion.run_id == train_run.info.run_id
+    manifest_hash = wf["preprocess"]["outputs"]["manifest_hash"]
+    assert champion.tags["pyoco.data_manifest_hash"] == manifest_hash
+    assert train_run.data.tags["pyoco.data_manifest_hash"] == manifest_hash
     versions_before = len(ml.search_model_versions(f"name='{MODEL}'"))
 
     # ---- 4. a re-submit (the documented by-hand line) skips every unchanged step and changes nothing
