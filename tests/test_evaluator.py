@@ -179,7 +179,6 @@ def test_the_workflows_evaluator_step_trains_on_the_preprocessed_clips(tmp_path,
     cfg = parse_config({
         "name": "ev", "output": str(tmp_path / "out"), "preprocess": {"input": str(tmp_path), "output": str(labelled_clips)},
         "evaluator": {"labels": ["color", "direction"], "steps": 5, "size": TINY_SIZE},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     })  # fmt: skip
     res = steps._step_evaluator(cfg, {}, RunContext.from_config(cfg), key="k")
     assert res["path"].endswith(".pt") and res["path"].startswith(str(tmp_path / "out" / "evaluator"))

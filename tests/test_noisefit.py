@@ -184,7 +184,9 @@ def test_noise_fit_cli_bad_inputs_are_one_line_errors(tmp_path, image_model):
 
 
 @pytest.mark.parametrize("kind", ["auto", "progressive"])
-def test_the_workflows_noise_fit_step_fits_with_the_pretrained_image_model(tmp_path, image_model, kind):
+def test_the_workflows_noise_fit_step_fits_with_the_pretrained_image_model(
+    tmp_path, image_model, kind, mlflow_server
+):
     """The workflow's ``noise_fit`` step for real (the stub-step runner tests in test_workflow.py replace
     it): it inverts the val clips with the image model pretrain exported, writes fit.json and fit.png under
     the workflow's output, and returns what train uses: the fitted kind with its alpha, or for a fixed kind
@@ -201,7 +203,7 @@ def test_the_workflows_noise_fit_step_fits_with_the_pretrained_image_model(tmp_p
     cfg = parse_config({
         "name": "nf", "output": str(tmp_path / "out"), "preprocess": {"input": str(tmp_path), "output": str(data)},
         "noise": {"kind": kind, "alpha": "auto", "fit_clips": 6, "fit_steps": 3},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "mlflow": {"tracking_uri": mlflow_server.uri},  # the session's server: no sqlite store to create
     })  # fmt: skip
     outs = {"pretrain": {"model_dir": str(model)}}
     res = steps._step_noise_fit(cfg, outs, RunContext.from_config(cfg), key="k")
