@@ -57,8 +57,22 @@ def test_register_promote_refuse_force_rollback_sample(tracking_env, tiny_packag
 
     # evaluate -> JSON + an MLflow run with eval.* metrics
     ev1 = tmp_path / "eval1.json"
-    _cli("evaluate", "--checkpoint", tiny_package, "--data", data, "--num-clips", 4, "--out", ev1)
+    # 2 sampled videos, not the default 64 (x 10 steps x 2 for guidance: most of this test's time)
+    _cli(
+        "evaluate",
+        "--checkpoint",
+        tiny_package,
+        "--data",
+        data,
+        "--num-clips",
+        4,
+        "--num-videos",
+        2,
+        "--out",
+        ev1,
+    )
     results = json.loads(ev1.read_text())
+    assert results["sample"]["num_videos"] == 2
     assert results["fvd"]["status"] == "skipped"
     eval_run = client.get_run(results["mlflow_run_id"])
     assert eval_run.data.metrics["eval.val_loss"] == pytest.approx(results["val_loss"])
@@ -228,7 +242,7 @@ def test_register_from_a_training_run(tracking_env, tiny_package, model_name, tm
     )
     tracking.end_run(uri, run_id)
     data = make_clips_dir(tmp_path / "data", num_clips=3)
-    cfg = EvaluateConfig(num_clips=3, timesteps=[500], sample_steps=2)
+    cfg = EvaluateConfig(num_clips=3, timesteps=[500], sample_steps=2, num_videos=2)
     results = run_evaluate(str(tiny_package), str(data), cfg, mlflow_run_id=run_id)
     assert results["mlflow_run_id"] == run_id
 
