@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.common import PyocoError, console
-from pipelines.context import RunContext, ray_session
+from pipelines.context import RunContext, log_exception, quiet_logs, ray_session, route_logs
 from pipelines.workflow.state import WorkflowState
 from pipelines.workflow.steps import STEP_ORDER, STEPS, _resolved
 from pyoco.config import PyocoConfig, config_hash
@@ -118,9 +118,19 @@ def run_workflow(
     summary: dict[str, Any] = {}
     outs: dict[str, dict] = {}
     dirty = False
-    mirror = _Mirror.start(cfg, ctx) if use_mlflow else None
-    status = "FAILED"
     session = contextlib.ExitStack()
+    session.enter_context(quiet_logs(ctx))  # Ray's, MLflow's, DeepSpeed's output -> ctx.log_file
+    quiet = not ctx.verbose and ctx.log_file is not None
+    if quiet:
+        console.print(
+            f"log: {ctx.log_file} (Ray, MLflow, DeepSpeed output; -v shows it here)", soft_wrap=True
+        )
+    try:
+        mirror = _Mirror.start(cfg, ctx) if use_mlflow else None
+    except BaseException:
+        session.close()
+        raise
+    status = "FAILED"
     try:
         session.enter_context(ray_session())  # one Ray for all steps, started by the first that needs it
         for i, step in enumerate(enabled):
@@ -142,6 +152,7 @@ def run_workflow(
             console.print(f"[bold]> {step.name}[/bold] (key {key})")
             t0 = time.perf_counter()
             try:
+                route_logs()  # libraries imported by earlier steps may have added console handlers
                 result = step.run(cfg, outs, ctx, key=key)
             except Exception as err:  # noqa: BLE001 - recorded, then re-raised as a one-line error
                 seconds = time.perf_counter() - t0
@@ -156,8 +167,10 @@ def run_workflow(
                 _mirror(mirror, step.name, "failed", key, seconds, {"error": message})
                 if os.environ.get("PYOCO_DEBUG"):
                     traceback.print_exc()
+                log_exception(f"step {step.name} failed")
+                where = f"; full log: {ctx.log_file}" if quiet else ""
                 raise PyocoError(
-                    f"step {step.name} failed: {message} (fix it and re-run; finished steps are kept)",
+                    f"step {step.name} failed: {message} (fix it and re-run; finished steps are kept){where}",
                     exit_code=1,
                 ) from err
             seconds = time.perf_counter() - t0
@@ -170,9 +183,11 @@ def run_workflow(
             console.print(f"  {step.name} done in {seconds:.1f}s")
         status = "FINISHED"
     finally:
-        session.close()
-        if mirror is not None:
-            mirror.end(status)
+        try:
+            if mirror is not None:
+                mirror.end(status)
+        finally:
+            session.close()
     return summary
 
 
