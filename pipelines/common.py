@@ -94,14 +94,24 @@ class ProgressLine:
 
     On a non-terminal (CI, a log file) a bar would print a line per refresh, so it prints at most two
     milestone lines instead: half way and done. ``per_item=True`` shows seconds per item (``s/step``)
-    rather than items per second. The rate is measured from the first update, so start-up time (Ray
-    workers, model loading) does not skew the ETA.
+    rather than items per second. The rate is measured from the start (``with``), or with
+    ``from_first_update=True`` from the first update, so that start-up time (Ray workers, model loading)
+    does not skew a training ETA.
 
         with ProgressLine("train", total=200, unit="step", per_item=True) as bar:
             bar.update(10, loss=0.31)
     """
 
-    def __init__(self, label: str, total: int | None = None, *, unit: str, per_item: bool = False, out=None):
+    def __init__(
+        self,
+        label: str,
+        total: int | None = None,
+        *,
+        unit: str,
+        per_item: bool = False,
+        from_first_update: bool = False,
+        out=None,
+    ):
         import time
 
         self._clock = time.monotonic
@@ -109,11 +119,14 @@ class ProgressLine:
         self.console = out or console
         self.done = 0
         self._first: tuple[float, int] | None = None
+        self.from_first_update = from_first_update
         self._fields: dict[str, Any] = {}
         self._milestones = [0.5, 1.0]
         self._bar = None
 
     def __enter__(self) -> ProgressLine:
+        if not self.from_first_update:
+            self._first = (self._clock(), 0)
         if self.console.is_terminal:
             from rich.progress import BarColumn, Progress, TextColumn
 

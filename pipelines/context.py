@@ -344,7 +344,9 @@ class TrainProgress:
     def __enter__(self) -> TrainProgress:
         from pipelines.common import ProgressLine
 
-        self._bar = ProgressLine(self.label, self.total, unit="step", per_item=True).__enter__()
+        self._bar = ProgressLine(
+            self.label, self.total, unit="step", per_item=True, from_first_update=True
+        ).__enter__()
         if self.start:
             self._bar.update(self.start)
 

@@ -87,3 +87,41 @@ def test_run_is_quiet_starts_ray_once_and_v_restores_ray_output(tmp_path):
     assert len(errors) == 1 and "step train failed: model.tiny.cross_attention_dim 128" in errors[0], console
     failed_log = Path(errors[0].rsplit("full log: ", 1)[1])
     assert "Traceback" in failed_log.read_text() and "Traceback" not in console
+
+
+def test_progress_line_prints_two_milestones_off_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from pipelines.common import ProgressLine
+
+    out = io.StringIO()
+    with ProgressLine("preprocess", unit="video", out=Console(file=out, width=200)) as bar:
+        for done in range(1, 11):
+            bar.update(done, 10)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("  preprocess: 5/10 videos, ")
+    assert lines[1].startswith("  preprocess: 10/10 videos, ") and "videos/s" in lines[1]
+
+
+def test_quiet_logs_send_library_logs_to_the_scrubbed_file_and_restore_them(tmp_path, capfd):
+    import logging
+
+    import mlflow  # noqa: F401 - gives the mlflow logger its console handler
+
+    from pipelines.context import RunContext, quiet_logs
+
+    before = list(logging.getLogger("mlflow").handlers)
+    ctx = RunContext("sqlite:///x", "e", "m", log_file=str(tmp_path / "logs" / "run.log"))
+    with quiet_logs(ctx):
+        logging.getLogger("mlflow").warning("server https://alice:hunter2@mlflow.example/x")
+        logging.getLogger("alembic").warning("migrating")
+    err = capfd.readouterr().err
+    assert "hunter2" not in err and "migrating" not in err
+    log = (tmp_path / "logs" / "run.log").read_text()
+    assert "https://***@mlflow.example/x" in log and "hunter2" not in log and "migrating" in log
+    assert logging.getLogger("mlflow").handlers == before
+    with quiet_logs(RunContext("sqlite:///x", "e", "m", log_file=str(tmp_path / "v.log"), verbose=True)):
+        logging.getLogger("alembic").warning("shown with -v")
+    assert not (tmp_path / "v.log").exists()

@@ -21,7 +21,9 @@ tagged ``pyoco.step.status=skipped``); the training run is re-parented under its
 Every step gets the same :class:`pipelines.context.RunContext`, built once from the config and the environment
 (``mlflow.tracking_uri`` else ``$MLFLOW_TRACKING_URI``): train, evaluate, register, promote and sample all use
 that one MLflow server and experiment, and the keys of the steps that read or write MLflow cover it. The whole
-workflow shares one Ray (:func:`pipelines.context.ray_session`).
+workflow shares one Ray (:func:`pipelines.context.ray_session`), and, unless ``ctx.verbose`` (``pyoco run -v``),
+one log file for Ray's, MLflow's and DeepSpeed's own output (:func:`pipelines.context.quiet_logs`): the console
+gets a start and an end line per step and the steps' progress lines.
 
 Adding a step: write ``_step_x(cfg, outs, ctx) -> dict`` and insert ``Step("x", enabled, key_inputs, _step_x)``
 into ``STEPS`` (and its name into ``STEP_ORDER``); ``key_inputs(cfg, outs, ctx)`` lists everything it reads.
