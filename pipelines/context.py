@@ -149,6 +149,13 @@ NOISY_LOGGERS = (
 _log_handler: logging.Handler | None = None  # set while quiet_logs is active
 _saved_loggers: dict[str, tuple[list[logging.Handler], bool]] = {}
 _RAY_HANDLER = "pyoco_log_file"
+_saved_data_bars: bool | None = None
+QUIET_ENV = {
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+}
 
 
 def default_log_file(output: str) -> str:
@@ -202,8 +209,14 @@ def _route_ray_output() -> None:
         return
     route_logs()
     with contextlib.suppress(ImportError, AttributeError):
-        import ray.data  # noqa: F401 - configures the ray.data logger, rerouted just below
+        import ray.data  # configures the ray.data logger, rerouted just below
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        global _saved_data_bars
+        data_ctx = ray.data.DataContext.get_current()
+        if _saved_data_bars is None:
+            _saved_data_bars = data_ctx.enable_progress_bars
+        data_ctx.enable_progress_bars = False  # e.g. read_parquet's "Parquet dataset sampling" bar
 
         route_logs()
         dispatcher.remove_handler("ray_print_logs")
@@ -252,6 +265,11 @@ def quiet_logs(ctx: RunContext) -> Iterator[None]:
     handler.setFormatter(_ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     _log_handler = handler
+    # Libraries' own progress bars (tqdm: transformers' weight loading, MLflow's artifact downloads; Ray
+    # Data's bars) would print a line per refresh off a terminal; set before Ray starts, so its processes
+    # inherit them too.
+    saved_env = {k: os.environ.get(k) for k in QUIET_ENV}
+    os.environ.update(QUIET_ENV)
     warnings_were_captured = getattr(logging, "_warnings_showwarning", None) is not None
     logging.captureWarnings(True)  # Python warnings (diffusers, torch) -> the py.warnings logger -> the file
     try:
@@ -263,6 +281,17 @@ def quiet_logs(ctx: RunContext) -> Iterator[None]:
         route_logs()
         yield
     finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if _saved_data_bars is not None:
+            with contextlib.suppress(ImportError):
+                import ray.data
+
+                ray.data.DataContext.get_current().enable_progress_bars = _saved_data_bars
+                globals()["_saved_data_bars"] = None
         logging.captureWarnings(warnings_were_captured)
         for name, (handlers, propagate) in _saved_loggers.items():
             logger = logging.getLogger(name) if name else logging.getLogger()
@@ -368,3 +397,42 @@ class TrainProgress:
         self._bar.__exit__(*exc)
         with contextlib.suppress(Exception):
             ray.kill(self.sink)
+
+
+class _StdoutToLog:
+    """``sys.stdout`` during a quiet step: libraries that print there (DeepSpeed's logger holds a handler
+    on the stdout of its import time) write to the log file; pyoco's console is stderr."""
+
+    encoding = "utf-8"
+
+    def __init__(self, real):
+        self.real, self.pending = real, ""
+
+    def write(self, text: str) -> int:
+        if _log_handler is None:
+            return self.real.write(text)
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            _log("stdout", logging.INFO, line)
+        return len(text)
+
+    def flush(self) -> None:
+        if _log_handler is None:
+            self.real.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+
+@contextlib.contextmanager
+def stdout_to_log() -> Iterator[None]:
+    """Inside :func:`quiet_logs`: what is printed to stdout goes to the log file (no-op otherwise)."""
+    if _log_handler is None:
+        yield
+        return
+    with contextlib.redirect_stdout(_StdoutToLog(sys.stdout)):
+        yield

@@ -40,7 +40,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.common import PyocoError, console
-from pipelines.context import RunContext, log_exception, quiet_logs, ray_session, route_logs
+from pipelines.context import (
+    RunContext,
+    log_exception,
+    quiet_logs,
+    ray_session,
+    route_logs,
+    stdout_to_log,
+)
 from pipelines.workflow.state import WorkflowState
 from pipelines.workflow.steps import STEP_ORDER, STEPS, _resolved
 from pyoco.config import PyocoConfig, config_hash
@@ -155,7 +162,8 @@ def run_workflow(
             t0 = time.perf_counter()
             try:
                 route_logs()  # libraries imported by earlier steps may have added console handlers
-                result = step.run(cfg, outs, ctx, key=key)
+                with stdout_to_log():
+                    result = step.run(cfg, outs, ctx, key=key)
             except Exception as err:  # noqa: BLE001 - recorded, then re-raised as a one-line error
                 seconds = time.perf_counter() - t0
                 message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
