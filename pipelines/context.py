@@ -4,6 +4,10 @@
     with ray_session(cfg.ray.address):            # Ray is started on first use, shut down at the end
         run_train(cfg, ctx=ctx); run_evaluate(..., ctx=ctx) ...
 
+Over 400 lines because the console half (quiet_logs, the Ray output routing, TrainProgress) is tied to Ray's
+start here (ensure_ray reroutes the loggers that ``import ray`` configures); moving it to its own module
+``pipelines/console.py`` is a follow-up move.
+
 The tracking URI is resolved once (``mlflow.tracking_uri`` in the config, else ``$MLFLOW_TRACKING_URI``, else
 ``sqlite:///`` in the working folder; see :func:`pipelines.tracking.resolve_tracking_uri`) and every step
 writes to that server. Without a context a step resolves the same way on its own, so the single-step commands
