@@ -71,7 +71,10 @@ def test_run_is_quiet_starts_ray_once_and_v_restores_ray_output(tmp_path):
     assert "pid=" in log and "pyoco: rank 0 ready" in log  # a worker's print, captured from Ray
     assert log_file.parent == tmp_path / "out" / "logs"
 
-    # 2. -v: Ray's own output is back on the console (a worker's line with its pid), no log file.
+    # 2. -v: Ray's own output is back on the console (a worker's line with its pid), no log file. (A changed
+    # max_steps gives train a new key, so a new Ray Train run rather than the finished one.)
+    cfg["train"]["max_steps"] = 3
+    path = _write(tmp_path, cfg)
     res, console, ray_inits = _run(path, "--only", "train", "-v", env=env)
     assert res.returncode == 0, console[-3000:]
     assert ray_inits == 1
