@@ -22,12 +22,18 @@ def run_cmd(
         None, "--from", help=f"Re-run from this step: {', '.join(STEP_ORDER)}."
     ),
     only: str | None = typer.Option(None, "--only", help="Run just this step (earlier outputs must exist)."),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="Show Ray's, MLflow's and DeepSpeed's own output here, not in the log file.",
+    ),
 ) -> None:
     """Run the whole workflow: preprocess, train, evaluate, register, promote (cached per step)."""
     if from_step and only:
         raise PyocoError("use --from or --only, not both")
     cfg = load_config(config)
-    ctx = RunContext.from_config(cfg)
+    ctx = RunContext.from_config(cfg, verbose=verbose)
     t0 = time.perf_counter()
     summary = run_workflow(cfg, from_step=from_step, only=only, ctx=ctx)
     print_summary(cfg, summary)
@@ -39,6 +45,8 @@ def run_cmd(
     uri = redact_uri(ctx.tracking_uri)
     ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
     console.print(f"MLflow: {uri}  (UI: {ui})")
+    if not verbose:
+        console.print(f"log: {ctx.log_file}", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -262,6 +262,8 @@ def run_train(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipelines.context import TrainProgress
+
     started = _ensure_ray(cfg.ray.address)
     try:
         _check_cpus(t, embedded=not (cfg.ray.address or os.environ.get("RAY_ADDRESS")))
@@ -299,6 +301,8 @@ def run_train(
             compat=compat,
             credential_names=credential_names,
         )
+        # The driver's progress line, fed by the workers' ray.train.report (pipelines.context)
+        progress = TrainProgress(kind, steps, start_step=resume_step or 0)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=dataclasses.asdict(plan) | {"env": plan.env},
@@ -313,6 +317,7 @@ def run_train(
                 storage_filesystem=store_fs,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep),
                 failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                callbacks=[progress.callback],
             ),
             datasets={"train": dataset},
         )
@@ -323,7 +328,8 @@ def run_train(
         )
         t0 = time.perf_counter()
         try:
-            result = trainer.fit()
+            with progress:
+                result = trainer.fit()
         except Exception as err:
             tracking.end_run(tracking_uri, run_id, "FAILED")
             raise PyocoError(f"training failed: {tracking.scrub(str(err)).splitlines()[0][:500]}") from err

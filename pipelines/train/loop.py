@@ -393,6 +393,10 @@ class Trainer:
         metrics = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
         if self.metrics_logger is not None:
             self.metrics_logger.log(metrics, step=self.step)
+        import ray.train
+
+        # Every rank reports (Ray Train V2's report is collective); the driver's progress line reads rank 0's.
+        ray.train.report({**metrics, "step": self.step})
         return metrics
 
     @contextlib.contextmanager

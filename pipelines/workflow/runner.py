@@ -21,7 +21,9 @@ tagged ``pyoco.step.status=skipped``); the training run is re-parented under its
 Every step gets the same :class:`pipelines.context.RunContext`, built once from the config and the environment
 (``mlflow.tracking_uri`` else ``$MLFLOW_TRACKING_URI``): train, evaluate, register, promote and sample all use
 that one MLflow server and experiment, and the keys of the steps that read or write MLflow cover it. The whole
-workflow shares one Ray (:func:`pipelines.context.ray_session`).
+workflow shares one Ray (:func:`pipelines.context.ray_session`), and, unless ``ctx.verbose`` (``pyoco run -v``),
+one log file for Ray's, MLflow's and DeepSpeed's own output (:func:`pipelines.context.quiet_logs`): the console
+gets a start and an end line per step and the steps' progress lines.
 
 Adding a step: write ``_step_x(cfg, outs, ctx) -> dict`` and insert ``Step("x", enabled, key_inputs, _step_x)``
 into ``STEPS`` (and its name into ``STEP_ORDER``); ``key_inputs(cfg, outs, ctx)`` lists everything it reads.
@@ -38,7 +40,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.common import PyocoError, console
-from pipelines.context import RunContext, ray_session
+from pipelines.context import (
+    RunContext,
+    log_exception,
+    quiet_logs,
+    ray_session,
+    route_logs,
+    stdout_to_log,
+)
 from pipelines.workflow.state import WorkflowState
 from pipelines.workflow.steps import STEP_ORDER, STEPS, _resolved
 from pyoco.config import PyocoConfig, config_hash
@@ -118,9 +127,19 @@ def run_workflow(
     summary: dict[str, Any] = {}
     outs: dict[str, dict] = {}
     dirty = False
-    mirror = _Mirror.start(cfg, ctx) if use_mlflow else None
-    status = "FAILED"
     session = contextlib.ExitStack()
+    session.enter_context(quiet_logs(ctx))  # Ray's, MLflow's, DeepSpeed's output -> ctx.log_file
+    quiet = not ctx.verbose and ctx.log_file is not None
+    if quiet:
+        console.print(
+            f"log: {ctx.log_file} (Ray, MLflow, DeepSpeed output; -v shows it here)", soft_wrap=True
+        )
+    try:
+        mirror = _Mirror.start(cfg, ctx) if use_mlflow else None
+    except BaseException:
+        session.close()
+        raise
+    status = "FAILED"
     try:
         session.enter_context(ray_session())  # one Ray for all steps, started by the first that needs it
         for i, step in enumerate(enabled):
@@ -142,7 +161,9 @@ def run_workflow(
             console.print(f"[bold]> {step.name}[/bold] (key {key})")
             t0 = time.perf_counter()
             try:
-                result = step.run(cfg, outs, ctx, key=key)
+                route_logs()  # libraries imported by earlier steps may have added console handlers
+                with stdout_to_log():
+                    result = step.run(cfg, outs, ctx, key=key)
             except Exception as err:  # noqa: BLE001 - recorded, then re-raised as a one-line error
                 seconds = time.perf_counter() - t0
                 message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -156,8 +177,10 @@ def run_workflow(
                 _mirror(mirror, step.name, "failed", key, seconds, {"error": message})
                 if os.environ.get("PYOCO_DEBUG"):
                     traceback.print_exc()
+                log_exception(f"step {step.name} failed")
+                where = f"; full log: {ctx.log_file}" if quiet else ""
                 raise PyocoError(
-                    f"step {step.name} failed: {message} (fix it and re-run; finished steps are kept)",
+                    f"step {step.name} failed: {message} (fix it and re-run; finished steps are kept){where}",
                     exit_code=1,
                 ) from err
             seconds = time.perf_counter() - t0
@@ -170,9 +193,11 @@ def run_workflow(
             console.print(f"  {step.name} done in {seconds:.1f}s")
         status = "FINISHED"
     finally:
-        session.close()
-        if mirror is not None:
-            mirror.end(status)
+        try:
+            if mirror is not None:
+                mirror.end(status)
+        finally:
+            session.close()
     return summary
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.common import PyocoError, console
+from pipelines.common import ProgressLine, PyocoError, console
 from pipelines.context import RunContext, ensure_ray
 from pipelines.workflow.state import _fs, join
 from pyoco.config import PyocoConfig, config_hash
@@ -86,7 +86,10 @@ def _step_preprocess(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *
     from pipelines.train.data import manifest_data_hash
 
     ensure_ray(cfg.ray.address)  # the workflow's one Ray (run_preprocess then reuses it)
-    manifest = run_preprocess(cfg.preprocess, ray_address=cfg.ray.address)
+    with ProgressLine("preprocess", unit="video") as bar:  # Ray Data's own bars only with -v
+        manifest = run_preprocess(
+            cfg.preprocess, ray_address=cfg.ray.address, progress=ctx.verbose, on_progress=bar.update
+        )
     return {
         "output": cfg.preprocess.output,
         "manifest_hash": manifest_data_hash(manifest),  # the hash train and register record too
@@ -113,9 +116,16 @@ def _step_evaluator(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *,
 
     e = cfg.evaluator
     out = e.output or join(cfg.output, "evaluator")
-    meta = run_evaluator_train(
-        cfg.preprocess.output, out, labels=e.labels, steps=e.steps, size=e.size, seed=e.seed
-    )
+    with ProgressLine("evaluator", unit="step", per_item=True) as bar:
+        meta = run_evaluator_train(
+            cfg.preprocess.output,
+            out,
+            labels=e.labels,
+            steps=e.steps,
+            size=e.size,
+            seed=e.seed,
+            progress=lambda done, total, loss: bar.update(done, total, loss=loss),
+        )
     acc = ", ".join(f"{k} {v:.2f}" for k, v in meta["heldout_accuracy"].items())
     console.print(f"  evaluator held-out accuracy on {meta['val_clips']} val clips: {acc}")
     return {"path": meta["path"], "heldout_accuracy": meta["heldout_accuracy"], "stamp": _dir_stamp(out)}
@@ -189,16 +199,18 @@ def _step_evaluate(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, 
         for tail in ("/clips/train", "/clips"):
             data = data.removesuffix(tail)
     evaluate_cfg = cfg.evaluate.model_copy(update={"evaluator": _evaluator_path(cfg, outs)})
-    metrics = run_evaluate(
-        outs["train"]["model_dir"],
-        data,
-        evaluate_cfg,
-        model_cfg=cfg.model,
-        noise=None,
-        mlflow_run_id=outs["train"].get("mlflow_run_id"),
-        tracking_uri=ctx.tracking_uri,
-        experiment=ctx.experiment,
-    )
+    with ProgressLine("evaluate: sampling", unit="video") as bar:
+        metrics = run_evaluate(
+            outs["train"]["model_dir"],
+            data,
+            evaluate_cfg,
+            model_cfg=cfg.model,
+            noise=None,
+            mlflow_run_id=outs["train"].get("mlflow_run_id"),
+            tracking_uri=ctx.tracking_uri,
+            experiment=ctx.experiment,
+            progress=bar.update,
+        )
     return {"metrics": metrics, "metrics_hash": config_hash(metrics)}
 
 
