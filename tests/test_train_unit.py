@@ -357,6 +357,28 @@ def test_resume_check_names_the_changed_settings_and_the_worker_count(tmp_path):
         check_resume({"world_size": 2, "step": 20}, base, 2, where="ckpt")
 
 
+def test_existing_checkpoints_skip_ray_files_named_like_checkpoints(tmp_path):
+    """A finished run's folder holds Ray Train's ``checkpoint_manager_snapshot.json`` next to the checkpoint
+    folders: rerunning the same train key must read the folders and ignore the file (it raised
+    NotADirectoryError before)."""
+    from pipelines.train.checkpoint import STATE_DIR, TRAIN_STATE, _check_existing_checkpoints, compat_hash
+
+    base = _compat(tmp_path)
+    cfg = parse_config(tiny_config(tmp_path, tmp_path / "data"))
+    t = cfg.train.model_copy(
+        update={"storage_path": str(tmp_path / "runs"), "run_name": "r", "num_workers": 2}
+    )
+    run = tmp_path / "runs" / "r"
+    for step in (2, 4):
+        state_dir = run / f"checkpoint_2026-12-02_00-00-0{step}.000000" / STATE_DIR
+        state_dir.mkdir(parents=True)
+        state = {"world_size": 2, "step": step, "compat": {"hash": compat_hash(base), "fields": base}}
+        (state_dir / TRAIN_STATE).write_text(json.dumps(state))
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert _check_existing_checkpoints(t, base) == 4
+    assert _check_existing_checkpoints(t.model_copy(update={"run_name": "none"}), base) is None
+
+
 # ----------------------------------------------------------------------------- issue 12: no pickles
 def test_rng_and_ema_state_are_tensors_and_json_not_pickles(tmp_path):
     """Issue 12 item 7: checkpoint RNG/EMA state loads without unpickling anything."""

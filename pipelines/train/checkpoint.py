@@ -108,11 +108,14 @@ def _check_existing_checkpoints(t: TrainConfig, fields: dict[str, Any]) -> int |
     fs, root = storage.filesystem(run_uri)
     try:
         try:
-            listing = fs.ls(root, detail=False, **({"refresh": True} if storage.is_remote(run_uri) else {}))
+            listing = fs.ls(root, detail=True, **({"refresh": True} if storage.is_remote(run_uri) else {}))
         except FileNotFoundError:
             return None
         latest = None
-        for name in sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listing):
+        # Folders only: Ray Train also writes files named checkpoint_* (checkpoint_manager_snapshot.json) into
+        # the run folder, and reading one as a checkpoint failed every rerun of a finished run.
+        folders = (e["name"] for e in listing if e.get("type") == "directory")
+        for name in sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in folders):
             if not name.startswith("checkpoint_"):
                 continue
             state_uri = _join(run_uri, name, STATE_DIR, TRAIN_STATE)
