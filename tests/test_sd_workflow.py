@@ -1,0 +1,129 @@
+"""The whole workflow on the tiny SD-shaped folder (tests/sd_tiny.py): preprocess with VAE latents → train
+(2 workers, ZeRO-2, no VAE in the loop) → evaluate → register → promote → ``pyoco sample --model
+models:/NAME@champion`` in a fresh process; once with ε and once with v-prediction. Plus the one-line
+pre-flight errors for data that does not fit the model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pyoco import clips as C
+
+NUM_FRAMES = 4
+
+
+def sd_workflow(tmp: Path, pretrained: str, name: str) -> dict:
+    out = tmp / "out"
+    return {
+        "name": name,
+        "output": str(out),
+        "synth": {"out": str(out / "raw"), "videos": 4, "shards": 2, "frames": 6, "size": 32, "fps": 4},
+        "preprocess": {
+            "input": str(out / "raw"),
+            "output": str(out / "data"),
+            "num_frames": NUM_FRAMES,
+            "size": 32,
+            "val_fraction": 0.34,
+            "captions": {"dedupe": "none"},
+            "latents": True,
+        },
+        "model": {"pretrained": pretrained, "train_layers": "all", "motion_num_attention_heads": 1},
+        "noise": {"kind": "progressive", "alpha": 1.0},
+        "train": {
+            "num_workers": 2,
+            "resources_per_worker": {"CPU": 0.5},
+            "zero_stage": 2,
+            "batch_size_per_worker": 1,
+            "max_steps": 2,
+            "checkpoint_every": 2,
+            "ema_decay": None,
+            "sample_every": None,
+        },
+        "evaluate": {"num_clips": 1, "timesteps": [100, 900], "num_videos": 2, "sample_steps": 1},
+        "mlflow": {"experiment": name, "registered_model": name},
+        "sample": {"num_frames": NUM_FRAMES, "steps": 1},
+    }
+
+
+def run_cli(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def read_frames(path: Path) -> list:
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+@pytest.mark.parametrize("fixture", ["sd_pipeline", "sd_pipeline_v"])
+def test_sd_folder_workflow_on_latents_to_champion_sample(fixture, request, tmp_path, mlflow_server):
+    sd = request.getfixturevalue(fixture)
+    name = f"sd-{sd.prediction_type.replace('_', '-')}"
+    cfg = sd_workflow(tmp_path, str(sd.path), name)
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    env.pop("RAY_ADDRESS", None)
+    run = run_cli("run", "--config", str(path), env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    # preprocess: CLIP's 77 x 32 token states, latents stamped with the folder's VAE identity
+    from pyoco.model import load_vae
+    from pyoco.vae import vae_identity
+
+    data = tmp_path / "out" / "data"
+    manifest = json.loads((data / "manifest.json").read_text())
+    identity = vae_identity(load_vae(str(sd.path)))
+    assert manifest["caption_embedding"]["shape"] == [sd.max_length, sd.clip_dim]
+    assert manifest["latents"]["vae_identity"] == identity
+    latent = sd.pixel_size // 8
+    assert manifest["latents"]["shape"] == [sd.latent_channels, NUM_FRAMES, latent, latent]
+    shard = pq.read_table(sorted((data / "clips" / "train").glob("*.parquet"))[0])
+    assert C.latents_info(shard.schema) == ((sd.latent_channels, NUM_FRAMES, latent, latent), identity)
+
+    # the package carries the VAE, the text encoder and the folder's prediction type
+    from pyoco.package import load_package
+
+    pkg = load_package(str(tmp_path / "out" / "model"))
+    assert pkg.info.has_vae and pkg.info.vae_identity == identity
+    assert pkg.info.text_encoder["kind"] == "clip" and pkg.info.height == sd.pixel_size
+    assert pkg.scheduler_config["prediction_type"] == sd.prediction_type
+
+    state = json.loads((tmp_path / "out" / "workflow" / "state.json").read_text())["steps"]
+    assert state["promote"]["outputs"]["champion_version"] == state["register"]["outputs"]["version"]
+
+    # the champion from the registry, in a fresh process, decoded through the packaged VAE
+    out = tmp_path / "champion.mp4"
+    sample = run_cli(
+        "sample",
+        "--model",
+        f"models:/{name}@champion",
+        "--prompt",
+        "a red circle moves to the left",
+        "--out",
+        str(out),
+        "--frames",
+        "3",
+        "--steps",
+        "2",
+        env=env,
+        cwd=tmp_path,
+    )
+    assert sample.returncode == 0, sample.stdout[-2000:] + sample.stderr[-2000:]
+    frames = read_frames(out)
+    assert len(frames) == 3 and frames[0].shape == (sd.pixel_size, sd.pixel_size, 3)
