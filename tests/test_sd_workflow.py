@@ -127,3 +127,79 @@ def test_sd_folder_workflow_on_latents_to_champion_sample(fixture, request, tmp_
     assert sample.returncode == 0, sample.stdout[-2000:] + sample.stderr[-2000:]
     frames = read_frames(out)
     assert len(frames) == 3 and frames[0].shape == (sd.pixel_size, sd.pixel_size, 3)
+
+
+# ------------------------------------------------------------------------ pre-flight errors (no Ray starts)
+def write_sd_clips(out: Path, *, dim: int, size: int, vae=None, num_clips: int = 4) -> Path:
+    """``out/clips/train`` with ``num_clips`` rows of (77, dim) states at ``size`` px; latents from ``vae``."""
+    import numpy as np
+
+    from pyoco.vae import encode_frames, vae_identity
+    from tests.fixtures_train import clip_frames
+
+    frames = np.stack([clip_frames(i, NUM_FRAMES, size) for i in range(num_clips)])
+    latents = encode_frames(vae, frames).numpy() if vae is not None else None
+    rows = [
+        {
+            "clip_id": f"clip{i:04d}",
+            "source": "fixture",
+            "key": f"video{i:04d}",
+            "clip_index": 0,
+            "start_frame": 0,
+            "num_frames": NUM_FRAMES,
+            "fps": 8.0,
+            "height": size,
+            "width": size,
+            "frames": frames[i].tobytes(),
+            "caption": "a red circle",
+            C.EMBEDDING: np.zeros((77, dim), np.float32),
+            C.MASK: [True] * 77,
+            "labels": None,
+            "node_id": "fixture",
+            **({C.LATENTS: latents[i]} if latents is not None else {}),
+        }
+        for i in range(num_clips)
+    ]
+    clips = out / "clips" / "train"
+    clips.mkdir(parents=True)
+    C.write_clip_table(
+        rows, str(clips / "part-0.parquet"), vae_identity=vae_identity(vae) if vae is not None else None
+    )
+    return clips
+
+
+@pytest.mark.parametrize("case", ["minilm_clips", "other_vae_latents", "indivisible_size"])
+def test_data_that_does_not_fit_the_sd_model_fails_before_ray(
+    case, sd_pipeline, sd_pipeline_other_vae, tmp_path
+):
+    from pipelines.common import PyocoError
+    from pipelines.train.driver import run_train
+    from pyoco.config import PyocoConfig
+    from pyoco.model import load_vae
+
+    sd = sd_pipeline
+    if case == "minilm_clips":
+        clips = write_sd_clips(tmp_path, dim=384, size=sd.pixel_size)
+        expected = "caption_embedding width 384 != the text encoder's width 32"
+    elif case == "other_vae_latents":
+        clips = write_sd_clips(
+            tmp_path, dim=sd.clip_dim, size=sd.pixel_size, vae=load_vae(str(sd_pipeline_other_vae.path))
+        )
+        expected = "latents were made by VAE sha256:"
+    else:
+        clips = write_sd_clips(tmp_path, dim=sd.clip_dim, size=40)
+        expected = "height 40 px is not divisible by 32 = UNet downsampling 4"
+    cfg = PyocoConfig.model_validate(
+        {
+            "name": "bad",
+            "output": str(tmp_path / "out"),
+            "model": {"pretrained": str(sd.path)},
+            "train": {"data": str(clips), "num_workers": 1, "batch_size_per_worker": 1, "max_steps": 1},
+            "ray": {"address": "127.0.0.1:1"},  # nothing listens there: reaching Ray would fail otherwise
+        }
+    )
+    with pytest.raises(PyocoError) as err:
+        run_train(cfg)
+    msg = str(err.value)
+    assert expected in msg and "\n" not in msg, msg
+    assert f"train.data {clips}" in msg
