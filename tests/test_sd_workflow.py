@@ -70,17 +70,43 @@ def read_frames(path: Path) -> list:
         return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
 
 
+def run_workflow(cfg: dict, tmp: Path, mlflow_uri: str) -> dict:
+    """``pyoco run`` in a fresh process; returns the workflow state's steps."""
+    path = tmp / "wf.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    env.pop("RAY_ADDRESS", None)
+    run = run_cli("run", "--config", str(path), env=env, cwd=tmp)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return env
+
+
+def sample_champion(name: str, out: Path, env: dict) -> list:
+    """``pyoco sample --model models:/NAME@champion`` (3 frames) in a fresh process; the decoded frames."""
+    sample = run_cli(
+        "sample",
+        "--model",
+        f"models:/{name}@champion",
+        "--prompt",
+        "a red circle moves to the left",
+        "--out",
+        str(out),
+        "--frames",
+        "3",
+        "--steps",
+        "2",
+        env=env,
+        cwd=out.parent,
+    )
+    assert sample.returncode == 0, sample.stdout[-2000:] + sample.stderr[-2000:]
+    return read_frames(out)
+
+
 @pytest.mark.parametrize("fixture", ["sd_pipeline", "sd_pipeline_v"])
 def test_sd_folder_workflow_on_latents_to_champion_sample(fixture, request, tmp_path, mlflow_server):
     sd = request.getfixturevalue(fixture)
     name = f"sd-{sd.prediction_type.replace('_', '-')}"
-    cfg = sd_workflow(tmp_path, str(sd.path), name)
-    path = tmp_path / "wf.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri}
-    env.pop("RAY_ADDRESS", None)
-    run = run_cli("run", "--config", str(path), env=env, cwd=tmp_path)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    env = run_workflow(sd_workflow(tmp_path, str(sd.path), name), tmp_path, mlflow_server.uri)
 
     # preprocess: CLIP's 77 x 32 token states, latents stamped with the folder's VAE identity
     from pyoco.model import load_vae
@@ -108,30 +134,39 @@ def test_sd_folder_workflow_on_latents_to_champion_sample(fixture, request, tmp_
     assert state["promote"]["outputs"]["champion_version"] == state["register"]["outputs"]["version"]
 
     # the champion from the registry, in a fresh process, decoded through the packaged VAE
-    out = tmp_path / "champion.mp4"
-    sample = run_cli(
-        "sample",
-        "--model",
-        f"models:/{name}@champion",
-        "--prompt",
-        "a red circle moves to the left",
-        "--out",
-        str(out),
-        "--frames",
-        "3",
-        "--steps",
-        "2",
-        env=env,
-        cwd=tmp_path,
-    )
-    assert sample.returncode == 0, sample.stdout[-2000:] + sample.stderr[-2000:]
-    frames = read_frames(out)
+    frames = sample_champion(name, tmp_path / "champion.mp4", env)
     assert len(frames) == 3 and frames[0].shape == (sd.pixel_size, sd.pixel_size, 3)
 
 
+def test_sd_workflow_from_s3(sd_pipeline, moto_s3, tmp_path, mlflow_server):
+    """The same workflow with the pretrained folder, the raw data, the clips and the model in the bucket."""
+    import fsspec
+
+    bucket = moto_s3.make_bucket("pyoco-sd-wf")
+    pretrained = f"s3://{bucket}/models/sd"
+    fs, path = fsspec.core.url_to_fs(pretrained)
+    fs.put(str(sd_pipeline.path) + "/", path + "/", recursive=True)
+    cfg = sd_workflow(tmp_path, pretrained, "sd-s3")
+    out = f"s3://{bucket}/out"
+    cfg["output"] = out
+    cfg["synth"]["out"] = cfg["preprocess"]["input"] = f"{out}/raw"
+    cfg["preprocess"]["output"] = f"{out}/data"
+    env = run_workflow(cfg, tmp_path, mlflow_server.uri)
+
+    from pyoco import storage
+
+    manifest = json.loads(storage.read_bytes(f"{out}/data/manifest.json"))
+    assert manifest["latents"]["vae"] == f"{pretrained}/vae"
+    assert manifest["caption_embedding"]["shape"] == [sd_pipeline.max_length, sd_pipeline.clip_dim]
+    frames = sample_champion("sd-s3", tmp_path / "champion.mp4", env)
+    assert len(frames) == 3 and frames[0].shape == (sd_pipeline.pixel_size, sd_pipeline.pixel_size, 3)
+
+
 # ------------------------------------------------------------------------ pre-flight errors (no Ray starts)
-def write_sd_clips(out: Path, *, dim: int, size: int, vae=None, num_clips: int = 4) -> Path:
-    """``out/clips/train`` with ``num_clips`` rows of (77, dim) states at ``size`` px; latents from ``vae``."""
+def write_sd_clips(
+    out: Path, *, dim: int, size: int, vae=None, num_clips: int = 4, split: str = "train"
+) -> Path:
+    """``out/clips/SPLIT`` with ``num_clips`` rows of (77, dim) states at ``size`` px; latents from ``vae``."""
     import numpy as np
 
     from pyoco.vae import encode_frames, vae_identity
@@ -160,7 +195,7 @@ def write_sd_clips(out: Path, *, dim: int, size: int, vae=None, num_clips: int =
         }
         for i in range(num_clips)
     ]
-    clips = out / "clips" / "train"
+    clips = out / "clips" / split
     clips.mkdir(parents=True)
     C.write_clip_table(
         rows, str(clips / "part-0.parquet"), vae_identity=vae_identity(vae) if vae is not None else None
@@ -203,3 +238,36 @@ def test_data_that_does_not_fit_the_sd_model_fails_before_ray(
     msg = str(err.value)
     assert expected in msg and "\n" not in msg, msg
     assert f"train.data {clips}" in msg
+
+
+def test_validation_loss_reads_stored_latents_like_online_encoding(sd_pipeline, tmp_path):
+    """evaluate's val loss on the clips' float16 latents equals the loss on frames encoded by the packaged
+    VAE (same clips, noise and timesteps), to float16 rounding."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.evaluate.metrics import load_eval_clips, validation_loss
+    from pyoco.noise import make_prior
+    from pyoco.package import load_package
+
+    model = tmp_path / "model"
+    init = CliRunner().invoke(
+        app, ["model", "init", "--out", str(model), "--pretrained", str(sd_pipeline.path)]
+    )
+    assert init.exit_code == 0, init.output
+    pkg = load_package(str(model))
+    write_sd_clips(
+        tmp_path / "data", dim=sd_pipeline.clip_dim, size=sd_pipeline.pixel_size, vae=pkg.vae, split="val"
+    )
+    clips = load_eval_clips(str(tmp_path / "data"), None, embed_dim=sd_pipeline.clip_dim)
+    assert clips.latents is not None and clips.latents_vae == pkg.info.vae_identity
+    prior = make_prior("progressive", 1.0)
+    kw = {"timesteps": [100, 900], "seed": 0}
+    stored = validation_loss(pkg, clips, prior, **kw)
+    online = validation_loss(pkg, dataclasses.replace(clips, latents=None, latents_vae=None), prior, **kw)
+    other = validation_loss(pkg, dataclasses.replace(clips, latents=clips.latents * 0 + 3.0), prior, **kw)
+    for t in stored:
+        assert abs(stored[t] - online[t]) <= 2e-3 * online[t], (t, stored[t], online[t])
+        assert abs(other[t] - online[t]) > 1e-2 * online[t]  # the stored latents are really what is read
