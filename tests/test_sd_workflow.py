@@ -138,30 +138,6 @@ def test_sd_folder_workflow_on_latents_to_champion_sample(fixture, request, tmp_
     assert len(frames) == 3 and frames[0].shape == (sd.pixel_size, sd.pixel_size, 3)
 
 
-def test_sd_workflow_from_s3(sd_pipeline, moto_s3, tmp_path, mlflow_server):
-    """The same workflow with the pretrained folder, the raw data, the clips and the model in the bucket."""
-    import fsspec
-
-    bucket = moto_s3.make_bucket("pyoco-sd-wf")
-    pretrained = f"s3://{bucket}/models/sd"
-    fs, path = fsspec.core.url_to_fs(pretrained)
-    fs.put(str(sd_pipeline.path) + "/", path + "/", recursive=True)
-    cfg = sd_workflow(tmp_path, pretrained, "sd-s3")
-    out = f"s3://{bucket}/out"
-    cfg["output"] = out
-    cfg["synth"]["out"] = cfg["preprocess"]["input"] = f"{out}/raw"
-    cfg["preprocess"]["output"] = f"{out}/data"
-    env = run_workflow(cfg, tmp_path, mlflow_server.uri)
-
-    from pyoco import storage
-
-    manifest = json.loads(storage.read_bytes(f"{out}/data/manifest.json"))
-    assert manifest["latents"]["vae"] == f"{pretrained}/vae"
-    assert manifest["caption_embedding"]["shape"] == [sd_pipeline.max_length, sd_pipeline.clip_dim]
-    frames = sample_champion("sd-s3", tmp_path / "champion.mp4", env)
-    assert len(frames) == 3 and frames[0].shape == (sd_pipeline.pixel_size, sd_pipeline.pixel_size, 3)
-
-
 # ------------------------------------------------------------------------ pre-flight errors (no Ray starts)
 def write_sd_clips(
     out: Path, *, dim: int, size: int, vae=None, num_clips: int = 4, split: str = "train"
