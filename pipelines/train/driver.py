@@ -136,12 +136,16 @@ def _clips_dataset(t: TrainConfig, geometry):
     return dataset
 
 
-def _text_embeddings(cfg: PyocoConfig, geometry, spec) -> tuple[dict, Any, Any, Any, Any]:
+def _text_embeddings(cfg: PyocoConfig, geometry, spec=None) -> tuple[dict, Any, Any, Any, Any]:
     """(encoder description, null cond, null mask, sample cond, sample mask) in the data's layout, from the
-    model's text encoder (``spec.text_encoder``: model.text_encoder, the pretrained folder's, or MiniLM)."""
+    model's text encoder (``spec.text_encoder``: model.text_encoder, the pretrained folder's, or MiniLM;
+    ``spec`` None: resolved from ``cfg.model``)."""
     import numpy as np
 
+    from pyoco.pretrained import resolve_pretrained
     from pyoco.text import load_text_encoder
+
+    spec = spec or resolve_pretrained(cfg.model)
 
     enc = load_text_encoder(spec.text_encoder, max_length=geometry.text_len if geometry.token_level else 32)
     if enc.dim != geometry.text_dim:
