@@ -136,6 +136,16 @@ class PreprocessConfig(_Section):
     # The step fails (naming the top reasons) when more than this fraction of its inputs is rejected:
     # a decoder or caption-rule regression must not "succeed" with few or no clips.
     max_reject_fraction: float = Field(0.5, ge=0, le=1)
+    # VAE latents (pipelines/preprocess/latents.py): a ``latents`` column (C, T, h, w) encoded by ``vae`` (a
+    # VAE folder or a pipeline folder with vae/; in a workflow, the model's VAE) in an actor pool, on GPU
+    # actors (``latent_num_gpus`` each) when the cluster has GPUs. Train then runs no VAE.
+    latents: bool = False
+    vae: str | None = None
+    keep_frames: bool = True  # False: frames are null in the clips (smaller rows; evaluate needs frames)
+    latent_actors: int = Field(1, ge=1)
+    latent_batch_size: int = Field(4, ge=1)
+    latent_num_gpus: float = Field(1.0, ge=0)  # per actor, used only when the cluster has GPUs
+    latent_num_cpus: float = Field(1.0, ge=0)  # per CPU actor
 
 
 # ----------------------------------------------------------------------------------------------------- model

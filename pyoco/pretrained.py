@@ -24,7 +24,14 @@ from typing import Any
 from pyoco.errors import InputError
 from pyoco.model import _url_to_fs, load_scheduler_config, resolve_component
 
-__all__ = ["PretrainedSpec", "check_compatible", "resolve_pretrained", "unet_factor"]
+__all__ = [
+    "PretrainedSpec",
+    "check_compatible",
+    "resolve_pretrained",
+    "resolve_text",
+    "resolve_vae",
+    "unet_factor",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,8 +96,6 @@ def _component(uri: str, subfolder: str, storage_options: dict | None) -> str | 
 
 def resolve_pretrained(model_cfg, *, storage_options: dict | None = None) -> PretrainedSpec:
     """A `PretrainedSpec` for a `pyoco.config.ModelConfig` (reads configs only; see the module docstring)."""
-    from pyoco.text import MINILM_DIM
-
     pretrained = model_cfg.pretrained
     if pretrained:
         unet = resolve_component(pretrained, "unet", storage_options=storage_options)
@@ -104,19 +109,8 @@ def resolve_pretrained(model_cfg, *, storage_options: dict | None = None) -> Pre
         unet, scheduler = None, None
         unet_config = {"_class_name": "UNet2DConditionModel", **model_cfg.tiny.model_dump()}
         vae, text = model_cfg.vae, model_cfg.text_encoder or "minilm"
-    vae_config = None
-    if vae:
-        vae = resolve_component(vae, "vae", storage_options=storage_options)
-        vae_config = _json(vae + "/config.json", storage_options)
-    if text.lower() == "minilm":
-        text, text_dim, text_len = "minilm", MINILM_DIM, int(model_cfg.text_max_length)
-    else:
-        enc = resolve_component(text, "text_encoder", storage_options=storage_options)
-        enc_config = _json(enc + "/config.json", storage_options)
-        text_dim = int(enc_config["hidden_size"])
-        tok = enc if enc == text else text.rstrip("/") + "/tokenizer"  # as CLIPTextEncoder.from_pretrained
-        tok_max = _json(tok + "/tokenizer_config.json", storage_options).get("model_max_length")
-        text_len = min(int(enc_config["max_position_embeddings"]), int(tok_max or 10**9))
+    vae, vae_config = resolve_vae(vae, storage_options=storage_options) if vae else (None, None)
+    text, text_dim, text_len = resolve_text(text, model_cfg.text_max_length, storage_options=storage_options)
     spec = PretrainedSpec(
         unet=unet,
         unet_config=unet_config,
@@ -129,6 +123,29 @@ def resolve_pretrained(model_cfg, *, storage_options: dict | None = None) -> Pre
     )
     _check_channels(spec, model_cfg)
     return spec
+
+
+def resolve_vae(uri: str, *, storage_options: dict | None = None) -> tuple[str, dict[str, Any]]:
+    """(URI of the vae component, its config) for a VAE folder or a pipeline folder with vae/."""
+    vae = resolve_component(uri, "vae", storage_options=storage_options)
+    return vae, _json(vae + "/config.json", storage_options)
+
+
+def resolve_text(
+    text: str, minilm_length: int, *, storage_options: dict | None = None
+) -> tuple[str, int, int]:
+    """(encoder, width D, token length L) for ``"minilm"`` (L = ``minilm_length``) or a CLIP folder (L from
+    its configs), reading configs only."""
+    from pyoco.text import MINILM_DIM
+
+    if text.lower() == "minilm":
+        return "minilm", MINILM_DIM, int(minilm_length)
+    enc = resolve_component(text, "text_encoder", storage_options=storage_options)
+    enc_config = _json(enc + "/config.json", storage_options)
+    tok = enc if enc == text else text.rstrip("/") + "/tokenizer"  # as CLIPTextEncoder.from_pretrained
+    tok_max = _json(tok + "/tokenizer_config.json", storage_options).get("model_max_length")
+    text_len = min(int(enc_config["max_position_embeddings"]), int(tok_max or 10**9))
+    return text, int(enc_config["hidden_size"]), text_len
 
 
 def _check_channels(spec: PretrainedSpec, model_cfg) -> None:

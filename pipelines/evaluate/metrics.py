@@ -30,6 +30,8 @@ class EvalClips:
     mask: Any  # bool (N, L) numpy
     labels: list[dict] = field(default_factory=list)  # parsed labels per clip ({} when none)
     pooled: bool = False  # L = 1 pooled caption vectors (no caption_mask column)
+    latents: Any = None  # float32 torch (N, C, T, h, w) when preprocess stored latents, else None
+    latents_vae: str | None = None  # vae_identity of the VAE that made them
 
     def subset(self, n: int) -> EvalClips:
         return EvalClips(
@@ -40,6 +42,8 @@ class EvalClips:
             self.mask[:n],
             self.labels[:n],
             self.pooled,
+            self.latents[:n] if self.latents is not None else None,
+            self.latents_vae,
         )
 
 
@@ -104,6 +108,11 @@ def load_eval_clips(data: str, num_clips: int | None, *, embed_dim: int) -> Eval
     shapes = {(r["num_frames"], r["height"], r["width"]) for r in rows}
     if len(shapes) != 1:
         raise PyocoError(f"{source}: clips differ in (frames, height, width): {sorted(shapes)}")
+    try:
+        latents_info = C.latents_info(table.schema)
+        latents = C.latents_tensor(table) if latents_info is not None else None
+    except C.DataError as err:
+        raise PyocoError(f"{source}: {err}") from None
     return EvalClips(
         clip_ids=[r["clip_id"] for r in rows],
         captions=[r.get("caption") or "" for r in rows],
@@ -112,6 +121,8 @@ def load_eval_clips(data: str, num_clips: int | None, *, embed_dim: int) -> Eval
         mask=mask,
         labels=labels,
         pooled=pooled and emb.shape[1] == 1,
+        latents=latents,
+        latents_vae=latents_info[1] if latents_info is not None else None,
     )
 
 
@@ -136,17 +147,21 @@ def validation_loss(
     if bad:
         raise PyocoError(f"evaluate.timesteps {bad} outside [0, {loss_fn.num_train_timesteps})")
     model = package.denoiser.eval()
+    # The clips' own latents when the package's VAE made them (as train saw them); else encode the frames.
+    stored = clips.latents is not None and clips.latents_vae == getattr(package.info, "vae_identity", None)
     sums = {int(t): 0.0 for t in timesteps}
     n = len(clips.clip_ids)
     with torch.no_grad():
         for start in range(0, n, batch_size):
             sl = slice(start, min(start + batch_size, n))
-            # uint8 (B, T, H, W, 3) -> float (B, 3, T, H, W) in [-1, 1]
-            x0 = torch.from_numpy(clips.frames[sl]).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
-            if package.vae is not None:
-                from pyoco.model import encode_video
+            if stored:
+                x0 = clips.latents[sl]
+            else:  # uint8 (B, T, H, W, 3) -> float (B, 3, T, H, W) in [-1, 1]
+                x0 = torch.from_numpy(clips.frames[sl]).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+                if package.vae is not None:
+                    from pyoco.model import encode_video
 
-                x0 = encode_video(package.vae, x0)
+                    x0 = encode_video(package.vae, x0)
             cond = torch.from_numpy(clips.cond[sl]).float()
             mask = torch.from_numpy(clips.mask[sl])
             gens = clip_generators(seed, [clip_stream_id(c) for c in clips.clip_ids[sl]])

@@ -7,14 +7,13 @@ import hashlib
 import os
 from collections import OrderedDict
 
-from pipelines.common import PyocoError
 from pipelines.preprocess.discover import StepSettings
 from pipelines.preprocess.ledger import STAGE_DECODE, STAGE_READ
 from pipelines.preprocess.schemas import decoded_schema, summary_schema
 from pipelines.preprocess.tar_index import _storage_reject
 from pyoco import clips as clipfmt
 
-EMBED_DIM = 384
+EMBED_DIM = 384  # MiniLM's width (pyoco.text.MINILM_DIM); other encoders give their own (enc.dim)
 
 
 def clip_id(source: str, key: str, start_frame: int, num_frames: int, step: float) -> str:
@@ -201,7 +200,8 @@ def decode_batch(batch, *, settings: StepSettings, options, task_args: dict, cra
 
 # ----------------------------------------------------------------------------------------- stage 3: embed
 class CaptionEmbedder:
-    """Ray Data actor: adds ``caption_embedding`` (L, 384) float32 and ``caption_mask`` (L,) bool."""
+    """Ray Data actor: adds ``caption_embedding`` (L, D) float32 and ``caption_mask`` (L,) bool; D is the
+    encoder's width (``enc.dim``: 384 for MiniLM, CLIP's hidden size)."""
 
     def __init__(self, text_encoder: str = "minilm", text_len: int = 32, threads: int = 1):
         import torch
@@ -211,21 +211,20 @@ class CaptionEmbedder:
         torch.set_num_threads(max(1, threads))
         self.text_len = text_len
         # Clips of one video (max_clips_per_video > 1) and class-named datasets repeat captions: an LRU of
-        # recent captions' states saves re-encoding them (1024 x L x 384 x 4 B = 48 MiB at most for L=32).
+        # recent captions' states saves re-encoding them (1024 x L x D x 4 B: 48 MiB for MiniLM at L=32).
         self.cache_size = 1024
         self._cache: OrderedDict[str, tuple] = OrderedDict()
-        self.encoder = load_text_encoder(text_encoder, max_length=text_len)
-        if getattr(self.encoder, "dim", EMBED_DIM) != EMBED_DIM:
-            raise PyocoError(
-                f"text encoder {text_encoder!r} has dim {self.encoder.dim}, clips store {EMBED_DIM}"
-            )
+        # A GPU actor when the step requested num_gpus (the cluster has GPUs); CPU otherwise.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.encoder = load_text_encoder(text_encoder, max_length=text_len, device=device)
+        self.dim = int(self.encoder.dim)
 
     def __call__(self, batch):
         import numpy as np
         import pyarrow as pa
 
         n = batch.num_rows
-        emb = np.zeros((n, self.text_len, EMBED_DIM), np.float32)
+        emb = np.zeros((n, self.text_len, self.dim), np.float32)
         mask = np.zeros((n, self.text_len), bool)
         reasons = batch.column("reason").to_pylist()
         captions = batch.column("caption").to_pylist()
@@ -242,22 +241,23 @@ class CaptionEmbedder:
             self._cache.move_to_end(captions[i])
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-        # One flat fixed-size list per row (L * 384 floats, row-major (L, 384)): pyarrow 25's filter/take on
+        # One flat fixed-size list per row (L * D floats, row-major (L, D)): pyarrow 25's filter/take on
         # *sliced nested* fixed-size lists return garbage, and Ray Data slices blocks freely.
         emb_arr = pa.FixedSizeListArray.from_arrays(
-            pa.array(emb.reshape(-1), pa.float32()), self.text_len * EMBED_DIM
+            pa.array(emb.reshape(-1), pa.float32()), self.text_len * self.dim
         )
         mask_arr = pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1), pa.bool_()), self.text_len)
         return batch.append_column("caption_embedding", emb_arr).append_column("caption_mask", mask_arr)
 
 
 # ----------------------------------------------------------------------------------------- stage 4: write
-def write_batch(batch, *, clips_uri: str, text_len: int, val_fraction: float, options):
+def write_batch(batch, *, clips_uri: str, text_len: int, val_fraction: float, options, latents=None):
     """Ray Data UDF (tasks): write the batch's clips to one parquet file per split (``clips/train/``,
     ``clips/val/``; the side of a clip is :func:`pyoco.clips.split_of` of its video's key); return one
     summary row per row.
 
-    A file's name is a hash of its clip ids, so a retried task overwrites its own file.
+    A file's name is a hash of its clip ids, so a retried task overwrites its own file. ``latents``: the
+    `pipelines.preprocess.latents.LatentPlan` when the rows carry a latents column.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -274,7 +274,12 @@ def write_batch(batch, *, clips_uri: str, text_len: int, val_fraction: float, op
         idx = [i for i, s in enumerate(splits) if s == split]
         if not idx:
             continue
-        schema = clipfmt.clip_schema(text_len, embed_dim)
+        schema = clipfmt.clip_schema(
+            text_len,
+            embed_dim,
+            latent_shape=latents.shape if latents else None,
+            vae_identity=latents.identity if latents else None,
+        )
         table = batch.take(idx).select(schema.names).cast(schema)
         ids = "\n".join(sorted(table.column("clip_id").to_pylist()))
         file_name = f"{split}/part-{hashlib.sha256(ids.encode()).hexdigest()[:20]}.parquet"

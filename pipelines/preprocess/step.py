@@ -86,12 +86,12 @@ from typing import Any
 
 from pipelines.common import PyocoError, console
 from pipelines.preprocess.discover import StepSettings, discover_inputs
+from pipelines.preprocess.latents import latent_plan, latent_stage
 from pipelines.preprocess.ledger import STAGE_DEDUPE, _check_reject_fraction, _RejectWriter
 from pipelines.preprocess.manifest import STAGING, _prepare_output, _publish, pyoco_version
 from pipelines.preprocess.schemas import index_schema
 from pipelines.preprocess.stages import (
     CRASH_TEST_ENV,
-    EMBED_DIM,
     CaptionEmbedder,
     decode_batch,
     drop_rejected,
@@ -100,8 +100,10 @@ from pipelines.preprocess.stages import (
 from pipelines.preprocess.tar_index import index_batch
 from pyoco import clips as clipfmt
 from pyoco.config import ConfigError, PreprocessConfig, config_hash
+from pyoco.pretrained import resolve_text
 
 MAX_FILE_BYTES = 256 * 2**20  # target upper bound of one clips parquet file
+EMBED_GPU_FRACTION = 0.25  # of one GPU per text-embedding actor: the text encoder is small next to a VAE
 RESOURCE_FRACTION = 0.001  # custom-resource request per task: a placement label, not a concurrency cap
 
 
@@ -118,6 +120,10 @@ EXECUTION_ONLY_FIELDS = {
     "num_cpus_per_task",
     "s3_endpoint_url",
     "max_reject_fraction",
+    "latent_actors",
+    "latent_batch_size",
+    "latent_num_gpus",
+    "latent_num_cpus",
 }
 
 
@@ -155,9 +161,22 @@ def _remote_args(cfg: PreprocessConfig, num_cpus: float) -> dict:
     return args
 
 
-def rows_per_file(cfg: PreprocessConfig) -> int:
-    """``cfg.rows_per_file``, lowered so that one file stays under ~256 MiB."""
-    row_bytes = cfg.num_frames * cfg.size * cfg.size * 3 + cfg.text_max_length * (EMBED_DIM * 4 + 1) + 512
+def _embed_args(cfg: PreprocessConfig) -> dict:
+    """Ray options of a text-embedding actor: a share of a GPU when the cluster has GPUs (then without the
+    CPU-node label: GPU nodes need not carry it), else ``embed_num_cpus`` on the labelled CPU nodes."""
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return {"num_cpus": cfg.embed_num_cpus, "num_gpus": EMBED_GPU_FRACTION}
+    return _remote_args(cfg, cfg.embed_num_cpus)
+
+
+def rows_per_file(cfg: PreprocessConfig, text_dim: int, latents=None) -> int:
+    """``cfg.rows_per_file``, lowered so that one file stays under ~256 MiB (frames, D-wide token states,
+    and float16 latents when ``latents``, a `LatentPlan`, is given)."""
+    frames = cfg.num_frames * cfg.size * cfg.size * 3 if cfg.keep_frames or latents is None else 0
+    latent_bytes = 2 * math.prod(latents.shape) if latents is not None else 0
+    row_bytes = frames + latent_bytes + cfg.text_max_length * (text_dim * 4 + 1) + 512
     return max(1, min(cfg.rows_per_file, MAX_FILE_BYTES // row_bytes))
 
 
@@ -187,6 +206,8 @@ def run_preprocess(
     task_options = dataclasses.replace(options, key=None, secret=None, token=None)
     settings = StepSettings.from_config(cfg)
     settings.caption_filter()  # validate rules before starting anything
+    _, text_dim, _ = resolve_text(cfg.text_encoder, cfg.text_max_length)  # configs only
+    latents = latent_plan(cfg) if cfg.latents else None  # before Ray: a wrong VAE costs nothing
     plan = discover_inputs(cfg.input, cfg.format, settings, options)
     clips_uri, rejects_uri = _prepare_output(cfg, options)
     own_ray = _init_ray(ray_address, cfg.resource)
@@ -256,7 +277,7 @@ def run_preprocess(
         per_split = {sp: {"clips": 0, "videos": 0, "digest": 0} for sp in clipfmt.SPLITS}
         decode_seen = 0
         if to_decode > 0:
-            per_file = rows_per_file(cfg)
+            per_file = rows_per_file(cfg, text_dim, latents)
             ds = (
                 index.map_batches(
                     drop_rejected, batch_format="pyarrow", fn_kwargs={"duplicates": duplicates}, **light_args
@@ -284,20 +305,23 @@ def run_preprocess(
                         "text_len": cfg.text_max_length,
                         "threads": max(1, math.floor(cfg.embed_num_cpus)),
                     },
-                    **_remote_args(cfg, cfg.embed_num_cpus),
+                    **_embed_args(cfg),
                 )
-                .map_batches(
-                    write_batch,
-                    batch_size=per_file,
-                    batch_format="pyarrow",
-                    fn_kwargs={
-                        "clips_uri": clips_uri,
-                        "text_len": cfg.text_max_length,
-                        "val_fraction": cfg.val_fraction,
-                        "options": task_options,
-                    },
-                    **light_args,  # parquet + zstd of a few MB: a quarter CPU, so decode keeps its slots
-                )
+            )
+            if latents is not None:
+                ds = latent_stage(ds, cfg, latents)
+            ds = ds.map_batches(
+                write_batch,
+                batch_size=per_file,
+                batch_format="pyarrow",
+                fn_kwargs={
+                    "clips_uri": clips_uri,
+                    "text_len": cfg.text_max_length,
+                    "val_fraction": cfg.val_fraction,
+                    "options": task_options,
+                    "latents": latents,
+                },
+                **light_args,  # parquet + zstd of a few MB: a quarter CPU, so decode keeps its slots
             )
             for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 before = decode_seen
@@ -389,10 +413,11 @@ def run_preprocess(
         "clip_shape": [cfg.num_frames, cfg.size, cfg.size, 3],
         "caption_embedding": {
             "encoder": cfg.text_encoder,
-            "shape": [cfg.text_max_length, EMBED_DIM],
+            "shape": [cfg.text_max_length, text_dim],
             "dtype": "float32",
             "level": "token",
         },
+        **({"latents": latents.manifest()} if latents is not None else {}),
         "elapsed_s": round(time.monotonic() - started, 2),
     }
     problems = []

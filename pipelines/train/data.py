@@ -10,11 +10,15 @@ read (see :func:`list_shards`). Columns read here:
 - ``caption_embedding``: token-level (L, D) float16/float32 states (what `pyoco.text.TextEncoder.encode`
   returns), stored nested or flat (L * D values with ``shape: [L, D]`` field metadata, as preprocess writes
   them), or, failing that, a pooled (D,) vector, used as a single token (L = 1);
-- ``caption_mask``: optional (L,) bool/0-1 (True = real token); all ones when absent.
+- ``caption_mask``: optional (L,) bool/0-1 (True = real token); all ones when absent;
+- ``latents`` (when preprocess ran the VAE): float16 (C, T, h, w) bytes, shape and VAE identity in the field
+  metadata (`pyoco.clips.latents_info`). Then training reads latents *instead of* frames (no VAE in the loop;
+  ``frames`` may be null, ``preprocess.keep_frames: false``).
 
 Output of :func:`collate_clips` (the layout the DeepSpeed engine and `pyoco.diffusion.DiffusionLoss` take)::
 
     x0        (B, C=3, T, H, W) float32 in [-1, 1]    x0 = uint8 / 127.5 - 1, frames moved to axis 2
+              (B, C, T, h, w)   float32 latents       when the clips have a latents column (already scaled)
     cond      (B, L, D)         float32                caption token states
     cond_mask (B, L)            bool                   True = attend
 
@@ -31,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyoco.clips import SPLITS, DataError, embedding_shape
+from pyoco.clips import LATENTS, SPLITS, DataError, embedding_shape, latents_info, latents_tensor
 from pyoco.config import config_hash
 
 FRAMES = "frames"
@@ -55,6 +59,12 @@ class ClipGeometry:
     fps: float
     files: list[str]
     num_rows: int
+    latent_shape: list[int] | None = None  # (C, T, h, w) of the latents column; None: frames only
+    vae_identity: str | None = None  # of the VAE that made the latents
+
+    @property
+    def latents(self) -> bool:
+        return self.latent_shape is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,7 +75,7 @@ class ClipGeometry:
 
     @property
     def columns(self) -> list[str]:
-        cols = [FRAMES, EMBEDDING]
+        cols = [LATENTS if self.latents else FRAMES, EMBEDDING]
         if self.has_mask:
             cols.append(MASK)
         return cols
@@ -127,6 +137,10 @@ def inspect_clips(uri: str) -> ClipGeometry:
                     raise DataError(f"{f}: missing column(s) {missing}; expected preprocess clip shards")
                 cols = [c for c in (FRAMES, EMBEDDING, MASK, "fps", *SHAPE_COLUMNS) if c in names]
                 first = (f, pf.read_row_group(0, columns=cols).slice(0, 1), pf.schema_arrow)
+                try:
+                    latents = latents_info(pf.schema_arrow)
+                except DataError as err:
+                    raise DataError(f"{f}: {err}") from None
             num_rows += n
     if first is None:
         raise DataError(f"{uri}: clip shards hold no rows")
@@ -136,7 +150,9 @@ def inspect_clips(uri: str) -> ClipGeometry:
     import pyarrow as pa
 
     binary = pa.types.is_binary(frames_type) or pa.types.is_large_binary(frames_type)
-    if binary:
+    if latents is not None and row[FRAMES] is None:  # keep_frames: false
+        t, h, w = (int(row[c]) for c in SHAPE_COLUMNS)
+    elif binary:
         missing = [c for c in SHAPE_COLUMNS if c not in row]
         if missing:
             raise DataError(
@@ -182,6 +198,8 @@ def inspect_clips(uri: str) -> ClipGeometry:
         fps=float(row.get("fps") or 8.0),
         files=files,
         num_rows=num_rows,
+        latent_shape=list(latents[0]) if latents is not None else None,
+        vae_identity=latents[1] if latents is not None else None,
     )
 
 
@@ -253,6 +271,10 @@ def collate_clips(batch: Any, geometry: ClipGeometry) -> dict[str, torch.Tensor]
     """A batch (pyarrow Table or dict of numpy arrays) -> ``{"x0", "cond", "cond_mask"}`` tensors (layouts in
     the module docstring)."""
     g = geometry
+    if g.latents:
+        raw = batch.column(LATENTS) if hasattr(batch, "column_names") else list(batch[LATENTS])
+        x0 = latents_tensor(raw, tuple(g.latent_shape))
+        return {"x0": x0.contiguous(), **_text_batch(batch, g, x0.shape[0])}
     frames = _column(batch, FRAMES, np.uint8)
     b = frames.shape[0]
     if frames.size != b * g.num_frames * g.height * g.width * 3:
@@ -263,6 +285,11 @@ def collate_clips(batch: Any, geometry: ClipGeometry) -> dict[str, torch.Tensor]
     frames = frames.reshape(b, g.num_frames, g.height, g.width, 3)
     # Arrow buffers are read-only: copy once (uint8, small) instead of handing torch a read-only array.
     x0 = torch.from_numpy(np.array(frames, copy=True)).permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
+    return {"x0": x0.contiguous(), **_text_batch(batch, g, b)}
+
+
+def _text_batch(batch: Any, g: ClipGeometry, b: int) -> dict[str, torch.Tensor]:
+    """``{"cond", "cond_mask"}`` of a batch of ``b`` clips."""
     emb = _column(batch, EMBEDDING, np.float32)
     if emb.size != b * g.text_len * g.text_dim:
         raise DataError(
@@ -274,7 +301,7 @@ def collate_clips(batch: Any, geometry: ClipGeometry) -> dict[str, torch.Tensor]
         mask = torch.from_numpy(_column(batch, MASK, np.uint8).reshape(b, g.text_len) != 0)
     else:
         mask = torch.ones((b, g.text_len), dtype=torch.bool)
-    return {"x0": x0.contiguous(), "cond": cond, "cond_mask": mask}
+    return {"cond": cond, "cond_mask": mask}
 
 
 def make_collate(geometry: ClipGeometry):

@@ -136,18 +136,21 @@ def _clips_dataset(t: TrainConfig, geometry):
     return dataset
 
 
-def _text_embeddings(cfg: PyocoConfig, geometry) -> tuple[dict, Any, Any, Any, Any]:
-    """(encoder description, null cond, null mask, sample cond, sample mask) in the data's layout."""
+def _text_embeddings(cfg: PyocoConfig, geometry, spec=None) -> tuple[dict, Any, Any, Any, Any]:
+    """(encoder description, null cond, null mask, sample cond, sample mask) in the data's layout, from the
+    model's text encoder (``spec.text_encoder``: model.text_encoder, the pretrained folder's, or MiniLM;
+    ``spec`` None: resolved from ``cfg.model``)."""
     import numpy as np
 
+    from pyoco.pretrained import resolve_pretrained
     from pyoco.text import load_text_encoder
 
-    enc = load_text_encoder(
-        cfg.model.text_encoder, max_length=geometry.text_len if geometry.token_level else 32
-    )
+    spec = spec or resolve_pretrained(cfg.model)
+
+    enc = load_text_encoder(spec.text_encoder, max_length=geometry.text_len if geometry.token_level else 32)
     if enc.dim != geometry.text_dim:
         raise PyocoError(
-            f"model.text_encoder {cfg.model.text_encoder!r} gives {enc.dim}-d states but the clips' "
+            f"model.text_encoder {spec.text_encoder!r} gives {enc.dim}-d states but the clips' "
             f"caption_embedding is {geometry.text_dim}-d"
         )
     prompts = list(cfg.train.sample_prompts)
@@ -164,6 +167,39 @@ def _text_embeddings(cfg: PyocoConfig, geometry) -> tuple[dict, Any, Any, Any, A
     # The description goes into the package: sampling and evaluation rebuild this encoder from it (pooled
     # and one token for pooled data, the data's token length otherwise).
     return enc.describe(), as_np(null), as_np(null_mask), as_np(cond), as_np(mask)
+
+
+def _check_model_fits_data(cfg: PyocoConfig, geometry):
+    """The model's `PretrainedSpec`, after checking (before Ray starts, one line naming the values and fields)
+    that its UNet, text encoder and VAE fit the clips: text width, pixel size, and the latents' VAE."""
+    from pyoco.errors import InputError
+    from pyoco.pretrained import check_compatible, resolve_pretrained
+
+    if cfg.model.pretrained is None and cfg.model.tiny.cross_attention_dim != geometry.text_dim:
+        raise PyocoError(
+            f"model.tiny.cross_attention_dim {cfg.model.tiny.cross_attention_dim} != caption_embedding dim "
+            f"{geometry.text_dim}"
+        )
+    try:
+        spec = resolve_pretrained(cfg.model)
+        model_identity = None
+        if geometry.latents and spec.vae is not None:  # load the VAE once to hash it (CPU, float32)
+            from pyoco.model import load_vae
+            from pyoco.vae import vae_identity
+
+            model_identity = vae_identity(load_vae(spec.vae, cache_dir=cfg.model.cache_dir))
+        check_compatible(
+            spec,
+            clip_text_dim=geometry.text_dim,
+            height=geometry.height,
+            width=geometry.width,
+            latents_vae_identity=geometry.vae_identity,
+            model_vae_identity=model_identity,
+            data=f"train.data {cfg.train.data}",
+        )
+    except InputError as err:
+        raise PyocoError(str(err)) from None
+    return spec
 
 
 def _mlflow_run(
@@ -238,24 +274,14 @@ def run_train(
             f"clips have {geometry.num_frames} frames but model.motion_max_seq_length is "
             f"{cfg.model.motion_max_seq_length}"
         )
-    if cfg.model.pretrained is None:
-        factor = 2 ** (len(cfg.model.tiny.block_out_channels) - 1) * (8 if cfg.model.vae else 1)
-        if geometry.height % factor or geometry.width % factor:
-            raise PyocoError(
-                f"clips are {geometry.height}x{geometry.width}; the model needs multiples of {factor}"
-            )
-        if cfg.model.tiny.cross_attention_dim != geometry.text_dim:
-            raise PyocoError(
-                f"model.tiny.cross_attention_dim {cfg.model.tiny.cross_attention_dim} != caption_embedding dim "
-                f"{geometry.text_dim}"
-            )
+    spec = _check_model_fits_data(cfg, geometry)
     steps, per_epoch = total_steps(t, geometry.num_rows, t.num_workers)
     mhash = manifest_hash(t.data)
     compat = compat_fields(cfg, geometry, total=steps, data_hash=mhash)
     t.run_name = t.run_name or f"{cfg.name}-{kind}-{(run_key or compat_hash(compat))[:12]}"
     resume_step = _check_existing_checkpoints(t, compat)
     ds_config = deepspeed_config(t, world_size=t.num_workers)
-    text_desc, null, null_mask, sample_cond, sample_mask = _text_embeddings(cfg, geometry)
+    text_desc, null, null_mask, sample_cond, sample_mask = _text_embeddings(cfg, geometry, spec)
 
     import ray
     import ray.data
@@ -300,6 +326,7 @@ def run_train(
             env=forwarded,
             compat=compat,
             credential_names=credential_names,
+            vae=spec.vae,
         )
         # The driver's progress line, fed by the workers' ray.train.report (pipelines.context)
         progress = TrainProgress(kind, steps, start_step=resume_step or 0)
@@ -347,7 +374,9 @@ def run_train(
                 "kind": kind,
             }
             with result.checkpoint.as_directory() as d:
-                exported = export_checkpoint(d, t.output, cfg=cfg, text_encoder=text_desc, lineage=lineage)
+                exported = export_checkpoint(
+                    d, t.output, cfg=cfg, text_encoder=text_desc, lineage=lineage, vae=spec.vae
+                )
             tracking.set_tags(
                 tracking_uri,
                 run_id,

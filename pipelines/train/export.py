@@ -42,8 +42,13 @@ def export_checkpoint(
     cfg: PyocoConfig,
     text_encoder: dict,
     lineage: dict,
+    vae: str | None = None,
 ) -> dict:
     """Consolidate the checkpoint at ``ckpt_dir`` into a model package at ``out_uri``; returns its facts.
+
+    ``text_encoder``: the encoder's ``describe()``; a CLIP encoder's weights and tokenizer are packaged too,
+    and so is the model's ``vae`` (its URI, `PretrainedSpec.vae`): the package then samples, evaluates and
+    serves with no reference to the pretrained folder.
 
     ``out_uri`` must be absent, empty or an earlier package (see :func:`publish_package`)."""
     from pipelines.train.ema import consolidate, load_ema_shards
@@ -86,15 +91,26 @@ def export_checkpoint(
             "ema_decay": state["ema_decay"],
         },
     )
-    vae = None
-    if cfg.model.vae:
+    _check_export_target(out_uri)  # before the work, so a wrong train.output costs nothing
+    vae_model = encoder = None
+    if vae:
         from pyoco.model import load_vae
 
-        vae = load_vae(cfg.model.vae, cache_dir=cfg.model.cache_dir)
-    _check_export_target(out_uri)  # before the work, so a wrong train.output costs nothing
+        vae_model = load_vae(vae, cache_dir=cfg.model.cache_dir)
+    if text_encoder.get("kind") == "clip":
+        from pyoco.text import load_text_encoder
+
+        encoder = load_text_encoder(text_encoder)
     with tempfile.TemporaryDirectory(prefix="pyoco-export-") as tmp:
         local = Path(tmp) / "model"
-        save_package(local, model, scheduler_config=state["scheduler_config"], info=info, vae=vae)
+        save_package(
+            local,
+            model,
+            scheduler_config=state["scheduler_config"],
+            info=info,
+            vae=vae_model,
+            text_encoder=encoder,
+        )
         publish_package(local, out_uri)
     return {"weights": which, "step": int(state["step"])}
 

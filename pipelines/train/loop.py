@@ -83,13 +83,14 @@ class Trainer:
         self.scheduler_config = make_scheduler_config(
             pretrained_sched, self.t.num_train_timesteps, prediction_type=self.t.prediction_type
         )
+        # The VAE encodes frames online only when the clips carry no latents; with latents it is loaded
+        # just to decode the in-training samples.
         self.vae = None
-        if self.cfg.model.vae:
+        self.encode_online = plan.vae is not None and not self.geometry.latents
+        if plan.vae and (self.encode_online or self.t.sample_every):
             from pyoco.model import load_vae
 
-            self.vae = load_vae(self.cfg.model.vae, cache_dir=self.cfg.model.cache_dir).to(
-                self.device, self.dtype
-            )
+            self.vae = load_vae(plan.vae, cache_dir=self.cfg.model.cache_dir).to(self.device, self.dtype)
             self.vae.requires_grad_(False).eval()
 
         # Ray Train already created the process group (gloo on CPU, NCCL on GPU); DeepSpeed wraps it.
@@ -228,8 +229,8 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- steps
     def prepare(self, batch: dict):
-        """Collated CPU batch -> (x0, cond, cond_mask) on the device; x0 in the compute dtype (latents with a
-        VAE; one random frame per clip, T = 1, for image pretraining)."""
+        """Collated CPU batch -> (x0, cond, cond_mask) on the device; x0 in the compute dtype (latents: the
+        clips' own, or encoded here by the VAE; one random frame per clip, T = 1, for image pretraining)."""
         import torch
 
         x0 = batch["x0"]
@@ -238,7 +239,7 @@ class Trainer:
             idx = torch.randint(0, x0.shape[2], (x0.shape[0],), generator=g, device=g.device).cpu()
             x0 = x0[torch.arange(x0.shape[0]), :, idx].unsqueeze(2)
         x0 = x0.to(self.device, self.dtype, non_blocking=True)
-        if self.vae is not None:
+        if self.encode_online:
             from pyoco.model import encode_video
 
             with torch.no_grad():

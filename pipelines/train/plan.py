@@ -139,3 +139,4 @@ class WorkerPlan:
     env: SecretEnv  # settings only (FORWARDED_ENV); never a credential
     compat: dict  # compat_fields(...): checked on restore, stored in every checkpoint
     credential_names: tuple[str, ...] = ()  # CREDENTIAL_ENV set on the driver: names, never values
+    vae: str | None = None  # the model's VAE (PretrainedSpec.vae); None: pixel space

@@ -65,10 +65,27 @@ def _resolved(cfg: PyocoConfig) -> PyocoConfig:
         cfg.preprocess.input = cfg.synth.out
     if cfg.preprocess is not None and cfg.train.data is None:
         cfg.train.data = join(cfg.preprocess.output, "clips", "train")
+    if cfg.preprocess is not None and (cfg.model.pretrained or cfg.model.text_encoder or cfg.model.vae):
+        _preprocess_follows_model(cfg)
     # train.output / train.storage_path defaults are filled once, by pipelines.train.plan.resolve_config.
     if cfg.evaluate.output is None:
         cfg.evaluate.output = join(cfg.output, "eval", "metrics.json")
     return cfg
+
+
+def _preprocess_follows_model(cfg: PyocoConfig) -> None:
+    """The clips are embedded (and VAE-encoded) by the model's own encoder and VAE, unless the preprocess
+    section names its own: one encoder for preprocess, train, evaluate and sample."""
+    from pyoco.pretrained import resolve_pretrained
+
+    spec = resolve_pretrained(cfg.model)
+    p, given = cfg.preprocess, cfg.preprocess.model_fields_set
+    if "text_encoder" not in given:
+        p.text_encoder = spec.text_encoder
+    if "text_max_length" not in given:
+        p.text_max_length = spec.text_len
+    if p.vae is None and spec.vae is not None:
+        p.vae = spec.vae
 
 
 def _step_synth(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
