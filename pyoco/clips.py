@@ -26,6 +26,9 @@ Columns (one row per clip):
   truth: shape, color, direction, speed, ...), ``{"class": NAME}`` for a ``.cls`` member or a UCF-101 class
   folder, null when the input has none (see :func:`labels_of`);
 - ``node_id``: the Ray node that decoded the clip;
+- ``motion``: float32, the clip's :func:`pyoco.shots.motion_score` (mean thresholded frame difference, as a
+  fraction of the 8-bit range per frame step; 0 = frozen; preprocess rejects clips below
+  ``preprocess.min_motion``, default :data:`pyoco.shots.STATIC_MOTION`). Null in files written without it.
 - ``latents`` (optional, when preprocess ran the VAE): the clip's VAE latents ``(C, T, h, w)``, already
   multiplied by the VAE's scaling factor (shift applied), stored as **little-endian IEEE float16** C-order
   bytes (``large_binary``, like ``frames``: numpy and every parquet reader handle it, where bf16 has no
@@ -56,6 +59,7 @@ EMBEDDING = "caption_embedding"
 MASK = "caption_mask"
 LABELS = "labels"
 LATENTS = "latents"
+MOTION = "motion"
 LATENTS_DTYPE = np.dtype("<f2")  # see the module docstring: float16 bytes, shape/identity in field metadata
 
 
@@ -94,6 +98,7 @@ def clip_schema(
             (MASK, pa.list_(pa.bool_(), text_len)),
             (LABELS, pa.string()),
             ("node_id", pa.string()),
+            (MOTION, pa.float32()),
         ]
     )
     if latent_shape is not None:

@@ -114,6 +114,13 @@ class PreprocessConfig(_Section):
     size: int = Field(32, ge=8)
     max_clips_per_video: int = Field(1, ge=1)
     seed: int = 0
+    # Clips never span a shot cut (pyoco.video shot-aware decoding, pyoco.shots.detect_cuts).
+    shot_aware: bool = True
+    # A clip whose pyoco.shots.motion_score is below this is dropped as `static` (0: keep every clip).
+    min_motion: float = Field(3e-4, ge=0)  # pyoco.shots.STATIC_MOTION
+    # A clip whose pyoco.shots.jitter_score (px per frame step, per step) is above this is dropped as
+    # `jitter`; None: no jitter check (it costs an FFT per frame).
+    max_jitter_px: float | None = Field(None, gt=0)
     # Share of source videos held out for evaluation (clips/val); a per-video hash threshold, see pyoco.clips.
     val_fraction: float = Field(0.1, ge=0, lt=1)
     rows_per_file: int = Field(256, ge=1)

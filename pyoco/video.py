@@ -16,6 +16,11 @@ Clip sampling. With a source of ``N`` frames, a clip takes source frames ``start
 ``(seed, key)``, so a video always yields the same clips whatever worker decodes it. Clips of one video
 do not overlap when there is room; a video shorter than one clip span is ``too_short``.
 
+Shot-aware clips (``decode_clips(..., shot_aware=True)``, what preprocess uses): every frame is decoded
+(at ``min(size, SCAN_SIZE)`` px), :func:`pyoco.shots.detect_cuts` finds the shot cuts, and clips are drawn
+only from windows inside one shot (:func:`plan_shot_clips`), so no clip ever spans a cut. A video whose
+shots are all shorter than one clip span is ``shots_too_short``.
+
 Over 400 lines because it is the one module that touches PyAV: decoding (probe, clip plan, threaded seek)
 and the writers; decode and encode could be split apart later.
 """
@@ -36,7 +41,10 @@ import numpy as np
 
 from pyoco.errors import InputError
 
-DECODE_REASONS = ("empty_file", "no_video_stream", "decode_error", "too_short")
+DECODE_REASONS = ("empty_file", "no_video_stream", "decode_error", "too_short", "shots_too_short")
+# Shot-aware decoding (``shot_aware=True``) detects cuts on every frame at most this many px per side: a
+# colour histogram needs few pixels, and 64 px frames cost 12 KiB each.
+SCAN_SIZE = 64
 
 
 class VideoDecodeError(InputError):
@@ -64,6 +72,7 @@ class Clip:
     frame_indices: list[int]  # source frame indices, len == num_frames
     fps: float  # the clip's own frame rate
     frames: np.ndarray | None = None  # uint8 (T, H, W, 3)
+    cuts: list[int] | None = None  # shot-aware decoding: the shot cuts found in the whole video
 
 
 # ------------------------------------------------------------------------------------------------- opening
@@ -204,6 +213,48 @@ def plan_clips(
     return [Clip(start_frame=s, frame_indices=[s + o for o in offsets], fps=clip_fps) for s in sorted(starts)]
 
 
+def plan_shot_clips(
+    total_frames: int,
+    src_fps: float,
+    cuts: list[int],
+    *,
+    num_frames: int,
+    frame_stride: int = 1,
+    target_fps: float | None = None,
+    max_clips: int = 1,
+    seed: int = 0,
+    key: str = "",
+) -> list[Clip]:
+    """Up to ``max_clips`` seeded, non-overlapping clips, each inside one shot of ``cuts``
+    (:func:`pyoco.shots.shot_ranges`): every shot is tiled with clip windows from a seeded shift, and the
+    clips are a seeded sample of those windows. ``too_short`` / ``shots_too_short`` when none fits."""
+    from pyoco import shots
+
+    step = clip_step(src_fps, frame_stride=frame_stride, target_fps=target_fps)
+    offsets = [round(i * step) for i in range(num_frames)]
+    span = shots.clip_span(num_frames, step)
+    if total_frames < span:
+        raise VideoDecodeError(
+            "too_short", f"{total_frames} frames, a clip of {num_frames} at step {step:g} needs {span}"
+        )
+    rng = random.Random(int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:8], "big"))
+    starts = []
+    ranges = shots.shot_ranges(total_frames, cuts)
+    for a, b in ranges:
+        if b - a < span:
+            continue
+        shift = rng.randint(0, (b - a) % span)  # the slack a tiling from the shot's first frame leaves
+        starts += [a + shift + w for w, _ in shots.clip_windows(b - a - shift, [], num_frames, step)]
+    if not starts:
+        lengths = ", ".join(str(b - a) for a, b in ranges)[:200]
+        raise VideoDecodeError(
+            "shots_too_short", f"cuts at {cuts[:20]}: shots of {lengths} frames, a clip needs {span}"
+        )
+    chosen = sorted(rng.sample(starts, min(max_clips, len(starts))))
+    clip_fps = src_fps / step
+    return [Clip(start_frame=s, frame_indices=[s + o for o in offsets], fps=clip_fps) for s in chosen]
+
+
 # --------------------------------------------------------------------------------------------- frame work
 def _resize_crop(frame, size: int | None) -> np.ndarray:
     """Shorter side to ``size`` (area filter), then center crop to ``size x size``; RGB uint8."""
@@ -229,31 +280,36 @@ def decode_clips(
     key: str = "",
     threads: int = 1,
     seek: bool = True,
+    shot_aware: bool = False,
 ) -> list[Clip]:
     """Decode up to ``max_clips`` clips of ``num_frames`` (see the module doc for how they are chosen).
 
     ``threads``: FFmpeg decoder threads (0 = FFmpeg decides). ``seek``: jump to each clip's start (to the
-    preceding keyframe) instead of decoding every frame before it.
+    preceding keyframe) instead of decoding every frame before it. ``shot_aware``: no clip spans a shot
+    cut (module doc); each returned clip's ``cuts`` lists the cuts found in the whole video.
     """
     import av
 
+    plan = dict(
+        num_frames=num_frames,
+        frame_stride=frame_stride,
+        target_fps=target_fps,
+        max_clips=max_clips,
+        seed=seed,
+        key=key,
+    )
     with _open(src) as container:
         stream = _video_stream(container)
         _configure_threads(stream, threads)
         try:
-            total = _count_frames(container, stream)
             fps = _fps(stream)
-            clips = plan_clips(
-                total,
-                fps,
-                num_frames=num_frames,
-                frame_stride=frame_stride,
-                target_fps=target_fps,
-                max_clips=max_clips,
-                seed=seed,
-                key=key,
-            )
-            _decode_into(container, stream, clips, size=size, fps=fps, seek=seek)
+            if shot_aware:
+                clips = _decode_shot_aware(container, stream, fps, size=size, seek=seek, plan=plan)
+                total = int(stream.frames or 0)
+            else:
+                total = _count_frames(container, stream)
+                clips = plan_clips(total, fps, **plan)
+                _decode_into(container, stream, clips, size=size, fps=fps, seek=seek)
         except (VideoDecodeError, MemoryError):
             raise  # out of memory is the worker's problem, never a property of the video
         except (av.error.FFmpegError, ValueError, OSError, EOFError, RuntimeError) as err:
@@ -299,6 +355,31 @@ def decode(
     if clip.frames is None:
         raise VideoDecodeError("too_short", f"fewer than {idx[-1] + 1} frames")
     return clip.frames
+
+
+def _decode_shot_aware(
+    container, stream, fps: float, *, size: int | None, seek: bool, plan: dict
+) -> list[Clip]:
+    """Decode every frame at ``min(size, SCAN_SIZE)`` px, find the cuts, plan clips inside shots, and fill
+    them: from the scanned frames when they are already at ``size``, else by a second (seeking) pass."""
+    from pyoco import shots
+
+    scan = SCAN_SIZE if size is None else min(size, SCAN_SIZE)
+    decoded = [_resize_crop(f, scan) for f in container.decode(stream)]
+    if not decoded:
+        raise VideoDecodeError("too_short", "the stream decoded to no frames")
+    frames = np.stack(decoded)
+    cuts = shots.detect_cuts(frames)
+    clips = plan_shot_clips(len(frames), fps, cuts, **plan)
+    if scan == size:
+        for c in clips:
+            c.frames = np.ascontiguousarray(frames[c.frame_indices])
+    else:
+        container.seek(0, stream=stream, backward=True, any_frame=False)
+        _decode_into(container, stream, clips, size=size, fps=fps, seek=seek)
+    for c in clips:
+        c.cuts = list(cuts)
+    return clips
 
 
 def _configure_threads(stream, threads: int) -> None:

@@ -60,6 +60,9 @@ class StepSettings:
     text_len: int
     caption_rules: dict
     max_caption_bytes: int
+    shot_aware: bool = True
+    min_motion: float = 0.0
+    max_jitter_px: float | None = None
 
     @classmethod
     def from_config(cls, cfg: PreprocessConfig) -> StepSettings:
@@ -75,6 +78,9 @@ class StepSettings:
             text_len=cfg.text_max_length,
             caption_rules=cfg.captions.model_dump(),
             max_caption_bytes=4 * cfg.captions.max_chars + 64,
+            shot_aware=cfg.shot_aware,
+            min_motion=cfg.min_motion,
+            max_jitter_px=cfg.max_jitter_px,
         )
 
     def caption_filter(self):

@@ -11,6 +11,10 @@ from pyoco.config import PreprocessConfig
 # Stage names in rejects/.
 STAGE_READ, STAGE_CAPTION, STAGE_DEDUPE, STAGE_DECODE = "read", "caption", "dedupe", "decode"
 STAGE_LABELS = "labels"
+# Clip quality (pyoco.shots): a video all of whose clips are dropped is rejected at this stage with the
+# reason of most of them; dropped clips of an accepted video are counted in the manifest's clips_dropped.
+STAGE_MOTION = "motion"
+MOTION_REASONS = ("static", "jitter")
 
 
 class _RejectWriter:

@@ -47,6 +47,8 @@ def decoded_schema():
             ("caption", pa.string()),
             ("labels", pa.string()),
             ("node_id", pa.string()),
+            ("motion", pa.float32()),
+            ("dropped", pa.string()),  # clip_index 0 only: JSON {reason: clips dropped} of the video
             ("reason", pa.string()),
             ("stage", pa.string()),
             ("detail", pa.string()),
@@ -78,6 +80,7 @@ def summary_schema():
             ("node_id", pa.string()),
             ("split", pa.string()),
             ("file", pa.string()),
+            ("dropped", pa.string()),
             ("reason", pa.string()),
             ("stage", pa.string()),
             ("detail", pa.string()),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from pipelines.preprocess.discover import StepSettings
-from pipelines.preprocess.ledger import STAGE_DECODE, STAGE_READ
+from pipelines.preprocess.ledger import STAGE_DECODE, STAGE_MOTION, STAGE_READ
 from pipelines.preprocess.schemas import decoded_schema, summary_schema
 from pipelines.preprocess.tar_index import _storage_reject
 from pyoco import clips as clipfmt
@@ -51,6 +52,8 @@ def decode_row(row: dict, settings: StepSettings, options, node_id: str = "local
         "height": None,
         "width": None,
         "frames": None,
+        "motion": None,
+        "dropped": None,
         "reason": None,
         "stage": None,
         "detail": "",
@@ -78,6 +81,7 @@ def decode_row(row: dict, settings: StepSettings, options, node_id: str = "local
             seed=settings.seed,
             key=f"{row['source']}\0{row['key']}",
             threads=settings.decode_threads,
+            shot_aware=settings.shot_aware,
         )
     except video.VideoDecodeError as err:
         return [{**base, "reason": err.reason, "stage": STAGE_DECODE, "detail": err.detail[:500]}]
@@ -92,8 +96,18 @@ def decode_row(row: dict, settings: StepSettings, options, node_id: str = "local
                 "detail": f"{type(err).__name__}: {err}"[:500],
             }
         ]
+    kept, motions, dropped = _clip_quality(clips, settings)
+    if not kept:
+        reason = max(dropped, key=lambda r: (dropped[r], r == "static"))
+        detail = f"all {len(clips)} clips dropped: " + ", ".join(
+            f"{r} {n}" for r, n in sorted(dropped.items())
+        )
+        detail += (
+            f" (motion {max(motions):.2e} < min_motion {settings.min_motion:g})" if reason == "static" else ""
+        )
+        return [{**base, "reason": reason, "stage": STAGE_MOTION, "detail": detail[:500]}]
     out = []
-    for i, c in enumerate(clips):
+    for i, (c, motion) in enumerate(zip(kept, motions, strict=True)):
         t, h, w, _ = c.frames.shape
         step = (c.frame_indices[1] - c.frame_indices[0]) if len(c.frame_indices) > 1 else 1
         out.append(
@@ -107,9 +121,31 @@ def decode_row(row: dict, settings: StepSettings, options, node_id: str = "local
                 "height": h,
                 "width": w,
                 "frames": c.frames.tobytes(),
+                "motion": motion,
+                "dropped": json.dumps(dict(sorted(dropped.items()))) if i == 0 and dropped else None,
             }
         )
     return out
+
+
+def _clip_quality(clips: list, settings: StepSettings) -> tuple[list, list[float], Counter]:
+    """``(kept clips, their motion scores, Counter of dropped clips by reason)``: a clip below
+    ``min_motion`` is ``static``, one above ``max_jitter_px`` is ``jitter`` (:mod:`pyoco.shots`). When
+    every clip is dropped, the motion list holds all the clips' scores (for the reject's detail)."""
+    from pyoco import shots
+
+    kept, kept_motion, all_motion, dropped = [], [], [], Counter()
+    for c in clips:
+        m = shots.motion_score(c.frames)
+        all_motion.append(m)
+        if m < settings.min_motion:
+            dropped["static"] += 1
+        elif settings.max_jitter_px is not None and shots.jitter_score(c.frames) > settings.max_jitter_px:
+            dropped["jitter"] += 1
+        else:
+            kept.append(c)
+            kept_motion.append(m)
+    return kept, (kept_motion if kept else all_motion), dropped
 
 
 CRASH_TEST_ENV = "PYOCO_TEST_CRASH_ON_KEY"  # test hook: a decode task that meets this key kills its worker
@@ -297,6 +333,7 @@ def write_batch(batch, *, clips_uri: str, text_len: int, val_fraction: float, op
             batch.column("node_id"),
             pa.array(splits, pa.string()),
             pa.array(files, pa.string()),
+            batch.column("dropped"),
             batch.column("reason"),
             batch.column("stage"),
             batch.column("detail"),

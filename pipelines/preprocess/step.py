@@ -276,6 +276,7 @@ def run_preprocess(
         clips_digest = 0  # order-independent digest of every clip id written
         per_split = {sp: {"clips": 0, "videos": 0, "digest": 0} for sp in clipfmt.SPLITS}
         decode_seen = 0
+        clips_dropped: Counter = Counter()  # clips of accepted videos dropped by reason (static, jitter)
         if to_decode > 0:
             per_file = rows_per_file(cfg, text_dim, latents)
             ds = (
@@ -331,6 +332,8 @@ def run_preprocess(
                         rejects.add(r["source"], r["key"], r["stage"], r["reason"], r["detail"])
                         continue
                     clips_written += 1
+                    if r["dropped"]:
+                        clips_dropped.update(json.loads(r["dropped"]))
                     clip_files.add(r["file"])
                     clips_digest = (clips_digest + int(r["clip_id"], 16)) % (1 << 128)
                     side = per_split[r["split"]]
@@ -386,6 +389,7 @@ def run_preprocess(
         "val_fraction": cfg.val_fraction,
         "split_rule": "val iff sha256(key)[:8] / 2**64 < val_fraction (pyoco.clips.split_of)",
         "rejected": rejected,
+        "clips_dropped": dict(sorted(clips_dropped.items())),
         "invariant": "inputs == accepted_videos + sum(rejected.values())",
         # Same inputs + config -> same data_hash, whatever the cluster (file names depend on batching).
         "data_hash": config_hash(

@@ -93,7 +93,15 @@ def _step_synth(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key
 
     s = cfg.synth
     result = write_dataset(
-        s.out, videos=s.videos, shards=s.shards, seed=s.seed, frames=s.frames, size=s.size, fps=s.fps
+        s.out,
+        videos=s.videos,
+        shards=s.shards,
+        seed=s.seed,
+        frames=s.frames,
+        size=s.size,
+        fps=s.fps,
+        cut_fraction=s.cut_fraction,
+        static_fraction=s.static_fraction,
     )
     return {"uri": s.out, "summary": {k: result[k] for k in ("videos", "bytes") if k in result}}
 
