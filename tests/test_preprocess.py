@@ -87,7 +87,7 @@ def test_clips_schema_and_manifest(one_node, local_raw):
     assert table.num_rows == on_disk["clips_written"]
     expected_cols = [
         "clip_id", "source", "key", "clip_index", "start_frame", "num_frames", "fps", "height", "width",
-        "frames", "caption", "caption_embedding", "caption_mask", "labels", "node_id",
+        "frames", "caption", "caption_embedding", "caption_mask", "labels", "node_id", "motion",
     ]  # fmt: skip
     assert table.schema.names == expected_cols
     assert str(table.schema.field("frames").type) == "large_binary"
