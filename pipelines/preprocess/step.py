@@ -1,6 +1,9 @@
 """``pyoco preprocess``: raw videos (WebDataset shards, a captioned folder, or UCF-101 class folders, local or
 s3://) → training clips in parquet, with a ledger of every rejected input and a manifest.
 
+Over 400 lines: about a sixth is this docstring (the pipeline's stages and invariants); the stages,
+ledger, manifest and latents live in their own modules, and ``run_preprocess`` wires them.
+
 Pipeline (Ray Data, streaming; every stage runs in Ray tasks/actors, never on the driver)::
 
     index (1 task per shard: tar headers + captions, no video bytes) → caption rules (pyoco.captions)

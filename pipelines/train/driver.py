@@ -2,6 +2,10 @@
 DeepSpeed ZeRO and the PYoCo noise prior; checkpoints, resume, fault tolerance, MLflow tracking and a
 consolidated diffusers export.
 
+Over 400 lines: the driver's pre-flight checks (pretrained folder, clips, resume compatibility, CPUs)
+must all run before Ray starts, and they read as one sequence with ``run_train``; the loop, checkpoint and
+export already live in their own modules.
+
     run_train(cfg)                        # -> {"model_dir", "checkpoint", "mlflow_run_id", "final_step", ...}
     run_train(pretrain_config(cfg), image_pretrain=True)
 
