@@ -11,7 +11,55 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_workflow import TINY, _write
+import yaml
+
+# The one real tiny workflow of this file (tests/test_workflow.py runs its runner on stub steps).
+TINY = {
+    "name": "wf-test",
+    "synth": {"videos": 4, "shards": 2, "frames": 6, "size": 16, "fps": 4},
+    "preprocess": {
+        "num_frames": 4,
+        "size": 16,
+        "max_clips_per_video": 1,
+        "rows_per_file": 8,
+        "videos_per_task": 2,
+        "val_fraction": 0.34,  # of the 4 videos, key 00000003 (score 0.315) is held out for evaluate
+        "captions": {"dedupe": "none"},
+    },
+    "model": {"tiny": {"sample_size": 16, "block_out_channels": [16, 32]}, "train_layers": "all"},
+    "noise": {"kind": "progressive", "alpha": 1.0},
+    "train": {
+        "num_workers": 1,
+        "resources_per_worker": {"CPU": 1},
+        "zero_stage": 0,
+        "batch_size_per_worker": 2,
+        "max_steps": 2,
+        "checkpoint_every": 2,
+        "ema_decay": None,
+        "sample_every": None,
+    },
+    "evaluate": {
+        "num_clips": 2,
+        "timesteps": [100, 900],
+        "num_videos": 4,
+        "sample_steps": 1,
+    },
+    "mlflow": {"experiment": "wf-test", "registered_model": "wf-test"},
+    "sample": {"num_frames": 4, "steps": 1},
+}
+
+
+def _write(tmp: Path, cfg: dict) -> Path:
+    out = tmp / "out"
+    cfg = json.loads(json.dumps(cfg))
+    cfg["output"] = str(out)
+    cfg["synth"]["out"] = str(out / "raw")
+    cfg["preprocess"]["input"] = str(out / "raw")
+    cfg["preprocess"]["output"] = str(out / "data")
+    path = tmp / "wf.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
 
 # `pyoco run` with ray.init counted: what one workflow starts, however many steps need Ray.
 _COUNTING_RUN = """
