@@ -218,7 +218,8 @@ def test_local_stack_start_status_auth_and_stop(tmp_path):
         nodes = json.loads(body)["data"]["summary"]
         totals = sorted(n["raylet"]["resourcesTotal"].get("preprocess", 0) for n in nodes)
         assert totals == [0, 1]
-        assert {n["ip"] for n in nodes} == {"127.0.0.1"}
+        # the raylet's own address: "ip" comes from the node agent's report, which can lag the raylet's
+        assert {n["raylet"]["nodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
 
         # 127.0.0.1 only: every listening socket of every process we started (Ray's gRPC included).
         pids = _stack_pids(services, state)

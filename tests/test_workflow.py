@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -290,6 +291,8 @@ def test_auto_noise_and_an_evaluator_section_add_their_steps_in_order_and_cache_
 
 
 def test_fixed_kind_with_auto_alpha_and_a_pretrained_model_skip_pretrain(tmp_path, stub_steps):
+    # a real image-model folder: the preprocess key reads the model's text encoder and VAE from its configs
+    shutil.copytree(Path(steps.__file__).parents[1] / "assets" / "tiny-image-16px", tmp_path / "image")
     cfg = _cfg(tmp_path, **{"noise.alpha": "auto", "model.pretrained": str(tmp_path / "image")})
     assert [s.name for s in steps.STEPS if s.enabled(cfg)] == ["synth", "preprocess", "noise_fit", *ALL[2:]]
     runner.run_workflow(cfg, use_mlflow=False)
