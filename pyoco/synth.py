@@ -397,6 +397,13 @@ def previous_shards(out: str) -> list[str]:
     return previous
 
 
+def write_config(cfg, *, progress: Callable[[int, int], None] | None = None) -> dict:
+    """:func:`write_dataset` with every field of a ``pyoco.config.SynthConfig``: the CLI and the workflow
+    both call this, so a new synth option cannot be dropped by one of them."""
+    fields = ("videos", "shards", "seed", "frames", "size", "fps", "cut_fraction", "static_fraction")
+    return write_dataset(cfg.out, **{f: getattr(cfg, f) for f in fields}, progress=progress)
+
+
 def write_dataset(
     out: str,
     *,

@@ -30,7 +30,7 @@ def synth_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pyoco.config import SynthConfig
-    from pyoco.synth import previous_shards, write_dataset
+    from pyoco.synth import previous_shards, write_config
 
     cfg = SynthConfig(
         out=out,
@@ -48,18 +48,7 @@ def synth_cmd(
         TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as bar:
         task = bar.add_task("videos", total=cfg.videos)
-        summary = write_dataset(
-            cfg.out,
-            videos=cfg.videos,
-            shards=cfg.shards,
-            seed=cfg.seed,
-            frames=cfg.frames,
-            size=cfg.size,
-            fps=cfg.fps,
-            cut_fraction=cfg.cut_fraction,
-            static_fraction=cfg.static_fraction,
-            progress=lambda done, total: bar.update(task, completed=done),
-        )
+        summary = write_config(cfg, progress=lambda done, total: bar.update(task, completed=done))
     console.print(
         f"wrote {summary['videos']} videos in {len(summary['shards'])} shards "
         f"({summary['bytes'] / 1e6:.1f} MB) to {summary['out']}"

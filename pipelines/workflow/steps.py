@@ -92,21 +92,10 @@ def _preprocess_follows_model(cfg: PyocoConfig) -> None:
 
 
 def _step_synth(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
-    from pyoco.synth import write_dataset
+    from pyoco.synth import write_config
 
-    s = cfg.synth
-    result = write_dataset(
-        s.out,
-        videos=s.videos,
-        shards=s.shards,
-        seed=s.seed,
-        frames=s.frames,
-        size=s.size,
-        fps=s.fps,
-        cut_fraction=s.cut_fraction,
-        static_fraction=s.static_fraction,
-    )
-    return {"uri": s.out, "summary": {k: result[k] for k in ("videos", "bytes") if k in result}}
+    result = write_config(cfg.synth)
+    return {"uri": cfg.synth.out, "summary": {k: result[k] for k in ("videos", "bytes") if k in result}}
 
 
 def _step_preprocess(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
