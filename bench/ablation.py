@@ -32,7 +32,7 @@ Why a plain in-process finetune loop and not ``pyoco train``: the real trainer i
 checkpointing and MLflow, which costs more per arm than the finetune itself on 2 cores (20+ arms). Each task
 instead runs ``finetune`` below, built from the same pieces the trainer uses: ``build_denoiser`` (the same
 inflation), ``DiffusionLoss`` with the arm's ``NoisePrior`` and ``rank_generator`` stream, AdamW with the
-trainer's betas/eps/weight decay, gradient clipping, and its LR schedule (``lr_multiplier``). Sampling is
+trainer's betas/eps/weight decay and param groups (``motion_lr_multiplier``), gradient clipping, and its LR schedule (``lr_multiplier``). Sampling is
 ``generate_for_prompts`` (what ``pyoco evaluate`` uses), under a given prior.
 
 Output in ``--out``: ``ablation.json`` (everything), ``ablation.md`` (the tables), ``ablation.png`` (plot).
@@ -59,7 +59,7 @@ from pipelines.context import ensure_ray
 from pipelines.evaluate.evaluator import run_evaluator_train
 from pipelines.evaluate.metrics import generate_for_prompts, load_eval_clips
 from pipelines.preprocess.step import run_preprocess
-from pipelines.train.deepspeed import ADAM_EPS, lr_multiplier
+from pipelines.train.deepspeed import ADAM_EPS, lr_multiplier, param_groups
 from pipelines.train.engine import build_denoiser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +116,7 @@ class Recipe:
     steps: int
     batch_size: int  # the demo's global batch (workers x per-worker batch)
     lr: float
+    motion_lr_multiplier: float  # the motion modules' lr is lr x this (the trainer's param_groups)
     warmup_steps: int
     lr_schedule: str
     caption_dropout: float
@@ -141,6 +142,7 @@ def demo_recipe(cfg, **overrides) -> Recipe:
         steps=int(t.max_steps),
         batch_size=int(t.batch_size_per_worker * t.num_workers * t.grad_accum_steps),
         lr=float(t.lr),
+        motion_lr_multiplier=float(t.motion_lr_multiplier),
         warmup_steps=int(t.warmup_steps),
         lr_schedule=str(t.lr_schedule),
         caption_dropout=float(t.caption_dropout),
@@ -234,6 +236,7 @@ def finetune(model, scheduler_config, recipe: Recipe, prior, data, *, seed: int,
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
+    from pyoco.config import TrainConfig
     from pyoco.diffusion import DiffusionLoss
     from pyoco.noise import rank_generator
 
@@ -247,8 +250,9 @@ def finetune(model, scheduler_config, recipe: Recipe, prior, data, *, seed: int,
         caption_dropout=recipe.caption_dropout,
     )
     params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, TrainConfig(lr=recipe.lr, motion_lr_multiplier=recipe.motion_lr_multiplier))
     opt = torch.optim.AdamW(
-        params, lr=recipe.lr, betas=recipe.betas, eps=ADAM_EPS, weight_decay=recipe.weight_decay
+        groups, lr=recipe.lr, betas=recipe.betas, eps=ADAM_EPS, weight_decay=recipe.weight_decay
     )
     sched = LambdaLR(
         opt,
