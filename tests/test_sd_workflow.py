@@ -1,14 +1,19 @@
 """The whole workflow on the tiny SD-shaped folder (tests/sd_tiny.py): preprocess with VAE latents → train
-(2 workers, ZeRO-2, no VAE in the loop) → evaluate → register → promote → ``pyoco sample --model
-models:/NAME@champion`` in a fresh process; once with ε and once with v-prediction. Plus the one-line
-pre-flight errors for data that does not fit the model."""
+(2 workers, ZeRO-2, no VAE in the loop) → evaluate → register → promote → in a fresh process both
+``mlflow.pyfunc.load_model("models:/NAME@champion").predict`` and ``pyoco sample --model
+models:/NAME@champion``; once with ε on local paths and once with v-prediction entirely from s3:// (moto:
+the pretrained folder, raw videos, clips, Ray Train storage and the exported model all live in the bucket).
+Plus the one-line pre-flight errors for data that does not fit the model."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import av
@@ -17,19 +22,24 @@ import pytest
 import yaml
 
 from pyoco import clips as C
+from pyoco import storage
+from pyoco.storage import join
+from tests.conftest import TEST_AWS_SECRET
 
 NUM_FRAMES = 4
+PROMPT = "a red circle moves to the left"
 
 
-def sd_workflow(tmp: Path, pretrained: str, name: str) -> dict:
-    out = tmp / "out"
+def sd_workflow(root: str, pretrained: str, name: str) -> dict:
+    """The workflow config with every output under ``root`` (a local folder or ``s3://bucket``)."""
+    out = join(root, "out")
     return {
         "name": name,
-        "output": str(out),
-        "synth": {"out": str(out / "raw"), "videos": 4, "shards": 2, "frames": 6, "size": 32, "fps": 4},
+        "output": out,
+        "synth": {"out": join(out, "raw"), "videos": 4, "shards": 2, "frames": 6, "size": 32, "fps": 4},
         "preprocess": {
-            "input": str(out / "raw"),
-            "output": str(out / "data"),
+            "input": join(out, "raw"),
+            "output": join(out, "data"),
             "num_frames": NUM_FRAMES,
             "size": 32,
             "val_fraction": 0.34,
@@ -70,15 +80,46 @@ def read_frames(path: Path) -> list:
         return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
 
 
-def run_workflow(cfg: dict, tmp: Path, mlflow_uri: str) -> dict:
-    """``pyoco run`` in a fresh process; returns the workflow state's steps."""
+def read_json(uri: str) -> dict:
+    return json.loads(storage.read_bytes(uri))
+
+
+def run_workflow(cfg: dict, tmp: Path, mlflow_uri: str, extra_env: dict | None = None) -> dict:
+    """``pyoco run`` in a fresh process; returns the environment it ran with."""
     path = tmp / "wf.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "PYOCO_CACHE": str(tmp / "cache")}
     env.pop("RAY_ADDRESS", None)
+    env.update(extra_env or {})
     run = run_cli("run", "--config", str(path), env=env, cwd=tmp)
+    (tmp / "run.log").write_text(run.stdout + run.stderr)  # step timings, for a slow or failed run
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert TEST_AWS_SECRET not in run.stdout + run.stderr
     return env
+
+
+# A fresh interpreter: load the registered pyfunc model by its alias and predict one prompt.
+PYFUNC_PREDICT = """
+import json, sys
+import mlflow.pyfunc
+model = mlflow.pyfunc.load_model(sys.argv[1])
+videos = model.predict([sys.argv[2]], params={"frames": 3, "steps": 1, "seed": 0})
+print("PREDICT " + json.dumps({"shape": list(videos.shape), "dtype": str(videos.dtype)}))
+"""
+
+
+def pyfunc_predict_champion(name: str, env: dict, cwd: Path) -> dict:
+    run = subprocess.run(
+        [sys.executable, "-c", PYFUNC_PREDICT, f"models:/{name}@champion", PROMPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=cwd,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    line = next(x for x in run.stdout.splitlines() if x.startswith("PREDICT "))
+    return json.loads(line.removeprefix("PREDICT "))
 
 
 def sample_champion(name: str, out: Path, env: dict) -> list:
@@ -88,7 +129,7 @@ def sample_champion(name: str, out: Path, env: dict) -> list:
         "--model",
         f"models:/{name}@champion",
         "--prompt",
-        "a red circle moves to the left",
+        PROMPT,
         "--out",
         str(out),
         "--frames",
@@ -102,45 +143,85 @@ def sample_champion(name: str, out: Path, env: dict) -> list:
     return read_frames(out)
 
 
-@pytest.mark.parametrize("fixture", ["sd_pipeline", "sd_pipeline_v"])
-def test_sd_folder_workflow_on_latents_to_champion_sample(fixture, request, tmp_path, mlflow_server):
+def files_containing(root: Path, needle: bytes) -> list[str]:
+    return [str(f) for f in root.rglob("*") if f.is_file() and needle in f.read_bytes()]
+
+
+def upload_folder(local: Path, uri: str) -> None:
+    fs, path = storage.filesystem(uri)
+    fs.put(str(local) + "/", path + "/", recursive=True)
+
+
+@pytest.mark.parametrize(("fixture", "store"), [("sd_pipeline", "local"), ("sd_pipeline_v", "s3")])
+def test_sd_folder_workflow_on_latents_to_champion_sample(fixture, store, request, tmp_path, mlflow_server):
     sd = request.getfixturevalue(fixture)
     name = f"sd-{sd.prediction_type.replace('_', '-')}"
-    env = run_workflow(sd_workflow(tmp_path, str(sd.path), name), tmp_path, mlflow_server.uri)
+    extra_env = {}
+    if store == "s3":
+        bucket = request.getfixturevalue("moto_s3").make_bucket("pyoco-sd-workflow")
+        root, pretrained = f"s3://{bucket}", f"s3://{bucket}/models/sd"
+        upload_folder(sd.path, pretrained)
+        # the run's own Ray session folder, short enough for Ray's socket paths, grepped for the secret
+        ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+        request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+        extra_env["RAY_TMPDIR"] = str(ray_tmp)
+    else:
+        root, pretrained = str(tmp_path), str(sd.path)
+    out = join(root, "out")
+    env = run_workflow(sd_workflow(root, pretrained, name), tmp_path, mlflow_server.uri, extra_env)
 
     # preprocess: CLIP's 77 x 32 token states, latents stamped with the folder's VAE identity
     from pyoco.model import load_vae
     from pyoco.vae import vae_identity
 
-    data = tmp_path / "out" / "data"
-    manifest = json.loads((data / "manifest.json").read_text())
+    data = join(out, "data")
+    manifest = read_json(join(data, "manifest.json"))
     identity = vae_identity(load_vae(str(sd.path)))
     assert manifest["caption_embedding"]["shape"] == [sd.max_length, sd.clip_dim]
     assert manifest["latents"]["vae_identity"] == identity
+    assert manifest["latents"]["vae"] == join(pretrained, "vae")
     latent = sd.pixel_size // 8
     assert manifest["latents"]["shape"] == [sd.latent_channels, NUM_FRAMES, latent, latent]
-    shard = pq.read_table(sorted((data / "clips" / "train").glob("*.parquet"))[0])
+    first = storage.list_files(join(data, "clips", "train"), suffixes=(".parquet",))[0]
+    shard = pq.read_table(io.BytesIO(storage.read_bytes(first)))
     assert C.latents_info(shard.schema) == ((sd.latent_channels, NUM_FRAMES, latent, latent), identity)
 
     # the package carries the VAE, the text encoder and the folder's prediction type
     from pyoco.package import load_package
 
-    pkg = load_package(str(tmp_path / "out" / "model"))
+    pkg = load_package(join(out, "model"), cache_dir=str(tmp_path / "cache"))
     assert pkg.info.has_vae and pkg.info.vae_identity == identity
     assert pkg.info.text_encoder["kind"] == "clip" and pkg.info.height == sd.pixel_size
     assert pkg.scheduler_config["prediction_type"] == sd.prediction_type
 
-    state = json.loads((tmp_path / "out" / "workflow" / "state.json").read_text())["steps"]
+    state = read_json(join(out, "workflow", "state.json"))["steps"]
     assert state["promote"]["outputs"]["champion_version"] == state["register"]["outputs"]["version"]
+    assert state["train"]["outputs"]["model_dir"] == join(out, "model")
+    assert state["train"]["outputs"]["checkpoint"].startswith(join(out, "ray") + "/")
 
-    # the champion from the registry, in a fresh process, decoded through the packaged VAE
+    # the champion from the registry, in fresh processes, decoded through the packaged VAE
+    predicted = pyfunc_predict_champion(name, env, tmp_path)
+    assert predicted == {"shape": [1, 3, sd.pixel_size, sd.pixel_size, 3], "dtype": "uint8"}
     frames = sample_champion(name, tmp_path / "champion.mp4", env)
     assert len(frames) == 3 and frames[0].shape == (sd.pixel_size, sd.pixel_size, 3)
+
+    # no credential reached MLflow (params, tags, artifacts: the server's db and artifact root) or Ray
+    assert files_containing(mlflow_server.root, TEST_AWS_SECRET.encode()) == []
+    if store == "s3":
+        sessions = list(ray_tmp.glob("ray/session_*"))  # RAY_TMPDIR/ray/session_*
+        assert sessions, f"the run left no Ray session under {ray_tmp}: the check would be vacuous"
+        assert files_containing(ray_tmp, TEST_AWS_SECRET.encode()) == []
 
 
 # ------------------------------------------------------------------------ pre-flight errors (no Ray starts)
 def write_sd_clips(
-    out: Path, *, dim: int, size: int, vae=None, num_clips: int = 4, split: str = "train"
+    out: Path,
+    *,
+    dim: int,
+    size: int,
+    vae=None,
+    num_clips: int = 4,
+    split: str = "train",
 ) -> Path:
     """``out/clips/SPLIT`` with ``num_clips`` rows of (77, dim) states at ``size`` px; latents from ``vae``."""
     import numpy as np
