@@ -67,6 +67,9 @@ class DataError(InputError):
     """Clip files are missing or do not have the expected columns; the message names the file and column."""
 
 
+NO_FRAMES = "frames are null: the clips hold latents only (preprocessed with preprocess.keep_frames: false)"
+
+
 # ------------------------------------------------------------------------------------------------- schema
 def clip_schema(
     text_len: int,
@@ -359,6 +362,8 @@ def frames_array(row_or_bytes: Any, shape: tuple[int, int, int] | None = None) -
         row_or_bytes = row_or_bytes["frames"]
     if shape is None:
         raise ValueError("frames_array: pass a row or a (T, H, W) shape")
+    if row_or_bytes is None:
+        raise DataError(NO_FRAMES)
     return np.frombuffer(row_or_bytes, dtype=np.uint8).reshape(*shape, 3)
 
 

@@ -222,8 +222,10 @@ def write_sd_clips(
     vae=None,
     num_clips: int = 4,
     split: str = "train",
+    keep_frames: bool = True,
 ) -> Path:
-    """``out/clips/SPLIT`` with ``num_clips`` rows of (77, dim) states at ``size`` px; latents from ``vae``."""
+    """``out/clips/SPLIT`` with ``num_clips`` rows of (77, dim) states at ``size`` px; latents from ``vae``;
+    null frames without ``keep_frames`` (what ``preprocess.keep_frames: false`` writes)."""
     import numpy as np
 
     from pyoco.vae import encode_frames, vae_identity
@@ -242,7 +244,7 @@ def write_sd_clips(
             "fps": 8.0,
             "height": size,
             "width": size,
-            "frames": frames[i].tobytes(),
+            "frames": frames[i].tobytes() if keep_frames else None,
             "caption": "a red circle",
             C.EMBEDDING: np.zeros((77, dim), np.float32),
             C.MASK: [True] * 77,
@@ -328,3 +330,52 @@ def test_validation_loss_reads_stored_latents_like_online_encoding(sd_pipeline, 
     for t in stored:
         assert abs(stored[t] - online[t]) <= 2e-3 * online[t], (t, stored[t], online[t])
         assert abs(other[t] - online[t]) > 1e-2 * online[t]  # the stored latents are really what is read
+
+
+def test_evaluate_decodes_latents_only_clips_through_the_model_vae(
+    sd_pipeline, sd_pipeline_other_vae, tmp_path
+):
+    """``preprocess.keep_frames: false`` (latents only): evaluate's real clips for FVD and the motion gap are
+    the stored latents decoded by the package's VAE; latents from another VAE, and the pixel-only steps
+    (noise fit, evaluator training), refuse with one line."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.common import PyocoError
+    from pipelines.evaluate.evaluator import _read_split
+    from pipelines.evaluate.noise_fit import load_val_clips
+    from pipelines.evaluate.step import run_evaluate
+    from pyoco import metrics as M
+    from pyoco.config import EvaluateConfig
+    from pyoco.model import load_vae
+    from pyoco.package import load_package
+    from pyoco.vae import decode_frames
+
+    sd, model = sd_pipeline, tmp_path / "model"
+    init = CliRunner().invoke(app, ["model", "init", "--out", str(model), "--pretrained", str(sd.path)])
+    assert init.exit_code == 0, init.output
+    pkg = load_package(str(model))
+    kw = {"dim": sd.clip_dim, "size": sd.pixel_size, "num_clips": 2, "split": "val", "keep_frames": False}
+    write_sd_clips(tmp_path / "data", vae=pkg.vae, **kw)
+    cfg = EvaluateConfig(num_clips=1, timesteps=[500], num_videos=2, sample_steps=1, num_bootstrap=10)
+    res = run_evaluate(str(model), str(tmp_path / "data"), cfg, log_to_mlflow=False)
+    assert res["real_clips"] == "latents decoded by the model's VAE"
+    assert res["clip_shape"] == [NUM_FRAMES, sd.pixel_size, sd.pixel_size, 3]
+    stored = C.latents_tensor(C.read_clips(str(tmp_path / "data"), "val").sort_by("clip_id"))
+    decoded = decode_frames(pkg.vae, stored).numpy()
+    expected = float(M.frame_differences(decoded).numpy().mean())
+    assert abs(res["motion"]["motion_mean_real"] - expected) <= 1e-6 * max(expected, 1.0)
+
+    other = write_sd_clips(tmp_path / "other", vae=load_vae(str(sd_pipeline_other_vae.path)), **kw)
+    refusals = {
+        "evaluate": lambda: run_evaluate(str(model), str(tmp_path / "other"), cfg, log_to_mlflow=False),
+        "noise fit": lambda: load_val_clips(str(tmp_path / "data"), 2),
+        "evaluator train": lambda: _read_split(str(tmp_path / "data"), "val"),
+    }
+    for step, call in refusals.items():
+        with pytest.raises(PyocoError) as err:
+            call()
+        msg = str(err.value)
+        assert "keep_frames: false" in msg and "\n" not in msg, (step, msg)
+        if step == "evaluate":
+            assert f"{other}: " in msg and "the model's VAE is sha256:" in msg, msg

@@ -46,7 +46,10 @@ def _read_split(data: str, split: str) -> tuple[list, list[dict], list[str], lis
         labels = C.labels_of(table)
     except C.DataError as err:
         raise PyocoError(f"{C.split_uri(data, split)}: {err}") from None
-    frames = [C.frames_array(r) for r in cols]
+    try:
+        frames = [C.frames_array(r) for r in cols]
+    except C.DataError as err:  # latents-only clips: the evaluator learns from pixels
+        raise PyocoError(f"{C.split_uri(data, split)}: {err}") from None
     return frames, labels, [r["clip_id"] for r in cols], table.column(C.LABELS).to_pylist()
 
 

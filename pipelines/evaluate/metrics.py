@@ -25,7 +25,7 @@ METRIC_DESCRIPTIONS = {
 class EvalClips:
     clip_ids: list[str]
     captions: list[str]
-    frames: Any  # uint8 (N, T, H, W, 3) numpy
+    frames: Any  # uint8 (N, T, H, W, 3) numpy; None for latents-only clips until `decode_real_clips`
     cond: Any  # float32 (N, L, D) numpy
     mask: Any  # bool (N, L) numpy
     labels: list[dict] = field(default_factory=list)  # parsed labels per clip ({} when none)
@@ -37,7 +37,7 @@ class EvalClips:
         return EvalClips(
             self.clip_ids[:n],
             self.captions[:n],
-            self.frames[:n],
+            self.frames[:n] if self.frames is not None else None,
             self.cond[:n],
             self.mask[:n],
             self.labels[:n],
@@ -113,10 +113,14 @@ def load_eval_clips(data: str, num_clips: int | None, *, embed_dim: int) -> Eval
         latents = C.latents_tensor(table) if latents_info is not None else None
     except C.DataError as err:
         raise PyocoError(f"{source}: {err}") from None
+    # preprocess.keep_frames: false nulls every row's frames (latents only): decode_real_clips fills them
+    has_frames = table.column("frames").null_count == 0
+    if not has_frames and latents is None:
+        raise PyocoError(f"{source}: {C.NO_FRAMES}, but there is no latents column either")
     return EvalClips(
         clip_ids=[r["clip_id"] for r in rows],
         captions=[r.get("caption") or "" for r in rows],
-        frames=np.stack([C.frames_array(r) for r in rows]),
+        frames=np.stack([C.frames_array(r) for r in rows]) if has_frames else None,
         cond=emb,
         mask=mask,
         labels=labels,
@@ -124,6 +128,35 @@ def load_eval_clips(data: str, num_clips: int | None, *, embed_dim: int) -> Eval
         latents=latents,
         latents_vae=latents_info[1] if latents_info is not None else None,
     )
+
+
+def decode_real_clips(package, clips: EvalClips, source: str, *, batch_size: int = 4) -> EvalClips:
+    """``clips`` with real pixel frames: as stored, or, for latents-only clips (``preprocess.keep_frames:
+    false``), the stored latents decoded by the package's VAE, which must be the VAE that made them. FVD
+    and the motion gap then compare generated videos with val clips that went through that same VAE."""
+    import dataclasses
+
+    import numpy as np
+
+    from pyoco import clips as C
+    from pyoco.vae import decode_frames
+
+    if clips.frames is not None:
+        return clips
+    model_vae = getattr(package.info, "vae_identity", None) if package.vae is not None else None
+    if model_vae is None or clips.latents_vae != model_vae:
+        theirs = (clips.latents_vae or "unknown")[:19]
+        ours = model_vae[:19] if model_vae else "none (a pixel-space model)"
+        raise PyocoError(
+            f"{source}: {C.NO_FRAMES}; they were made by VAE {theirs} but the model's VAE is {ours}, so "
+            "evaluate cannot decode real clips: re-run preprocess with keep_frames: true or this model's VAE"
+        )
+    n = len(clips.clip_ids)
+    frames = [
+        decode_frames(package.vae, clips.latents[i : i + batch_size]).cpu().numpy()
+        for i in range(0, n, batch_size)
+    ]
+    return dataclasses.replace(clips, frames=np.concatenate(frames))
 
 
 # ---------------------------------------------------------------------------------------------- the loss

@@ -75,9 +75,11 @@ def load_val_clips(data: str, num_clips: int, *, split: str = "val"):
         raise PyocoError(str(err)) from None
     if table.num_rows < 2:
         raise PyocoError(f"{data}: noise fit needs at least 2 {split} clips (found {table.num_rows})")
-    frames = np.stack(
-        [frames_array(row) for row in table.select(["frames", "num_frames", "height", "width"]).to_pylist()]
-    )
+    try:
+        rows = table.select(["frames", "num_frames", "height", "width"]).to_pylist()
+        frames = np.stack([frames_array(row) for row in rows])
+    except DataError as err:  # latents-only clips: the fit inverts pixel frames
+        raise PyocoError(f"{data}: {err}") from None
     emb, mask = embedding_arrays(table)
     x = torch.from_numpy(frames).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3).contiguous()
     return x, torch.from_numpy(np.array(emb)), torch.from_numpy(np.array(mask))

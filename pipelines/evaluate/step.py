@@ -48,6 +48,7 @@ from typing import Any
 from pipelines.common import PyocoError
 from pipelines.evaluate.metrics import (
     METRIC_DESCRIPTIONS,
+    decode_real_clips,
     generate_for_prompts,
     load_eval_clips,
     sample_metrics,
@@ -87,6 +88,7 @@ def run_evaluate(
     import numpy as np
     import torch
 
+    from pyoco import clips as C
     from pyoco import metrics as M
     from pyoco.evaluator import load_evaluator
     from pyoco.noise import make_prior
@@ -102,6 +104,8 @@ def run_evaluate(
     prior = make_prior(noise.kind, noise.alpha) if noise is not None else package.prior()
     embed_dim = int(package.denoiser.config.cross_attention_dim)
     clips = load_eval_clips(data, None, embed_dim=embed_dim)
+    real_source = "stored frames" if clips.frames is not None else "latents decoded by the model's VAE"
+    clips = decode_real_clips(package, clips, C.split_uri(data, "val"))
     n, num_frames, height, width = clips.frames.shape[:4]
     if package.denoiser.max_num_frames is not None and num_frames > package.denoiser.max_num_frames:
         raise PyocoError(
@@ -168,6 +172,7 @@ def run_evaluate(
         "num_val_clips": int(n),
         "num_clips": int(len(loss_clips.clip_ids)),
         "clip_shape": [int(num_frames), int(height), int(width), 3],
+        "real_clips": real_source,  # what FVD and the motion gap compare the generated videos with
         "seed": cfg.seed,
         "noise": prior.describe(),
         "prediction_type": package.scheduler_config.get("prediction_type", "epsilon")
