@@ -48,11 +48,28 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (InputError, ValidationError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
+STORAGE_CLIENT_MODULES = ("botocore", "aiobotocore", "s3fs", "aiohttp", "urllib3")
+
+
+def _unreachable_storage(err: BaseException) -> bool:
+    """A connection error or timeout of the storage client (S3 endpoint down, network): the environment's,
+    not a bug. Other timeouts (Ray's ``GetTimeoutError`` is a ``TimeoutError`` too) stay internal."""
+    from pyoco import storage
+
+    chain, link = [], err
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    from_client = any(type(e).__module__.split(".")[0] in STORAGE_CLIENT_MODULES for e in chain)
+    return from_client and storage.is_transient(err)
+
+
 def cli_errors(fn: F) -> F:
     """Turn exceptions into a one-line error and a non-zero exit (set PYOCO_DEBUG=1 to re-raise).
 
-    ``PyocoError``: its message and exit code. Bad input (:func:`_user_error_types`): exit 2. Any other
-    exception is an internal error, exit 1, so that a bug is never presented as a user mistake.
+    ``PyocoError``: its message and exit code. Bad input (:func:`_user_error_types`): exit 2. Storage that
+    cannot be reached (connection errors, timeouts: :func:`pyoco.storage.is_transient`): exit 1, said so.
+    Any other exception is an internal error, exit 1, so that a bug is never presented as a user mistake.
     Typer/click usage errors never reach here (click reports them itself, exit 2).
     """
 
@@ -71,6 +88,12 @@ def cli_errors(fn: F) -> F:
                 fail(str(err), err.exit_code)
             if isinstance(err, _user_error_types()):
                 fail(str(err) or type(err).__name__, EXIT_BAD_INPUT)
+            if _unreachable_storage(err):
+                fail(
+                    f"storage unreachable: {type(err).__name__}: {err}"[:500]
+                    + " (check AWS_ENDPOINT_URL / the network; transient errors were retried)",
+                    EXIT_INTERNAL,
+                )
             fail(
                 f"internal error (a bug in pyoco, not your input): {type(err).__name__}: {err}"[:500]
                 + "; rerun with PYOCO_DEBUG=1 to see the traceback",

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import typer
+from botocore.exceptions import EndpointConnectionError
 from typer.testing import CliRunner
 
 from pipelines.common import PyocoError, cli_errors
@@ -40,6 +41,9 @@ def _app(exc: BaseException) -> typer.Typer:
         (PyocoError("no such run"), 2, False),
         (PyocoError("refused", exit_code=1), 1, False),
         (FileNotFoundError("data/raw: no such file or folder"), 2, False),
+        # what s3fs raises for model.pretrained: s3://... when nothing listens at AWS_ENDPOINT_URL
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b/sd"), 1, False),
+        (TimeoutError("get timed out after 30 s"), 1, True),  # not the storage client's: stays internal
     ],
 )
 def test_cli_errors_separate_user_errors_from_internal_ones(exc, code, internal, monkeypatch):
@@ -49,6 +53,7 @@ def test_cli_errors_separate_user_errors_from_internal_ones(exc, code, internal,
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), res.output
     assert ("internal error" in lines[0] and "PYOCO_DEBUG=1" in lines[0]) is internal
+    assert lines[0].startswith("error: storage unreachable") is isinstance(exc, EndpointConnectionError)
     assert "Traceback" not in res.output
 
 
