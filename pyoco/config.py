@@ -148,7 +148,7 @@ class PreprocessConfig(_Section):
     # actors (``latent_num_gpus`` each) when the cluster has GPUs. Train then runs no VAE.
     latents: bool = False
     vae: str | None = None
-    keep_frames: bool = True  # False: frames are null in the clips (smaller rows; evaluate needs frames)
+    keep_frames: bool = True  # False: frames are null (smaller rows; evaluate decodes the latents)
     latent_actors: int = Field(1, ge=1)
     latent_batch_size: int = Field(4, ge=1)
     latent_num_gpus: float = Field(1.0, ge=0)  # per actor, used only when the cluster has GPUs
