@@ -165,7 +165,9 @@ def test_zero3_s3_storage_resume_after_clean_stop_then_fault_injection(
     # Same run name + storage: resumes at 2. Rank 1 dies before step 5; Ray restarts the workers from the
     # checkpoint at step 4, and the run ends at 6.
     second = run_train(
-        parse_config(tiny_config(tmp_path, clips, max_steps=6, fail_at_step=5, max_failures=1, **base))
+        parse_config(
+            tiny_config(tmp_path, clips, max_steps=6, fail_at_step=5, max_failures=1, sample_every=6, **base)
+        )
     )
     assert second["final_step"] == 6
     assert second["metrics"]["attempt_start_step"] == 4  # the attempt after the crash started from step 4
@@ -181,6 +183,10 @@ def test_zero3_s3_storage_resume_after_clean_stop_then_fault_injection(
     # Every step logged exactly once: nothing was replayed from step 0 (or from 2) after the restart.
     assert [s for s, _ in _history(client, rid, "loss")] == [1, 2, 3, 4, 5, 6]
     assert sorted({v for _, v in _history(client, rid, "resumed_from_step")}) == [2.0, 4.0]
+    # One validation item, two ZeRO-3 ranks: rank 0 samples it, rank 1 runs the same forwards (they gather
+    # the parameters) and drops its copy; neither waits alone.
+    arts = tracking.artifact_texts(f"sqlite:///{tmp_path}/mlflow.db", rid)
+    assert json.loads(arts["samples/step_000006/prompts.json"])["sampled_by"] == {"prompt00_seed0": 0}
     fs, root = storage.filesystem(run)
     assert [p.rsplit("/", 1)[1] for p in fs.ls(root) if "/checkpoint_0" in p] == ["checkpoint_00000006"]
 
