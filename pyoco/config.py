@@ -280,6 +280,9 @@ class EvaluateConfig(_Section):
     evaluator: str | None = None  # TorchScript evaluator (pyoco evaluator train, or a user's I3D)
     num_bootstrap: int = Field(200, ge=10)
     output: str | None = None
+    # True: the loss, sampling and scoring run in a one-GPU Ray task (pipelines.gpu); an error when the
+    # cluster has no GPU. False: in the evaluating process, on its CPU.
+    use_gpu: bool = False
 
 
 class MlflowConfig(_Section):

@@ -309,3 +309,73 @@ def motion_lr_worker(rank: int, world: int, port: int, out: str, zero_stage: int
     moved["lrs"] = [grp["lr"] for grp in engine.optimizer.param_groups]
     Path(out, "result.json").write_text(json.dumps(moved))
     torch.distributed.destroy_process_group()
+
+
+def gather_worker(rank: int, world: int, port: int, out: str, zero_stage: int) -> None:
+    """One rank of tests/test_train_unit.py's worker-side export check: a tiny inflated UNet (motion modules
+    trained, the rest frozen, positional-embedding buffers) takes two DeepSpeed steps with EMA; rank 0 then
+    compares :func:`pipelines.train.gather.gather_fp32_weights` with ``zero_to_fp32`` of the saved checkpoint
+    and the consolidated EMA files."""
+    import torch
+
+    from pipelines.train.deepspeed import deepspeed_config, param_groups, setup_deepspeed
+    from pipelines.train.ema import ShardedEMA, consolidate, load_ema_state, save_ema_state
+    from pipelines.train.gather import gather_fp32_weights
+    from pyoco.config import TrainConfig
+    from pyoco.model import TinyUNetConfig, VideoDenoiser, build_unet2d, inflate
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    deepspeed = setup_deepspeed(use_gpu=False)
+    deepspeed.init_distributed(dist_backend="gloo")
+    t = TrainConfig(lr=1e-2, zero_stage=zero_stage, batch_size_per_worker=2, warmup_steps=0)
+    unet = build_unet2d(
+        TinyUNetConfig(sample_size=8, block_out_channels=(8, 16), attention_head_dim=2), seed=0
+    )
+    model = VideoDenoiser(inflate(unet, motion_num_attention_heads=1))
+    model.set_trainable("temporal")
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, t), config=deepspeed_config(t, world_size=world)
+    )
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    ema = ShardedEMA(named, 0.5, rank=rank)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        x, cond = torch.randn(2, 3, 2, 8, 8, generator=g), torch.randn(2, 4, 384, generator=g)
+        loss = (engine(x, torch.tensor([10, 500]), cond) - x).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        ema.update()
+    ckpt = Path(out, "ckpt")
+    engine.save_checkpoint(str(ckpt), tag="ds")
+    if ema.zero3 or rank == 0:
+        save_ema_state(ema.state_dict(), ckpt / f"ema_rank{rank:03d}.safetensors")
+    raw = gather_fp32_weights(engine.module, None, zero_stage=zero_stage, rank=rank, world=world)
+    with_ema = gather_fp32_weights(engine.module, ema, zero_stage=zero_stage, rank=rank, world=world)
+    torch.distributed.barrier()
+    if rank == 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        ref = {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ds").items()}
+        shards = [load_ema_state(f) for f in sorted(ckpt.glob("ema_rank*.safetensors"))]
+        ref_ema = {**ref, **consolidate(shards)}
+        result = {
+            "same_keys": sorted(raw) == sorted(ref) == sorted(model.state_dict()),
+            "frozen": sum(not p.requires_grad for p in engine.module.parameters()),
+            "trainable": len(named),
+            "buffers": sum(1 for n, _ in engine.module.named_buffers() if n in raw),
+            "raw_max_err": max(float((raw[k] - ref[k]).abs().max()) for k in ref),
+            "ema_max_err": max(float((with_ema[k] - ref_ema[k]).abs().max()) for k in ref),
+            "ema_moved": max(float((with_ema[k] - raw[k]).abs().max()) for k, _ in named),
+            "shapes_ok": all(raw[k].shape == ref[k].shape == with_ema[k].shape for k in ref),
+        }
+        Path(out, "result.json").write_text(json.dumps(result))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

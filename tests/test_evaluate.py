@@ -37,6 +37,7 @@ def clips_dir(tmp_path_factory):
 def test_validation_loss_is_deterministic_and_independent_of_batching(tiny_package, clips_dir):
     a = run_evaluate(str(tiny_package), str(clips_dir), _cfg(), log_to_mlflow=False, batch_size=4)
     b = run_evaluate(str(tiny_package), str(clips_dir), _cfg(), log_to_mlflow=False, batch_size=2)
+    assert a["device"] == "cpu"  # evaluate.use_gpu defaults to false: here, on the CPU
     assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6, rel=0)
     assert a["val_loss_per_timestep"].keys() == {str(t) for t in TIMESTEPS}
     for t in TIMESTEPS:
@@ -246,3 +247,39 @@ def test_fvd_refuses_fewer_than_32_videos(tmp_path, tiny_package, labelled_clips
     )
     assert res.exit_code == 2, res.output
     assert "at least 32 generated videos" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_gpu_tasks_on_a_cluster_without_a_gpu_fail_in_one_line_not_a_hang(
+    ray_local, tiny_package, clips_dir, tmp_path
+):
+    """``evaluate.use_gpu`` and ``pyoco sample --device gpu`` run in one-GPU Ray tasks (pipelines.gpu). This
+    machine's Ray has 2 CPUs and no GPU: each refuses at once, in one line naming the setting, rather than
+    queueing a task that no node can ever run; nothing is written."""
+    import time
+
+    from pipelines.cli import app
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(json.dumps({"evaluate": {"use_gpu": True, "num_videos": 6, "sample_steps": 2}}))
+    t0 = time.perf_counter()
+    with pytest.raises(
+        PyocoError, match=r"^evaluate\.use_gpu: this Ray cluster has no GPU \(2 CPUs, 0 GPUs\)"
+    ):
+        run_evaluate(str(tiny_package), str(clips_dir), _cfg(use_gpu=True), log_to_mlflow=False)
+    runner = CliRunner()
+    out = tmp_path / "results.json"
+    res = runner.invoke(
+        app,
+        ["evaluate", "--checkpoint", str(tiny_package), "--data", str(clips_dir), "--config", str(cfg_file)]
+        + ["--no-mlflow", "--out", str(out)],
+    )
+    assert res.exit_code == 2, res.output
+    assert "evaluate.use_gpu: this Ray cluster has no GPU" in res.output and not out.exists()
+    video = tmp_path / "v.mp4"
+    sample = ["sample", "--model", str(tiny_package), "--prompt", "a red square", "--out", str(video)]
+    res = runner.invoke(app, [*sample, "--device", "gpu"])
+    assert res.exit_code == 2 and "--device gpu: this Ray cluster has no GPU" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not video.exists()
+    assert time.perf_counter() - t0 < 60  # refused, not waiting for a GPU
+    res = runner.invoke(app, [*sample, "--device", "tpu"])
+    assert res.exit_code == 2 and "--device must be cpu or gpu (got 'tpu')" in res.output

@@ -41,6 +41,24 @@ def _files_containing(root: Path, needle: bytes) -> list[str]:
     return hits
 
 
+def _driver_never_opens_a_checkpoint(monkeypatch) -> None:
+    """The export happens on the workers: the driver (this process) must not download a checkpoint."""
+    import ray.train
+
+    def refuse(self, *a, **kw):
+        raise AssertionError(f"the driver opened checkpoint {self.path}")
+
+    monkeypatch.setattr(ray.train.Checkpoint, "as_directory", refuse)
+    monkeypatch.setattr(ray.train.Checkpoint, "to_directory", refuse)
+
+
+def _only_package_files(files: list[str]) -> None:
+    """What the driver copied for the export: the package's weights and configs, no optimizer state."""
+    assert "pyoco_package.json" in files and "unet/diffusion_pytorch_model.safetensors" in files
+    assert all(f.split("/")[0] in ("unet", "scheduler", "pyoco_package.json") for f in files), files
+    assert not [f for f in files if "optim" in f or f.endswith(".pt")], files
+
+
 def test_zero2_two_workers_overfit_mlflow_server_export_no_secrets(
     ray_local, mlflow_server, tmp_path, monkeypatch
 ):
@@ -59,8 +77,10 @@ def test_zero2_two_workers_overfit_mlflow_server_export_no_secrets(
             sample_every=12,
             ema_decay=0.9,
             caption_dropout=0.1,
+            sample_seeds=[0, 1],
         )
     )
+    _driver_never_opens_a_checkpoint(monkeypatch)
     res = run_train(cfg)
 
     # A Ray checkpoint per checkpoint_every (num_to_keep = 2), the last one at the target step.
@@ -81,6 +101,8 @@ def test_zero2_two_workers_overfit_mlflow_server_export_no_secrets(
     assert pkg.denoiser.is_video and pkg.info.weights == "ema" and res["weights"] == "ema"
     assert (pkg.info.num_frames, pkg.info.height, pkg.info.noise["kind"]) == (4, 8, "progressive")
     assert pkg.info.lineage["mlflow_run_id"] == res["mlflow_run_id"]
+    assert pkg.info.lineage["checkpoint"] == res["checkpoint"]
+    _only_package_files(res["export_files"])
 
     # MLflow: params, per-step metrics, system metrics, samples, config artifacts, tags.
     client = MlflowClient(mlflow_server.uri)
@@ -100,7 +122,10 @@ def test_zero2_two_workers_overfit_mlflow_server_export_no_secrets(
     assert "config/resolved.yaml" in arts and "deepspeed/ds_config.json" in arts
     assert json.loads(arts["deepspeed/ds_config.json"])["zero_optimization"]["stage"] == 2
     names = {a.path for a in client.list_artifacts(run.info.run_id, "samples/step_000012")}
-    assert {"samples/step_000012/prompt00_seed0.mp4", "samples/step_000012/prompt00_seed0.gif"} <= names
+    assert {f"samples/step_000012/prompt00_seed{s}.{x}" for s in (0, 1) for x in ("mp4", "gif")} <= names
+    # The validation samples were split across the two ranks (one (seed, prompt) item each), not rank 0's.
+    prompts = json.loads(arts["samples/step_000012/prompts.json"])
+    assert prompts["sampled_by"] == {"prompt00_seed0": 0, "prompt00_seed1": 1}
     mp4 = client.download_artifacts(run.info.run_id, "samples/step_000012/prompt00_seed0.mp4", str(tmp_path))
     with av.open(mp4) as c:
         assert sum(1 for _ in c.decode(video=0)) == 4
@@ -132,6 +157,7 @@ def test_zero3_s3_storage_resume_after_clean_stop_then_fault_injection(
     store = f"s3://{bucket}/ray"
     clips = write_clips(tmp_path / "data", num_clips=8, num_frames=4, size=8)
     base = {"zero_stage": 3, "checkpoint_every": 2, "num_to_keep": 1, "ema_decay": 0.5, "storage_path": store}
+    _driver_never_opens_a_checkpoint(monkeypatch)
     first = run_train(parse_config(tiny_config(tmp_path, clips, max_steps=2, **base)))
     assert first["final_step"] == 2 and first["metrics"]["attempt_start_step"] == 0
     assert (tmp_path / "mlflow.db").is_file() and first["tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"
@@ -139,7 +165,9 @@ def test_zero3_s3_storage_resume_after_clean_stop_then_fault_injection(
     # Same run name + storage: resumes at 2. Rank 1 dies before step 5; Ray restarts the workers from the
     # checkpoint at step 4, and the run ends at 6.
     second = run_train(
-        parse_config(tiny_config(tmp_path, clips, max_steps=6, fail_at_step=5, max_failures=1, **base))
+        parse_config(
+            tiny_config(tmp_path, clips, max_steps=6, fail_at_step=5, max_failures=1, sample_every=6, **base)
+        )
     )
     assert second["final_step"] == 6
     assert second["metrics"]["attempt_start_step"] == 4  # the attempt after the crash started from step 4
@@ -155,10 +183,17 @@ def test_zero3_s3_storage_resume_after_clean_stop_then_fault_injection(
     # Every step logged exactly once: nothing was replayed from step 0 (or from 2) after the restart.
     assert [s for s, _ in _history(client, rid, "loss")] == [1, 2, 3, 4, 5, 6]
     assert sorted({v for _, v in _history(client, rid, "resumed_from_step")}) == [2.0, 4.0]
+    # One validation item, two ZeRO-3 ranks: rank 0 samples it, rank 1 runs the same forwards (they gather
+    # the parameters) and drops its copy; neither waits alone.
+    arts = tracking.artifact_texts(f"sqlite:///{tmp_path}/mlflow.db", rid)
+    assert json.loads(arts["samples/step_000006/prompts.json"])["sampled_by"] == {"prompt00_seed0": 0}
     fs, root = storage.filesystem(run)
     assert [p.rsplit("/", 1)[1] for p in fs.ls(root) if "/checkpoint_0" in p] == ["checkpoint_00000006"]
 
-    # ZeRO-3 export: DeepSpeed's fp32 consolidation of the shards plus the consolidated sharded EMA.
+    # ZeRO-3 export: the workers gathered the weights and the driver fetched the package from the run's
+    # staging folder on S3 (weights and configs only), then removed it.
+    _only_package_files(second["export_files"])
+    assert not fs.exists(f"{root}/export")
     assert second["checkpoint"] == f"{run}/checkpoint_00000006"
     ckpt = tmp_path / "ckpt"
     fs.get(f"{root}/checkpoint_00000006/", str(ckpt) + "/", recursive=True)
@@ -175,6 +210,13 @@ def test_zero3_s3_storage_resume_after_clean_stop_then_fault_injection(
     # EMA (decay 0.5, 6 updates) is close to, but not the same as, the last weights.
     diffs = [float((exported[k] - raw[k]).abs().max()) for k in raw]
     assert 0 < max(diffs) < 0.1
+    # ...and it is exactly the EMA that the checkpoint's per-rank shards consolidate to (buffers: raw).
+    from pipelines.train.ema import consolidate, load_ema_shards
+
+    ema = consolidate(load_ema_shards(ckpt / "pyoco"))
+    assert set(ema) == {n for n, _ in pkg.denoiser.named_parameters()}
+    for k in raw:
+        torch.testing.assert_close(exported[k], ema.get(k, raw[k]), rtol=0, atol=0)
 
     # The S3 secret reached the workers (they wrote to S3) but no log or MLflow record.
     import ray

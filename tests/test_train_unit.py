@@ -21,7 +21,14 @@ from pipelines.train.deepspeed import deepspeed_config, lr_multiplier, param_gro
 from pipelines.train.ema import ShardedEMA, consolidate
 from pipelines.train.plan import pretrain_config, resolve_config, total_steps
 from pyoco.config import PyocoConfig, TrainConfig, parse_config
-from tests.fixtures_train import clip_frames, ema_zero3_worker, motion_lr_worker, tiny_config, write_clips
+from tests.fixtures_train import (
+    clip_frames,
+    ema_zero3_worker,
+    gather_worker,
+    motion_lr_worker,
+    tiny_config,
+    write_clips,
+)
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -210,6 +217,22 @@ def test_ema_is_exact_under_real_zero3_with_persistent_params(tmp_path):
     assert r["swap_max_err"] < 1e-5
     assert r["restore_max_err"] == 0.0
     assert r["ema_differs_from_weights"] > 1e-3  # the swap really changed the weights in use
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_worker_side_export_gather_equals_zero_to_fp32_and_the_consolidated_ema(tmp_path, zero_stage):
+    """Two gloo processes under real DeepSpeed: the weights the workers gather for the export (fp32 masters,
+    frozen params and buffers; then with the sharded EMA) equal what zero_to_fp32 and ema.consolidate read
+    back from the checkpoint files, which the driver therefore never needs to download."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(gather_worker, args=(2, port, str(tmp_path), zero_stage), nprocs=2, join=True)
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["same_keys"] and r["shapes_ok"]
+    assert r["frozen"] > 0 and r["trainable"] > 0 and r["buffers"] > 0  # every kind of tensor is covered
+    assert r["raw_max_err"] == 0.0 and r["ema_max_err"] == 0.0
+    assert r["ema_moved"] > 1e-4  # the EMA really replaced the trained weights
 
 
 # --------------------------------------------------------------------------------------------- tracking

@@ -213,15 +213,59 @@ def sample_to_files(
     eta: float = 0.0,
     fps: int | None = None,
     gif: bool = False,
+    device: str = "cpu",
 ) -> dict:
-    from pyoco.package import load_package
-    from pyoco.sampling import generate
+    """Sample one video and write it as mp4 (and GIF). ``device`` "gpu": the sampling runs in a one-GPU
+    Ray task (:mod:`pipelines.gpu`), which reads the model from its (resolved) URI itself; "cpu": here."""
     from pyoco.video import write_gif, write_mp4
 
-    pkg = load_package(resolve_model(model))
+    kw = dict(frames=frames, steps=steps, guidance=guidance, noise=noise, alpha=alpha, seed=seed, eta=eta)
+    t0 = time.perf_counter()
+    if device == "gpu":
+        from pipelines.gpu import run_on_gpu
+
+        video, info = run_on_gpu(
+            sample_video_frames, resolve_model(model), prompt, setting="--device gpu", **kw
+        )
+    else:
+        video, info = sample_video_frames(resolve_model(model), prompt, **kw)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_mp4(video, str(out), fps=fps or info["fps"])
+    outputs = {"mp4": str(out)}
+    if gif:
+        gif_path = out.with_suffix(".gif")
+        write_gif(video, str(gif_path), fps=fps or info["fps"])
+        outputs["gif"] = str(gif_path)
+    return {
+        "frames": info["frames"],
+        "seconds": time.perf_counter() - t0,
+        "prior": info["prior"],
+        "device": info["device"],
+        **outputs,
+    }
+
+
+def sample_video_frames(
+    model_uri: str,
+    prompt: str,
+    *,
+    frames: int | None,
+    steps: int,
+    guidance: float,
+    noise: str | None,
+    alpha: float | None,
+    seed: int,
+    eta: float,
+    device: str = "cpu",
+):
+    """(uint8 (T, H, W, 3) numpy video, facts) for ``prompt`` from the package at ``model_uri``, on
+    ``device``."""
+    from pyoco.package import load_package
+    from pyoco.sampling import generate
+
+    pkg = load_package(model_uri, device=device)
     prior = pkg.prior(noise, alpha)
     num_frames = frames or pkg.info.num_frames
-    t0 = time.perf_counter()
     video = generate(
         pkg.denoiser,
         pkg.text_encoder(),
@@ -236,15 +280,10 @@ def sample_to_files(
         eta=eta,
         scheduler_config=pkg.scheduler_config,
         vae=pkg.vae,
+        device=device,
     )[0]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_mp4(video.numpy(), str(out), fps=fps or pkg.info.fps)
-    outputs = {"mp4": str(out)}
-    if gif:
-        gif_path = out.with_suffix(".gif")
-        write_gif(video.numpy(), str(gif_path), fps=fps or pkg.info.fps)
-        outputs["gif"] = str(gif_path)
-    return {"frames": num_frames, "seconds": time.perf_counter() - t0, "prior": prior.describe(), **outputs}
+    facts = {"frames": num_frames, "fps": pkg.info.fps, "prior": prior.describe(), "device": str(device)}
+    return video.cpu().numpy(), facts
 
 
 @cli_errors
@@ -269,8 +308,16 @@ def sample(
         None, "--fps", min=1, help="Frame rate of the mp4 (default: the model's)."
     ),
     gif: bool = typer.Option(False, "--gif", help="Also write a GIF next to the mp4."),
+    device: str = typer.Option(
+        "cpu",
+        "--device",
+        help="cpu: sample in this process. gpu: in a one-GPU Ray task ($RAY_ADDRESS, else an embedded Ray); "
+        "the model must be reachable from that node (s3://, a shared path or models:/).",
+    ),
 ) -> None:
     """Generate a video from a text prompt and write it as mp4."""
+    if device not in ("cpu", "gpu"):
+        raise PyocoError(f"--device must be cpu or gpu (got {device!r})")
     if alpha is not None:
         _check_alpha(alpha)
     if noise is not None:
@@ -296,6 +343,7 @@ def sample(
             eta=eta,
             fps=fps,
             gif=gif,
+            device=device,
         )
     console.print(
         f"wrote {result['mp4']} ({result['frames']} frames, {result['prior']['kind']} prior, "

@@ -77,6 +77,7 @@ def evaluate_cmd(
             tracking_uri=cfg.mlflow.tracking_uri,
             experiment=cfg.mlflow.experiment,
             progress=progress,
+            ray_address=cfg.ray.address,
         )
     finally:
         bar.stop()

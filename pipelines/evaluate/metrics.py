@@ -168,6 +168,7 @@ def validation_loss(
     timesteps: list[int],
     seed: int,
     batch_size: int = 4,
+    device: str = "cpu",
 ) -> dict[int, float]:
     """{t: mean over clips of the unweighted prediction MSE at timestep t} (see the module docstring)."""
     import torch
@@ -188,19 +189,20 @@ def validation_loss(
         for start in range(0, n, batch_size):
             sl = slice(start, min(start + batch_size, n))
             if stored:
-                x0 = clips.latents[sl]
+                x0 = torch.as_tensor(clips.latents[sl]).to(device)
             else:  # uint8 (B, T, H, W, 3) -> float (B, 3, T, H, W) in [-1, 1]
                 x0 = torch.from_numpy(clips.frames[sl]).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+                x0 = x0.to(device)
                 if package.vae is not None:
                     from pyoco.model import encode_video
 
                     x0 = encode_video(package.vae, x0)
-            cond = torch.from_numpy(clips.cond[sl]).float()
-            mask = torch.from_numpy(clips.mask[sl])
+            cond = torch.from_numpy(clips.cond[sl]).float().to(device)
+            mask = torch.from_numpy(clips.mask[sl]).to(device)
             gens = clip_generators(seed, [clip_stream_id(c) for c in clips.clip_ids[sl]])
-            eps = prior.sample(x0.shape, generator=gens, dtype=x0.dtype)
+            eps = prior.sample(x0.shape, generator=gens, dtype=x0.dtype).to(device)  # drawn on the CPU
             for t in sums:
-                tt = torch.full((x0.shape[0],), t, dtype=torch.long)
+                tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
                 x_t, target = loss_fn.noisy(x0, eps, tt)
                 pred = model(x_t, tt, cond, mask)
                 per_clip = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3, 4))
@@ -240,6 +242,7 @@ def generate_for_prompts(
     seed: int,
     batch_size: int = 16,
     progress=None,
+    device: str = "cpu",
 ):
     """uint8 (num_videos, T, H, W, 3): video i prompted with val clip ``i mod n``'s caption states and
     drawn from the stream ``clip_generators(seed, [i])`` (see the module docstring)."""
@@ -259,8 +262,8 @@ def generate_for_prompts(
         src = [i % n for i in idx]
         videos = sample_video(
             model,
-            torch.from_numpy(clips.cond[src]).float(),
-            torch.from_numpy(clips.mask[src]),
+            torch.from_numpy(clips.cond[src]).float().to(device),
+            torch.from_numpy(clips.mask[src]).to(device),
             prior=prior,
             null_cond=None if null[0] is None else torch.from_numpy(null[0]),
             null_mask=None if null[1] is None else torch.from_numpy(null[1]),
@@ -274,7 +277,7 @@ def generate_for_prompts(
             scheduler_config=package.scheduler_config,
             vae=package.vae,
         )
-        out.append(videos.numpy())
+        out.append(videos.cpu().numpy())
         if progress is not None:
             progress(idx[-1] + 1, num_videos)
     return np.concatenate(out)

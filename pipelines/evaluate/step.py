@@ -76,6 +76,7 @@ def run_evaluate(
     experiment: str = "pyoco",
     batch_size: int = 4,
     progress=None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model package ``checkpoint`` on the val split of preprocess output ``data``.
 
@@ -84,23 +85,68 @@ def run_evaluate(
     metrics ``eval.*`` and the artifact ``evaluate/results.json``, or into a new run named ``evaluate``
     when no run id is given (``log_to_mlflow=False`` skips MLflow). ``batch_size`` is the val_loss batch;
     sampling batches ``cfg.sample_batch_size`` videos.
+
+    ``cfg.use_gpu``: the loss, sampling and scoring (:func:`evaluate_model`) run in a one-GPU Ray task
+    (:mod:`pipelines.gpu`; Ray at ``ray_address``, the session's, or embedded), with one line when the
+    cluster has no GPU; this process still writes the results and logs them to MLflow. Otherwise they run
+    here, on the CPU.
     """
+    from pyoco import metrics as M
+
+    if cfg.evaluator is not None and cfg.num_videos is not None and cfg.num_videos < M.MIN_FVD_VIDEOS:
+        raise PyocoError(
+            f"evaluate.num_videos = {cfg.num_videos}: FVD needs at least {M.MIN_FVD_VIDEOS} generated videos"
+        )
+    cache_dir = model_cfg.cache_dir if model_cfg else None
+    if cfg.use_gpu:
+        from pipelines.gpu import run_on_gpu
+
+        results = run_on_gpu(
+            evaluate_model,
+            checkpoint,
+            data,
+            cfg,
+            setting="evaluate.use_gpu",
+            address=ray_address,
+            cache_dir=cache_dir,
+            noise=noise,
+            batch_size=batch_size,
+        )
+    else:
+        results = evaluate_model(
+            checkpoint, data, cfg, cache_dir=cache_dir, noise=noise, batch_size=batch_size, progress=progress
+        )
+    if log_to_mlflow:
+        results["mlflow_run_id"] = _log_to_mlflow(results, mlflow_run_id, tracking_uri, experiment)
+    if cfg.output:
+        _write_json(cfg.output, results)
+    return results
+
+
+def evaluate_model(
+    checkpoint: str,
+    data: str,
+    cfg: EvaluateConfig,
+    *,
+    cache_dir: str | None = None,
+    noise: NoiseConfig | None = None,
+    batch_size: int = 4,
+    progress=None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """The results of :func:`run_evaluate` (loss, samples, scores), computed on ``device``; nothing is
+    logged or written."""
     import numpy as np
     import torch
 
     from pyoco import clips as C
-    from pyoco import metrics as M
     from pyoco.evaluator import load_evaluator
     from pyoco.noise import make_prior
     from pyoco.package import load_package
 
     t0 = time.perf_counter()
-    if cfg.evaluator is not None and cfg.num_videos is not None and cfg.num_videos < M.MIN_FVD_VIDEOS:
-        raise PyocoError(
-            f"evaluate.num_videos = {cfg.num_videos}: FVD needs at least {M.MIN_FVD_VIDEOS} generated videos"
-        )
     evaluator = load_evaluator(cfg.evaluator) if cfg.evaluator else None
-    package = load_package(checkpoint, cache_dir=model_cfg.cache_dir if model_cfg else None)
+    package = load_package(checkpoint, cache_dir=cache_dir, device=device)
     prior = make_prior(noise.kind, noise.alpha) if noise is not None else package.prior()
     embed_dim = int(package.denoiser.config.cross_attention_dim)
     clips = load_eval_clips(data, None, embed_dim=embed_dim)
@@ -117,7 +163,13 @@ def run_evaluate(
     torch.manual_seed(0)  # nothing below should draw from the global RNG; pin it anyway
     loss_clips = clips.subset(cfg.num_clips)
     per_t = validation_loss(
-        package, loss_clips, prior, timesteps=list(cfg.timesteps), seed=cfg.seed, batch_size=batch_size
+        package,
+        loss_clips,
+        prior,
+        timesteps=list(cfg.timesteps),
+        seed=cfg.seed,
+        batch_size=batch_size,
+        device=device,
     )
     val_loss = float(np.mean(list(per_t.values())))
     loss_seconds = time.perf_counter() - t0
@@ -133,6 +185,7 @@ def run_evaluate(
         seed=cfg.seed,
         batch_size=cfg.sample_batch_size,
         progress=progress,
+        device=device,
     )
     sample_seconds = time.perf_counter() - t1
     prompt_of = [i % n for i in range(num_videos)]
@@ -206,11 +259,8 @@ def run_evaluate(
             "sample": round(sample_seconds, 3),
             "total": round(time.perf_counter() - t0, 3),
         },
+        "device": str(device),
     }
-    if log_to_mlflow:
-        results["mlflow_run_id"] = _log_to_mlflow(results, mlflow_run_id, tracking_uri, experiment)
-    if cfg.output:
-        _write_json(cfg.output, results)
     return results
 
 

@@ -12,8 +12,9 @@ export already live in their own modules.
 Driver (this process): resolve the config once, read the clips' geometry, compute the null/sample caption
 embeddings with the text encoder (so workers never load it), open the MLflow run (params, config artifact,
 DeepSpeed config, tags), start ``TorchTrainer`` over a streaming Ray Dataset of ``clips/*.parquet``, and at the
-end consolidate the final checkpoint into a model package (``pyoco.package``: ``unet/`` safetensors in diffusers
-format, ``scheduler/``, ``pyoco_package.json``) at ``train.output``.
+end put the model package the workers wrote (``pyoco.package``: ``unet/`` safetensors in diffusers format,
+``scheduler/``, ``pyoco_package.json``) in place at ``train.output`` (:mod:`pipelines.train.export`: the ranks
+gather the fp32/EMA weights, rank 0 writes them; no optimizer shard ever reaches the driver).
 
 Worker (:func:`pipelines.train.loop.train_loop_per_worker`, one per rank): typed config on the first line,
 build/load the UNet (inflated unless image pretraining), ``deepspeed.initialize`` with the generated config
@@ -34,8 +35,9 @@ Checkpoint layout (one Ray checkpoint = the merged folders of all ranks)::
                                          scalars and Python's state as JSON metadata)
 
 No pyoco state is pickled, and DeepSpeed's ``ds/`` files are loaded with ``torch.load(weights_only=True)`` on
-resume: whoever can write the checkpoint bucket cannot run code on the workers. (The export's ZeRO
-consolidation, DeepSpeed's ``zero_to_fp32``, still unpickles fully; see the issue-12 notes.)
+resume: whoever can write the checkpoint bucket cannot run code on the workers. (Training's export gathers
+the weights in memory and reads no checkpoint; only the offline ``export_checkpoint`` still runs DeepSpeed's
+``zero_to_fp32``, which unpickles fully; see the issue-12 notes.)
 
 Resume: Ray Train V2 restarts the worker group from the latest checkpoint after a worker failure
 (``FailureConfig(max_failures)``), and a new ``pyoco train`` with the same ``storage_path`` and run name picks
@@ -67,7 +69,7 @@ from typing import Any
 
 from pipelines.common import PyocoError, console
 from pipelines.train.checkpoint import _check_existing_checkpoints, compat_fields, compat_hash
-from pipelines.train.export import export_checkpoint
+from pipelines.train.export import _check_export_target, finish_export, staging_uri
 from pipelines.train.loop import train_loop_per_worker
 from pipelines.train.plan import WorkerPlan, _abs, _join, resolve_config, total_steps, worker_env
 from pyoco.config import NoiseConfig, PyocoConfig, TrainConfig
@@ -284,6 +286,7 @@ def run_train(
     compat = compat_fields(cfg, geometry, total=steps, data_hash=mhash)
     t.run_name = t.run_name or f"{cfg.name}-{kind}-{(run_key or compat_hash(compat))[:12]}"
     resume_step = _check_existing_checkpoints(t, compat)
+    _check_export_target(t.output)  # before training: rank 0 may write straight to it
     ds_config = deepspeed_config(t, world_size=t.num_workers)
     text_desc, null, null_mask, sample_cond, sample_mask = _text_embeddings(cfg, geometry, spec)
 
@@ -331,6 +334,14 @@ def run_train(
             compat=compat,
             credential_names=credential_names,
             vae=spec.vae,
+            export_uri=staging_uri(t.storage_path, t.run_name, t.output),
+            text_encoder=text_desc,
+            lineage={
+                "mlflow_run_id": run_id,
+                "data_manifest_hash": mhash,
+                "git_revision": tracking.git_revision(),
+                "kind": kind,
+            },
         )
         # The driver's progress line, fed by the workers' ray.train.report (pipelines.context)
         progress = TrainProgress(kind, steps, start_step=resume_step or 0)
@@ -370,17 +381,9 @@ def run_train(
             ckpt_uri = (
                 f"s3://{result.checkpoint.path}" if store_fs is not None else str(result.checkpoint.path)
             )
-            lineage = {
-                "mlflow_run_id": run_id,
-                "data_manifest_hash": mhash,
-                "git_revision": tracking.git_revision(),
-                "checkpoint": ckpt_uri,
-                "kind": kind,
-            }
-            with result.checkpoint.as_directory() as d:
-                exported = export_checkpoint(
-                    d, t.output, cfg=cfg, text_encoder=text_desc, lineage=lineage, vae=spec.vae
-                )
+            # The workers gathered the weights and rank 0 wrote the package (Trainer.export); the driver
+            # only moves it into place and never reads the checkpoint's optimizer shards.
+            exported = finish_export(plan.export_uri, t.output)
             tracking.set_tags(
                 tracking_uri,
                 run_id,
@@ -408,6 +411,7 @@ def run_train(
             "tracking_uri": tracking.redact_uri(tracking_uri),
             "final_step": exported["step"],
             "weights": exported["weights"],
+            "export_files": exported["files"],
             "run_name": t.run_name,
             "storage_path": t.storage_path,
             "metrics": metrics,

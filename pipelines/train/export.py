@@ -1,5 +1,10 @@
-"""The export: consolidate the final (ZeRO) checkpoint into a pyoco model package and publish it to
-``train.output``."""
+"""The export: a pyoco model package at ``train.output`` from the trained weights.
+
+Training exports on its workers: at the end, every rank takes part in gathering the fp32 (EMA) weights
+(:mod:`pipelines.train.gather`), rank 0 writes the package (:func:`write_package`) to
+:func:`staging_uri`, and the driver moves it into place (:func:`finish_export`), so the driver never
+downloads a checkpoint or any rank's optimizer state. :func:`export_checkpoint` builds the same package from
+a checkpoint folder offline."""
 
 from __future__ import annotations
 
@@ -46,14 +51,10 @@ def export_checkpoint(
 ) -> dict:
     """Consolidate the checkpoint at ``ckpt_dir`` into a model package at ``out_uri``; returns its facts.
 
-    ``text_encoder``: the encoder's ``describe()``; a CLIP encoder's weights and tokenizer are packaged too,
-    and so is the model's ``vae`` (its URI, `PretrainedSpec.vae`): the package then samples, evaluates and
-    serves with no reference to the pretrained folder.
-
-    ``out_uri`` must be absent, empty or an earlier package (see :func:`publish_package`)."""
+    The offline path (a checkpoint folder at hand, e.g. a run that ended before its export): training itself
+    exports on the workers (:func:`write_package` from the gathered weights, then :func:`finish_export` on
+    the driver), never reading optimizer shards. Arguments as for :func:`write_package`."""
     from pipelines.train.ema import consolidate, load_ema_shards
-    from pyoco.model import VideoDenoiser
-    from pyoco.package import PackageInfo, save_package
 
     root = Path(ckpt_dir)
     state_dir = root / STATE_DIR
@@ -67,13 +68,52 @@ def export_checkpoint(
             raise RuntimeError(f"EMA holds parameters the model does not have: {unknown[:3]}")
         weights.update(ema)
         which = "ema"
+    from diffusers import UNet2DConditionModel
+
+    unet_config = dict(UNet2DConditionModel.load_config(str(state_dir / "unet")))
+    return write_package(
+        weights,
+        state,
+        unet_config,
+        out_uri,
+        which=which,
+        text_encoder=text_encoder,
+        lineage=lineage,
+        vae=vae,
+        cache_dir=cfg.model.cache_dir,
+    )
+
+
+def write_package(
+    weights: dict,
+    state: dict,
+    unet_config: dict,
+    out_uri: str,
+    *,
+    which: str,
+    text_encoder: dict,
+    lineage: dict,
+    vae: str | None = None,
+    cache_dir: str | None = None,
+) -> dict:
+    """Write the model package for the full fp32 ``weights`` (a VideoDenoiser state dict) at ``out_uri``;
+    returns ``{"weights", "step"}``. ``state``: the checkpoint's train state (train_state.json's fields);
+    ``unet_config``: the UNet's diffusers config; ``which``: "ema" or "raw".
+
+    ``text_encoder``: the encoder's ``describe()``; a CLIP encoder's weights and tokenizer are packaged too,
+    and so is the model's ``vae`` (its URI, `PretrainedSpec.vae`): the package then samples, evaluates and
+    serves with no reference to the pretrained folder.
+
+    ``out_uri`` must be absent, empty or an earlier package (see :func:`publish_package`)."""
     from diffusers import UNet2DConditionModel, UNetMotionModel
+
+    from pyoco.model import VideoDenoiser
+    from pyoco.package import PackageInfo, save_package
 
     cls = {"UNetMotionModel": UNetMotionModel, "UNet2DConditionModel": UNet2DConditionModel}[
         state["unet_class"]
     ]
-    unet = cls.from_config(cls.load_config(str(state_dir / "unet")))
-    model = VideoDenoiser(unet)
+    model = VideoDenoiser(cls.from_config(unet_config))
     model.load_state_dict(weights, strict=True)
     geo = state["geometry"]
     info = PackageInfo(
@@ -96,7 +136,7 @@ def export_checkpoint(
     if vae:
         from pyoco.model import load_vae
 
-        vae_model = load_vae(vae, cache_dir=cfg.model.cache_dir)
+        vae_model = load_vae(vae, cache_dir=cache_dir)
     if text_encoder.get("kind") == "clip":
         from pyoco.text import load_text_encoder
 
@@ -113,6 +153,44 @@ def export_checkpoint(
         )
         publish_package(local, out_uri)
     return {"weights": which, "step": int(state["step"])}
+
+
+def staging_uri(storage_path: str, run_name: str, output: str) -> str:
+    """Where training's rank 0 writes the package: ``train.output`` itself when that is object storage
+    (every node reaches it), else a folder beside the run's checkpoints (which Ray Train already requires
+    every node to share), that :func:`finish_export` moves to ``train.output`` on the driver."""
+    from pyoco import storage
+
+    return output if storage.is_remote(output) else storage.join(storage_path, run_name, "export")
+
+
+def finish_export(staged: str, out_uri: str) -> dict:
+    """On the driver, after training: put the package rank 0 wrote at ``staged`` in place at ``out_uri``;
+    returns ``{"weights", "step", "files"}``, ``files`` being the package files this process copied
+    (weights and configs only: the driver never touches a checkpoint or its optimizer shards)."""
+    import shutil
+
+    from pyoco import storage
+    from pyoco.package import PACKAGE_FILE, PackageInfo
+
+    fs, path = storage.filesystem(staged)
+    path = path.rstrip("/")
+    files = sorted(f[len(path) :].lstrip("/") for f in fs.find(path)) if fs.exists(path) else []
+    if PACKAGE_FILE not in files:
+        raise PyocoError(f"{staged}: training wrote no model package (no {PACKAGE_FILE})")
+    info = PackageInfo.from_json(json.loads(fs.cat_file(f"{path}/{PACKAGE_FILE}")), source=staged)
+    if staged != out_uri:
+        if storage.is_remote(staged):
+            with tempfile.TemporaryDirectory(prefix="pyoco-export-") as tmp:
+                fs.get(path + "/", f"{tmp}/model/", recursive=True)
+                publish_package(Path(tmp) / "model", out_uri)
+            fs.rm(path, recursive=True)
+        else:
+            publish_package(Path(path), out_uri)
+            shutil.rmtree(path, ignore_errors=True)
+    else:
+        files = []  # already in place: rank 0 published it
+    return {"weights": info.weights, "step": int(info.lineage["step"]), "files": files}
 
 
 def _check_export_target(out_uri: str) -> None:

@@ -1,7 +1,7 @@
 """One rank's side of Ray Train: :func:`train_loop_per_worker` and the :class:`Trainer` (engine setup,
 restore, ``fit`` -> ``train_step`` -> ``forward_backward``, logging, checkpoints, samples).
 
-Over 400 lines because :class:`Trainer` is one class of ~420 lines; splitting it into engine, checkpoint I/O,
+Over 400 lines because :class:`Trainer` is one class of ~480 lines; splitting it into engine, checkpoint I/O,
 loop and callbacks is issue 13's trainer refactor (item 3), which changes code rather than moving it."""
 
 from __future__ import annotations
@@ -204,28 +204,64 @@ class Trainer:
                 save_ema_state(self.ema.state_dict(), ema_file(state_dir, self.rank))
             if self.rank == 0:
                 self.module.unet.save_config(str(state_dir / "unet"))
-                state = {
-                    "step": self.step,
-                    "zero_stage": self.t.zero_stage,
-                    "world_size": self.world,
-                    "image_pretrain": self.image,
-                    "unet_class": type(self.module.unet).__name__,
-                    "ema": self.ema is not None,
-                    "ema_decay": self.t.ema_decay,
-                    "trainable": self.trainable_names,
-                    "geometry": self.plan.geometry,
-                    "scheduler_config": self.scheduler_config,
-                    "noise": {"kind": self.prior.kind, "alpha": self.prior.alpha},
-                    "mlflow_run_id": self.plan.run_id,
-                    "compat": {"hash": compat_hash(self.plan.compat), "fields": self.plan.compat},
-                }
-                (state_dir / TRAIN_STATE).write_text(json.dumps(state, indent=2, default=str))
+                (state_dir / TRAIN_STATE).write_text(json.dumps(self.train_state(), indent=2, default=str))
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"checkpoint_{self.step:08d}",
             )
         self.last_checkpoint_step = self.step
+
+    def train_state(self) -> dict:
+        """train_state.json: what a resume checks and what the package is built from."""
+        return {
+            "step": self.step,
+            "zero_stage": self.t.zero_stage,
+            "world_size": self.world,
+            "image_pretrain": self.image,
+            "unet_class": type(self.module.unet).__name__,
+            "ema": self.ema is not None,
+            "ema_decay": self.t.ema_decay,
+            "trainable": self.trainable_names,
+            "geometry": self.plan.geometry,
+            "scheduler_config": self.scheduler_config,
+            "noise": {"kind": self.prior.kind, "alpha": self.prior.alpha},
+            "mlflow_run_id": self.plan.run_id,
+            "compat": {"hash": compat_hash(self.plan.compat), "fields": self.plan.compat},
+        }
+
+    def export(self) -> None:
+        """The model package from the final weights, on the workers: every rank takes part in the gather
+        (:func:`pipelines.train.gather.gather_fp32_weights`, EMA weights when EMA is on), rank 0 writes the
+        package (weights and configs, no optimizer state) to ``plan.export_uri``."""
+        from pipelines.train.export import write_package
+        from pipelines.train.gather import gather_fp32_weights
+
+        t0 = time.perf_counter()
+        weights = gather_fp32_weights(
+            self.module, self.ema, zero_stage=self.t.zero_stage, rank=self.rank, world=self.world
+        )
+        if self.rank != 0:
+            return
+        from pyoco import storage
+
+        ckpt = storage.join(self.t.storage_path, self.t.run_name, f"checkpoint_{self.step:08d}")
+        write_package(
+            weights,
+            self.train_state(),
+            dict(self.module.unet.config),
+            self.plan.export_uri,
+            which="ema" if self.ema is not None else "raw",
+            text_encoder=self.plan.text_encoder,
+            lineage={**self.plan.lineage, "checkpoint": ckpt},
+            vae=self.plan.vae,
+            cache_dir=self.cfg.model.cache_dir,
+        )
+        print(
+            f"pyoco: rank 0 wrote the model package for step {self.step} to {self.plan.export_uri} "
+            f"in {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
 
     # ---------------------------------------------------------------------------------------------- steps
     def prepare(self, batch: dict):
@@ -354,6 +390,8 @@ class Trainer:
                 tick = time.perf_counter()
         if self.last_checkpoint_step != self.step:  # already at the target when (re)started
             self.save_checkpoint(self.summary(metrics, step_times, attempt_start, steady_t0, steady_n))
+        if self.plan.export_uri:
+            self.export()
         if self.metrics_logger is not None:
             self.metrics_logger.close()
 
@@ -416,58 +454,74 @@ class Trainer:
             yield
 
     def log_samples(self) -> None:
-        """Sample the fixed prompts x seeds (EMA weights when EMA is on). Under ZeRO-3 every rank takes part
-        (the forward gathers parameters); otherwise rank 0 alone. Rank 0 logs mp4 + GIF artifacts."""
+        """Sample the fixed prompts x seeds (EMA weights when EMA is on), split across the ranks: rank r
+        samples items r, r + world, ... of the (seed, prompt) list, and every rank gets them all back by
+        ``all_gather_object``, so no rank samples alone while the others wait at the next collective. A
+        video's noise is its own stream (``clip_generators(seed, [prompt])``), so the split does not change
+        it. Under ZeRO-3 every forward gathers parameters, so a rank with no share samples item 0 as well
+        and drops it. Rank 0 logs mp4 + GIF artifacts, and in ``prompts.json`` which rank sampled which."""
         import torch
+        import torch.distributed as dist
 
         from pyoco.noise import clip_generators
         from pyoco.sampling import sample_video
 
-        if self.t.zero_stage < 3 and self.rank != 0:
-            return
         g = self.geometry
         cond = torch.as_tensor(self.plan.sample_cond).to(self.device)
         mask = torch.as_tensor(self.plan.sample_mask).to(self.device)
-        videos = []
-        swap = self.ema.swap() if self.ema is not None else contextlib.nullcontext()
-        self.module.eval()
-        try:
-            with swap, torch.no_grad():
-                for seed in self.t.sample_seeds:
-                    videos.append(
-                        sample_video(
-                            self.module,
-                            cond,
-                            mask,
-                            prior=self.prior,
-                            null_cond=self.null_cond,
-                            null_mask=self.null_mask,
-                            num_frames=1 if self.image else g.num_frames,
-                            height=g.height,
-                            width=g.width,
-                            steps=self.t.sample_steps,
-                            guidance=self.t.sample_guidance,
-                            generator=clip_generators(seed, range(cond.shape[0])),
-                            scheduler_config=self.scheduler_config,
-                            vae=self.vae,
-                        )
+        items = [(seed, i) for seed in self.t.sample_seeds for i in range(cond.shape[0])]
+        mine = items[self.rank :: self.world]
+        run = mine or (items[:1] if self.t.zero_stage >= 3 else [])
+        done = []
+        if run:
+            prompts = torch.tensor([i for _, i in run], device=self.device)
+            gens = [clip_generators(seed, [i])[0] for seed, i in run]
+            swap = self.ema.swap() if self.ema is not None else contextlib.nullcontext()
+            self.module.eval()
+            try:
+                with swap, torch.no_grad():
+                    videos = sample_video(
+                        self.module,
+                        cond[prompts],
+                        mask[prompts],
+                        prior=self.prior,
+                        null_cond=self.null_cond,
+                        null_mask=self.null_mask,
+                        num_frames=1 if self.image else g.num_frames,
+                        height=g.height,
+                        width=g.width,
+                        steps=self.t.sample_steps,
+                        guidance=self.t.sample_guidance,
+                        generator=gens,
+                        scheduler_config=self.scheduler_config,
+                        vae=self.vae,
                     )
-        finally:
-            self.module.train()
+            finally:
+                self.module.train()
+            done = [(seed, i, self.rank, v.cpu().numpy()) for (seed, i), v in zip(mine, videos, strict=False)]
+        if dist.is_initialized() and self.world > 1:
+            parts = [None] * self.world
+            dist.all_gather_object(parts, done)
+            done = [x for part in parts for x in part]
         if self.rank != 0:
             return
         from pyoco.video import write_gif, write_mp4
 
         with tempfile.TemporaryDirectory(prefix="pyoco-samples-") as tmp:
-            for seed, batch in zip(self.t.sample_seeds, videos, strict=True):
-                for i, video in enumerate(batch):
-                    stem = Path(tmp) / f"prompt{i:02d}_seed{seed}"
-                    frames = video.cpu().numpy()
-                    write_mp4(frames, f"{stem}.mp4", fps=g.fps)
-                    write_gif(frames, f"{stem}.gif", fps=g.fps)
+            sampled_by = {}
+            for seed, i, rank, frames in sorted(done, key=lambda x: (x[0], x[1])):
+                name = f"prompt{i:02d}_seed{seed}"
+                write_mp4(frames, f"{Path(tmp) / name}.mp4", fps=g.fps)
+                write_gif(frames, f"{Path(tmp) / name}.gif", fps=g.fps)
+                sampled_by[name] = rank
             (Path(tmp) / "prompts.json").write_text(
                 json.dumps(
-                    {"prompts": self.t.sample_prompts, "seeds": self.t.sample_seeds, "step": self.step}
+                    {
+                        "prompts": self.t.sample_prompts,
+                        "seeds": self.t.sample_seeds,
+                        "step": self.step,
+                        "sampled_by": sampled_by,
+                    }
                 )
             )
             self.mlflow.log_artifacts(self.plan.run_id, tmp, f"samples/step_{self.step:06d}")

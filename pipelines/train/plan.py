@@ -140,3 +140,8 @@ class WorkerPlan:
     compat: dict  # compat_fields(...): checked on restore, stored in every checkpoint
     credential_names: tuple[str, ...] = ()  # CREDENTIAL_ENV set on the driver: names, never values
     vae: str | None = None  # the model's VAE (PretrainedSpec.vae); None: pixel space
+    export_uri: str | None = (
+        None  # where rank 0 writes the model package (export.staging_uri); None: no export
+    )
+    text_encoder: dict | None = None  # the text encoder's describe(), recorded in (and packaged with) it
+    lineage: dict | None = None  # the package's lineage (run id, data hash, git revision, kind)

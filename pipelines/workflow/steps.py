@@ -227,6 +227,7 @@ def _step_evaluate(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, 
             tracking_uri=ctx.tracking_uri,
             experiment=ctx.experiment,
             progress=bar.update,
+            ray_address=cfg.ray.address,
         )
     return {"metrics": metrics, "metrics_hash": config_hash(metrics)}
 
