@@ -50,6 +50,7 @@ __all__ = [
     "VideoDenoiser",
     "build_unet2d",
     "decode_video",
+    "default_cache_dir",
     "encode_video",
     "inflate",
     "load_scheduler_config",
@@ -60,7 +61,6 @@ __all__ = [
     "resolve_component",
 ]
 
-DEFAULT_CACHE_DIR = Path("~/.cache/pyoco/models")
 PYOCO_MODEL_FILE = "pyoco_model.json"
 _MODEL_CLASSES: dict[str, type] = {
     "UNet2DConditionModel": UNet2DConditionModel,
@@ -232,6 +232,14 @@ class _seeded:
 # Locating and caching diffusers folders (local or fsspec URIs)
 
 
+def default_cache_dir() -> Path:
+    """Where :func:`localize` downloads when no ``cache_dir`` is given: ``$PYOCO_CACHE/models``, default
+    ``~/.cache/pyoco/models`` (`pyoco.storage.cache_root`)."""
+    from pyoco.storage import cache_root
+
+    return cache_root() / "models"
+
+
 def _url_to_fs(uri: str, storage_options: dict | None = None):
     import fsspec
 
@@ -307,7 +315,7 @@ def localize(
         tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
         entries.append((rel, info.get("size"), str(tag)))
     key = hashlib.sha256(json.dumps([uri, entries]).encode()).hexdigest()[:32]
-    cache = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     target = cache / key
     if (target / ".complete").exists():
         return target
@@ -351,7 +359,7 @@ def load_unet2d(
     storage_options: dict | None = None,
 ) -> UNet2DConditionModel:
     """Load a `UNet2DConditionModel` from a pipeline folder (its ``unet/``) or a bare unet folder, local or
-    ``s3://`` (downloaded to ``cache_dir``, default ``~/.cache/pyoco/models``)."""
+    ``s3://`` (downloaded to ``cache_dir``, default :func:`default_cache_dir`)."""
     folder, component_uri = _local_component(uri, "unet", cache_dir, storage_options)
     class_name = _read_config(folder, component_uri).get("_class_name")
     if class_name != "UNet2DConditionModel":

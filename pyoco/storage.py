@@ -31,6 +31,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import fsspec
@@ -77,6 +78,19 @@ class StorageOptions:
         return f"StorageOptions(endpoint_url={self.endpoint_url!r}, region={self.region!r}, credentials=***)"
 
     __str__ = __repr__
+
+
+def cache_root() -> Path:
+    """Root of pyoco's local caches: ``$PYOCO_CACHE``, default ``~/.cache/pyoco`` (models under ``models/``,
+    registry downloads under ``registry/``)."""
+    return Path(os.environ.get("PYOCO_CACHE") or Path.home() / ".cache" / "pyoco").expanduser()
+
+
+def loader_options(options: StorageOptions | None) -> dict[str, Any] | None:
+    """fsspec ``storage_options`` for the diffusers-folder loaders (`pyoco.model`, `pyoco.pretrained`,
+    `pyoco.text`): the endpoint only, so they may travel in Ray task/actor args. Credentials stay with each
+    process's own AWS chain."""
+    return {"endpoint_url": options.endpoint_url} if options and options.endpoint_url else None
 
 
 def scheme(uri: str) -> str:
@@ -221,40 +235,15 @@ def retry_transient(
 # ServiceUnavailable, EREMOTEIO: InternalError / 500).
 TRANSIENT_ERRNOS = frozenset(
     getattr(errno, name)
-    for name in (
-        "ECONNRESET",
-        "ECONNREFUSED",
-        "ECONNABORTED",
-        "ETIMEDOUT",
-        "EPIPE",
-        "ENETDOWN",
-        "ENETUNREACH",
-        "ENETRESET",
-        "EHOSTDOWN",
-        "EHOSTUNREACH",
-        "EAGAIN",
-        "EBUSY",
-        "EREMOTEIO",
-    )
+    for name in "ECONNRESET ECONNREFUSED ECONNABORTED ETIMEDOUT EPIPE ENETDOWN ENETUNREACH ENETRESET EHOSTDOWN "
+    "EHOSTUNREACH EAGAIN EBUSY EREMOTEIO".split()
     if hasattr(errno, name)
 )
 # S3 error codes that mean "try again" (throttling, server trouble); any other code is permanent
 # (NoSuchKey, NoSuchBucket, AccessDenied, InvalidRange, InvalidArgument, ...).
 TRANSIENT_S3_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestThrottled",
-        "TooManyRequests",
-        "RequestLimitExceeded",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "InternalError",
-        "ServiceUnavailable",
-        "503",
-        "500",
-    }
+    "SlowDown Throttling ThrottlingException RequestThrottled TooManyRequests RequestLimitExceeded "
+    "RequestTimeout RequestTimeoutException InternalError ServiceUnavailable 503 500".split()
 )
 
 

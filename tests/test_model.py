@@ -211,6 +211,23 @@ def test_remote_folder_is_cached_by_content(unet2d, tmp_path):
     mem.rm("/pyoco-test-pipe", recursive=True)
 
 
+def test_model_cache_follows_pyoco_cache(unet2d, tmp_path, monkeypatch):
+    """Without ``cache_dir``, remote folders land in ``$PYOCO_CACHE/models``, next to the registry's
+    ``$PYOCO_CACHE/registry``."""
+    from pipelines.registry.resolve import _cache_root
+
+    unet2d.save_pretrained(tmp_path / "src")
+    fsspec.filesystem("memory").put(str(tmp_path / "src") + "/", "/pyoco-cache-env/", recursive=True)
+    monkeypatch.setenv("PYOCO_CACHE", str(tmp_path / "pc"))
+    folder = localize("memory://pyoco-cache-env")
+    assert folder.parent == tmp_path / "pc" / "models" and (folder / "config.json").exists()
+    assert _cache_root() == tmp_path / "pc" / "registry"
+    monkeypatch.delenv("PYOCO_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert localize("memory://pyoco-cache-env").parent == tmp_path / "home" / ".cache" / "pyoco" / "models"
+    fsspec.filesystem("memory").rm("/pyoco-cache-env", recursive=True)
+
+
 def test_load_scheduler_config(tmp_path):
     DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction").save_pretrained(
         tmp_path / "pipe" / "scheduler"

@@ -40,7 +40,9 @@ def parse_model_uri(uri: str) -> tuple[str, str, str]:
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("PYOCO_CACHE", Path.home() / ".cache" / "pyoco")) / "registry"
+    from pyoco.storage import cache_root
+
+    return cache_root() / "registry"
 
 
 def resolve_model_uri(uri: str, *, dst: str | None = None, tracking_uri: str | None = None) -> str:
