@@ -136,6 +136,52 @@ def test_remote_folder_resolves_and_loads_through_the_cache(store, sd_pipeline, 
         fs.rm(path, recursive=True)
 
 
+def test_preprocess_endpoint_setting_reaches_the_vae_and_text_loads(
+    moto_s3, sd_pipeline, tmp_path, monkeypatch
+):
+    """``preprocess.s3_endpoint_url``, not the environment (pointed at a dead port here), tells the driver's
+    resolve_text / latent_plan and the LatentStage / CaptionEmbedder actors where the folder is; what the
+    actors get is the endpoint alone."""
+    from s3fs import S3FileSystem
+
+    from pipelines.preprocess.latents import LatentStage, latent_plan
+    from pipelines.preprocess.stages import CaptionEmbedder
+    from pyoco import storage
+    from pyoco.config import PreprocessConfig
+    from pyoco.pretrained import resolve_text
+    from tests.conftest import free_port
+
+    bucket = moto_s3.make_bucket("pyoco-sd-endpoint")
+    root = f"s3://{bucket}/sd"
+    S3FileSystem(endpoint_url=moto_s3.endpoint_url).put(
+        str(sd_pipeline.path) + "/", f"{bucket}/sd/", recursive=True
+    )
+    dead = f"http://127.0.0.1:{free_port()}"
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.setenv(var, dead)
+    monkeypatch.setenv("PYOCO_CACHE", str(tmp_path / "cache"))
+    S3FileSystem.clear_instance_cache()  # no client made with the session's endpoint is reused
+    try:
+        cfg = PreprocessConfig(
+            input=root, output=str(tmp_path / "out"), s3_endpoint_url=moto_s3.endpoint_url, latents=True,
+            vae=root, text_encoder=root, size=sd_pipeline.pixel_size, num_frames=3,
+        )  # fmt: skip
+        options = storage.loader_options(storage.StorageOptions.from_env(cfg.s3_endpoint_url))
+        assert options == {"endpoint_url": moto_s3.endpoint_url}  # no credentials: it is an actor argument
+        with pytest.raises(Exception, match=dead):  # botocore's EndpointConnectionError: env only is dead
+            resolve_text(cfg.text_encoder, cfg.text_max_length)
+        assert resolve_text(cfg.text_encoder, 32, storage_options=options) == (root, CLIP_DIM, MAX_LENGTH)
+        plan = latent_plan(cfg, options)
+        assert plan.vae == root + "/vae" and plan.identity == vae_identity(load_vae(sd_pipeline.path))
+        stage = LatentStage(vae=plan.vae, identity=plan.identity, keep_frames=True, storage_options=options)
+        assert stage.encoder.identity == plan.identity
+        embedder = CaptionEmbedder(root, MAX_LENGTH, storage_options=options)
+        assert embedder.encoder.encode(["a red circle"])[0].shape == (1, MAX_LENGTH, CLIP_DIM)
+        assert len(list((tmp_path / "cache" / "models").iterdir())) >= 3  # vae, text_encoder, tokenizer
+    finally:
+        S3FileSystem.clear_instance_cache()  # nor is a client made with the dead one
+
+
 # ------------------------------------------------------------------------------------------------- VAE
 @pytest.mark.parametrize("shift_factor", [None, 0.0609])
 def test_encode_decode_frames_apply_scaling_and_shift(shift_factor):

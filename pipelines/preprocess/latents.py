@@ -69,8 +69,9 @@ def latent_actor_args(cfg) -> dict:
     return {"num_cpus": cfg.latent_num_cpus}
 
 
-def latent_stage(ds, cfg, plan: LatentPlan):
-    """``ds`` with the latents actor pool applied (``cfg.latent_actors`` actors)."""
+def latent_stage(ds, cfg, plan: LatentPlan, storage_options: dict | None = None):
+    """``ds`` with the latents actor pool applied (``cfg.latent_actors`` actors). ``storage_options``:
+    `pyoco.storage.loader_options` (an endpoint, never credentials: it is an actor argument)."""
     import ray.data
 
     args = latent_actor_args(cfg)
@@ -84,6 +85,7 @@ def latent_stage(ds, cfg, plan: LatentPlan):
             "identity": plan.identity,
             "keep_frames": cfg.keep_frames,
             "threads": max(1, int(args.get("num_cpus", 1))),
+            "storage_options": storage_options,
         },
         **args,
     )
@@ -92,7 +94,15 @@ def latent_stage(ds, cfg, plan: LatentPlan):
 class LatentStage:
     """Ray Data actor: adds the ``latents`` column to decoded rows (see the module docstring)."""
 
-    def __init__(self, *, vae: str, identity: str, keep_frames: bool, threads: int = 1):
+    def __init__(
+        self,
+        *,
+        vae: str,
+        identity: str,
+        keep_frames: bool,
+        threads: int = 1,
+        storage_options: dict | None = None,
+    ):
         import torch
 
         from pyoco.vae import LatentEncoder
@@ -100,7 +110,10 @@ class LatentStage:
         torch.set_num_threads(max(1, threads))
         gpu = torch.cuda.is_available()
         self.encoder = LatentEncoder(
-            vae, device="cuda" if gpu else "cpu", dtype=torch.bfloat16 if gpu else torch.float32
+            vae,
+            device="cuda" if gpu else "cpu",
+            dtype=torch.bfloat16 if gpu else torch.float32,
+            storage_options=storage_options,
         )
         if self.encoder.identity != identity:  # another VAE at the same URI on this node
             raise PyocoError(

@@ -237,9 +237,16 @@ def decode_batch(batch, *, settings: StepSettings, options, task_args: dict, cra
 # ----------------------------------------------------------------------------------------- stage 3: embed
 class CaptionEmbedder:
     """Ray Data actor: adds ``caption_embedding`` (L, D) float32 and ``caption_mask`` (L,) bool; D is the
-    encoder's width (``enc.dim``: 384 for MiniLM, CLIP's hidden size)."""
+    encoder's width (``enc.dim``: 384 for MiniLM, CLIP's hidden size). ``storage_options``: where a CLIP
+    folder is read from (`pyoco.storage.loader_options`: an endpoint, never credentials)."""
 
-    def __init__(self, text_encoder: str = "minilm", text_len: int = 32, threads: int = 1):
+    def __init__(
+        self,
+        text_encoder: str = "minilm",
+        text_len: int = 32,
+        threads: int = 1,
+        storage_options: dict | None = None,
+    ):
         import torch
 
         from pyoco.text import load_text_encoder
@@ -252,7 +259,8 @@ class CaptionEmbedder:
         self._cache: OrderedDict[str, tuple] = OrderedDict()
         # A GPU actor when the step requested num_gpus (the cluster has GPUs); CPU otherwise.
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.encoder = load_text_encoder(text_encoder, max_length=text_len, device=device)
+        remote = {} if text_encoder.lower() == "minilm" else {"storage_options": storage_options}
+        self.encoder = load_text_encoder(text_encoder, max_length=text_len, device=device, **remote)
         self.dim = int(self.encoder.dim)
 
     def __call__(self, batch):

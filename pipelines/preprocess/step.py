@@ -209,8 +209,12 @@ def run_preprocess(
     task_options = dataclasses.replace(options, key=None, secret=None, token=None)
     settings = StepSettings.from_config(cfg)
     settings.caption_filter()  # validate rules before starting anything
-    _, text_dim, _ = resolve_text(cfg.text_encoder, cfg.text_max_length)  # configs only
-    latents = latent_plan(cfg) if cfg.latents else None  # before Ray: a wrong VAE costs nothing
+    # The VAE and text encoder loads (driver and actors) get the endpoint only, like the tasks.
+    model_options = storage.loader_options(options)
+    _, text_dim, _ = resolve_text(cfg.text_encoder, cfg.text_max_length, storage_options=model_options)
+    latents = (
+        latent_plan(cfg, model_options) if cfg.latents else None
+    )  # before Ray: a wrong VAE costs nothing
     plan = discover_inputs(cfg.input, cfg.format, settings, options)
     clips_uri, rejects_uri = _prepare_output(cfg, options)
     own_ray = _init_ray(ray_address, cfg.resource)
@@ -308,12 +312,13 @@ def run_preprocess(
                         "text_encoder": cfg.text_encoder,
                         "text_len": cfg.text_max_length,
                         "threads": max(1, math.floor(cfg.embed_num_cpus)),
+                        "storage_options": model_options,
                     },
                     **_embed_args(cfg),
                 )
             )
             if latents is not None:
-                ds = latent_stage(ds, cfg, latents)
+                ds = latent_stage(ds, cfg, latents, model_options)
             ds = ds.map_batches(
                 write_batch,
                 batch_size=per_file,
