@@ -20,7 +20,8 @@ Columns (one row per clip):
 - ``caption`` (cleaned text);
 - ``caption_embedding``: float32 ``(L, D)`` token states of the text encoder, stored row-major as one
   fixed-size list of ``L * D`` floats whose field metadata says ``shape: [L, D]`` (see
-  :func:`embedding_arrays`; D is read from that metadata, never assumed);
+  :func:`embedding_arrays`). L and D follow the encoder (MiniLM: 32 × 384 by default; CLIP: 77 × its
+  hidden size) and are read from that metadata, never assumed;
 - ``caption_mask``: bool ``(L,)``, True = real token;
 - ``labels``: nullable JSON object text: a WebDataset sample's ``.json`` object as-is (the synth ground
   truth: shape, color, direction, speed, ...), ``{"class": NAME}`` for a ``.cls`` member or a UCF-101 class
@@ -30,15 +31,11 @@ Columns (one row per clip):
   fraction of the 8-bit range per frame step; 0 = frozen; preprocess rejects clips below
   ``preprocess.min_motion``, default :data:`pyoco.shots.STATIC_MOTION`). Null in files written without it.
 - ``latents`` (optional, when preprocess ran the VAE): the clip's VAE latents ``(C, T, h, w)``, already
-  multiplied by the VAE's scaling factor (shift applied), stored as **little-endian IEEE float16** C-order
-  bytes (``large_binary``, like ``frames``: numpy and every parquet reader handle it, where bf16 has no
-  numpy or parquet type). Its field metadata holds ``shape: [C, T, h, w]``, ``dtype: "float16"`` and
-  ``vae_identity`` (`pyoco.vae.vae_identity` of the VAE that made them). float16 keeps ~3 significant
-  digits over ±65504; scaled SD latents lie within about ±10. Read them with :func:`latents_tensor`
-  (float32 torch).
-
-``caption_embedding`` width D and length L follow the text encoder (MiniLM: 32 × 384 by default; CLIP:
-77 × its hidden size); nothing here assumes either.
+  multiplied by the VAE's scaling factor (shift applied), as **little-endian IEEE float16** C-order bytes
+  (``large_binary`` like ``frames``; bf16 has no numpy or parquet type). Field metadata: ``shape: [C, T, h,
+  w]``, ``dtype: "float16"``, ``vae_identity`` (`pyoco.vae.vae_identity` of the VAE that made them).
+  float16 keeps ~3 significant digits over ±65504; scaled SD latents lie within about ±10. Read them with
+  :func:`latents_tensor` (float32 torch).
 """
 
 from __future__ import annotations
