@@ -128,6 +128,24 @@ def test_motion_modules_mix_frames_once_trained(unet2d):
     assert (a[:, :, 0] - b[:, :, 0]).abs().max() > 1e-4  # frame 0 now sees frame 3
 
 
+def test_motion_modules_keep_clips_apart_and_know_frame_order(unet2d):
+    """Issue 10 (the demo's frames jump): temporal attention must mix the T frames of one clip, never frames
+    of another clip (a (B, T) vs (T, B) fold would), and must know their order (the sinusoidal positions):
+    reversing the frames must not merely reverse the output, or no direction could be learned."""
+    video = VideoDenoiser(inflate(unet2d, seed=0)).eval()
+    _perturb_motion_outputs(video, seed=3)
+    x, t, ehs, _ = _inputs(batch=2, num_frames=4, seed=3)
+    x2 = x.clone()
+    x2[0, :, 0] = torch.randn_like(x2[0, :, 0])  # clip 0, frame 0 only
+    with torch.no_grad():
+        a, b = video(x, t, ehs), video(x2, t, ehs)
+        reversed_ = video(x.flip(2), t, ehs).flip(2)
+    diff = (a - b).abs().amax(dim=(1, 3, 4))  # (B, T)
+    assert (diff[0, 1:] > 1e-4).all(), diff  # every other frame of clip 0 sees frame 0
+    assert (diff[1] == 0).all(), diff  # clip 1 is untouched
+    assert (reversed_ - a).abs().max() > 1e-4  # order-aware, not permutation-equivariant
+
+
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_shape_contract(unet2d, motion, kind):
     model = VideoDenoiser(unet2d if kind == "image" else motion)
