@@ -236,11 +236,12 @@ def decode_batch(
     task_args: dict,
     crash_on_key: str | None = None,
     chunk: int = 4,
+    shared_ref=None,
 ):
     """Ray Data UDF (tasks; a generator): one unit's index rows → decoded clip rows and decode rejects.
 
     The decoding itself runs in *one* plain Ray task per unit (``task_args``: its CPUs, resource label and
-    SPREAD scheduling; this UDF only waits, and Ray lends its CPU back while it does), a streaming
+    node: the unit's node in ``shared_ref``'s placement, else SPREAD; this UDF only waits, and Ray lends its CPU back while it does), a streaming
     generator that yields every ``chunk`` videos (at most two tables in flight), so memory stays bounded
     by the chunk, not the shard. A decoder that kills its worker process (FFmpeg segfault, OOM kill)
     cannot be caught in-process, and inside Ray Data it would fail the whole dataset. So when the unit's
@@ -254,6 +255,11 @@ def decode_batch(
     rows = batch.to_pylist()
     if not rows:
         return
+    node = shared(shared_ref)[2].get(rows[0]["unit"]) if shared_ref is not None else None
+    if node is not None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        task_args = {**task_args, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
     stream = _decode_stream_task().options(
         max_retries=0, num_returns="streaming", _generator_backpressure_num_objects=2, **task_args
     )
@@ -407,14 +413,14 @@ def shared(ref):
     return _SHARED[key]
 
 
-def drop_rejected(batch, *, skip_ref):
+def drop_rejected(batch, *, shared_ref):
     """Ray Data UDF: keep the index rows that passed every read/caption rule, are not duplicates and whose
-    unit is not already done (``skip_ref``: an object ref of ``(duplicates, done_units)``, sets of
-    ``source\0key`` and unit names)."""
+    unit is not already done (``shared_ref``: an object ref of ``(duplicates, done_units, placement)``:
+    sets of ``source\\0key`` and unit names, and ``{unit: node id}``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    duplicates, done = shared(skip_ref)
+    duplicates, done, _ = shared(shared_ref)
     keep = pc.is_null(batch.column("reason"))
     if duplicates or done:
         sources, keys = batch.column("source").to_pylist(), batch.column("key").to_pylist()

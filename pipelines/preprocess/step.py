@@ -106,6 +106,7 @@ from pipelines.preprocess.units import (
     UnitTracker,
     folder_units,
     marker_uri,
+    place_units,
     prune_clips,
     read_markers,
     resume_plan,
@@ -313,13 +314,15 @@ def run_preprocess(
         decode_started = time.monotonic()
         if to_decode > 0:
             per_file = rows_per_file(cfg, text_dim, latents)
-            skip_ref = ray.put((duplicates, done_units))  # once, not pickled into every task
+            placement = place_units([u for u in sorted(identities) if u not in done_units], cfg.resource)
+            # Once in the object store, not pickled into every task's arguments.
+            shared_ref = ray.put((duplicates, done_units, placement))
             ds = (
                 index.map_batches(
                     drop_rejected,
                     batch_size=None,
                     batch_format="pyarrow",
-                    fn_kwargs={"skip_ref": skip_ref},
+                    fn_kwargs={"shared_ref": shared_ref},
                     **light_args,
                 )
                 .map_batches(
@@ -332,6 +335,7 @@ def run_preprocess(
                         "task_args": {**task_args, "scheduling_strategy": "SPREAD"},
                         "crash_on_key": os.environ.get(CRASH_TEST_ENV) or None,
                         "chunk": cfg.videos_per_task,
+                        "shared_ref": shared_ref,
                     },
                     **light_args,
                 )

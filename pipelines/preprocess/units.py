@@ -110,6 +110,23 @@ class UnitPlan:
         }
 
 
+def place_units(units: list[str], resource: str | None) -> dict[str, str]:
+    """``{unit: node id}``: units dealt round-robin over the alive nodes that decode (those with
+    ``resource`` when any has it, else with CPUs), each node weighted by its CPUs, so a cluster splits a
+    handful of shards evenly (SPREAD alone, asked by each decode UDF in turn, can put them all on one node).
+    Empty on one node. The decode task asks for its node softly: a node gone or full takes any other."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    labelled = [n for n in alive if resource and n["Resources"].get(resource, 0) > 0]
+    nodes = labelled or [n for n in alive if n["Resources"].get("CPU", 0) > 0]
+    if len(nodes) < 2:
+        return {}
+    weight = {n["NodeID"]: max(1, int(n["Resources"].get("CPU", 1))) for n in nodes}
+    slots = [nid for r in range(max(weight.values())) for nid in sorted(weight) if weight[nid] > r]
+    return {u: slots[i % len(slots)] for i, u in enumerate(units)}
+
+
 def resume_plan(units_uri: str, identities: dict[str, str], options) -> list[str]:
     """List the markers once; delete those of other identities (or of units no longer in the input);
     return the URIs of the markers that match (their units are done)."""
