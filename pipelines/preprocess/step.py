@@ -6,13 +6,22 @@ ledger, manifest and latents live in their own modules, and ``run_preprocess`` w
 
 Pipeline (Ray Data, streaming; every stage runs in Ray tasks/actors, never on the driver)::
 
-    index (1 task per shard: tar headers + captions, no video bytes) → caption rules (pyoco.captions)
-      → materialise the small index → duplicate captions resolved on the driver (first (source, key) wins)
-      → decode + clip + resize/crop (tasks, pyoco.video; reads each video's bytes by range)
-      → caption embedding (MiniLM, actor pool) → write parquet (tasks, ≤ rows_per_file rows per file)
-      → a small per-row summary streams back to the driver, which writes rejects/ and manifest.json.
+    index (1 task per shard: tar headers + captions + the shard's stamp, no video bytes; a folder's rows
+      are listed on the driver and stamped in tasks, 64 per unit) → caption rules (pyoco.captions)
+      → materialise the small index (one block per unit) → duplicate captions resolved on the driver
+        (first (source, key) wins, over all units), unit identities, units already done skipped
+      → decode + clip + resize/crop (one streaming task per unit, pyoco.video; reads by byte range)
+      → caption embedding (MiniLM, actor pool of ``embed_actors``) → write parquet (tasks, one unit
+        per file, ≤ rows_per_file rows per file)
+      → a small per-row summary streams back to the driver, which writes each finished unit's marker,
+        then rejects/ and manifest.json.
 
-Placement: every task and actor requests ``cfg.resource`` (default ``preprocess``, a tiny fraction of one
+Resumable (:mod:`pipelines.preprocess.units`): a unit (a shard, or 64 rows of a folder) whose marker in
+``OUT/.staging/units/`` carries its identity (input stamp, content-affecting config, dedupe outcome) is
+not decoded again; its summary rows are read back from the marker.
+
+Placement: units are dealt round-robin over the decoding nodes (:func:`units.place_units`). Every task and
+actor requests ``cfg.resource`` (default ``preprocess``, a tiny fraction of one
 unit, so it acts as a node label) when some node offers it, else plain CPU scheduling. Decode tasks take
 ``num_cpus_per_task`` CPUs, index and write tasks at most a quarter CPU, embedding actors
 ``embed_num_cpus`` (default 0: MiniLM on short captions costs a few % of decoding, and a whole CPU per actor
@@ -33,10 +42,12 @@ Output (ARCHITECTURE.md)::
     OUT/manifest.json                    counts (per split too), rejects by reason, config, data and
                                          eval-data hashes, pyoco version, decode nodes
 
-A run writes ``clips/`` and ``rejects/`` under ``OUT/.staging/`` and swaps them in for the previous run's
-only once it has succeeded (accounting holds, reject fraction within ``max_reject_fraction``), writing
-``manifest.json`` last (:func:`_publish`). A failed run leaves ``OUT/`` as it was and its own outputs, with
-``manifest.incomplete.json``, in ``OUT/.staging/``.
+A run writes ``clips/``, ``rejects/`` and its unit markers under ``OUT/.staging/`` and swaps ``clips/`` and
+``rejects/`` in for the previous run's only once every unit is done and the run has succeeded (accounting
+holds, reject fraction within ``max_reject_fraction``), writing ``manifest.json`` last (:func:`_publish`);
+staged clip files that no finished unit names (a killed run's) are deleted first. A failed or killed run
+leaves ``OUT/`` as it was and its own outputs in ``OUT/.staging/`` (with ``manifest.incomplete.json`` when it
+failed), from which a rerun resumes.
 
 The clip columns, and how a video is assigned to train or val (``preprocess.val_fraction``, a threshold on
 a hash of the video's key: stable when videos are added), are documented in :mod:`pyoco.clips`. We store
