@@ -110,3 +110,41 @@ def test_a_killed_run_resumes_to_the_uninterrupted_output(tmp_path):
         f"units resumed); load average {os.getloadavg()}"
     )
     assert ratio < 0.6
+
+
+def test_unit_identity_follows_the_input_the_config_and_the_dedupe_outcome(tmp_path):
+    """What keys a marker: a changed stamp (rewritten shard), caption, content config or duplicate
+    decision changes the unit's identity; stale markers are deleted, matching ones returned."""
+    from pipelines.preprocess.schemas import _row
+    from pipelines.preprocess.units import UnitPlan, marker_uri, resume_plan
+
+    def ident(rows, content="c1", dup=False):
+        plan = UnitPlan(content)
+        for r in rows:
+            plan.add(r, dup)
+        return plan.identities()["s.tar"]
+
+    rows = [
+        _row("s.tar", f"{i}", video_uri="s.tar", caption=f"cap {i}", unit="s.tar", stamp="9:1")
+        for i in range(3)
+    ]
+    base = ident(rows)
+    assert ident(list(reversed(rows))) == base  # order-free
+    assert ident([{**r, "stamp": "9:2"} for r in rows]) != base
+    assert ident([{**rows[0], "caption": "other"}, *rows[1:]]) != base
+    assert ident(rows, content="c2") != base
+    plan = UnitPlan("c1")
+    plan.add(rows[0], False)
+    plan.add(rows[1], True)  # loses to a duplicate caption in another unit
+    assert plan.identities()["s.tar"] != ident(rows[:2])
+    assert UnitPlan("c1").identities() == {}
+
+    units = tmp_path / "units"
+    units.mkdir()
+    good = marker_uri(str(units), "s.tar", base)
+    stale = marker_uri(str(units), "s.tar", "0" * 24)
+    gone = marker_uri(str(units), "gone.tar", base)
+    for uri in (good, stale, gone):
+        Path(uri).write_bytes(b"x")
+    assert resume_plan(str(units), {"s.tar": base}, None) == [good]
+    assert sorted(p.name for p in units.iterdir()) == [Path(good).name]
