@@ -305,7 +305,8 @@ def run_preprocess(
         to_decode = inputs - sum(rejects.by_reason.values())
         identities = units.identities()
         resumed = resume_plan(units_uri, identities, options)  # markers of units already done
-        done_units = {u for u in identities if marker_uri(units_uri, u, identities[u]) in set(resumed)}
+        resumed_set = set(resumed)
+        done_units = {u for u in identities if marker_uri(units_uri, u, identities[u]) in resumed_set}
         tracker = UnitTracker(
             units_uri,
             identities,
