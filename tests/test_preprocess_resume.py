@@ -99,15 +99,17 @@ def test_a_killed_run_resumes_to_the_uninterrupted_output(tmp_path):
         p.relative_to(tmp_path / "full").as_posix() for p in (tmp_path / "full" / "clips").rglob("*")
     )
     assert not (out / STAGING).exists()
-    # The run's time from the decode stage on (the manifest's decode_s: decode, embed, write, and the resumed
-    # units' markers read back), which is what resuming saves. The fixed cost before it (interpreter, Ray
-    # start-up, indexing) is paid by both runs alike and, on a small corpus, swings with the machine's load;
-    # the wall-clock ratio is printed with it.
-    ratio = resumed["decode_s"] / full["decode_s"]
+    # Timed: the decode work of each run (the decode tasks' seconds, summed over the run's videos, what
+    # resuming saves), next to the decode stage's wall time (manifest decode_s) and the whole run's. On a
+    # corpus small enough for make test, the stage and the run are dominated by fixed costs both runs pay
+    # (interpreter, Ray start-up, indexing, the embedding actor's model load) that swing with the load of a
+    # shared machine (0.51 and 0.81 for the stage on two runs at load 12-20); the work ratio is the stable one.
+    ratio = resumed["decode_task_s"] / full["decode_task_s"]
     print(
-        f"decode stage: rerun {resumed['decode_s']} s / full {full['decode_s']} s = {ratio:.2f}; wall "
-        f"{resumed_s:.1f} s / {full_s:.1f} s = {resumed_s / full_s:.2f} ({resumed['units_resumed']}/{SHARDS} "
-        f"units resumed); load average {os.getloadavg()}"
+        f"decode work: rerun {resumed['decode_task_s']} s / full {full['decode_task_s']} s = {ratio:.2f}; "
+        f"decode stage {resumed['decode_s']} s / {full['decode_s']} s; wall {resumed_s:.1f} s / "
+        f"{full_s:.1f} s = {resumed_s / full_s:.2f} ({resumed['units_resumed']}/{SHARDS} units resumed); "
+        f"load average {os.getloadavg()}"
     )
     assert ratio < 0.6
 

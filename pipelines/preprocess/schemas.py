@@ -56,6 +56,7 @@ def decoded_schema():
             ("detail", pa.string()),
             ("unit", pa.string()),
             ("video_clips", pa.int32()),  # clips kept of this row's video (1 on a reject row)
+            ("decode_s", pa.float32()),  # seconds spent decoding this row's video (its first row only)
         ]
     )
 
@@ -90,6 +91,7 @@ def summary_schema():
             ("detail", pa.string()),
             ("unit", pa.string()),
             ("video_clips", pa.int32()),
+            ("decode_s", pa.float32()),
         ]
     )
 

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 from collections import Counter, OrderedDict
 
 from pipelines.preprocess.discover import StepSettings
@@ -176,7 +177,10 @@ def decode_stream(rows: list[dict], settings: StepSettings, options, crash_on_ke
         for row in rows[start : start + chunk]:
             if crash_on_key is not None and row["key"] == crash_on_key:
                 os._exit(1)
-            out.extend(decode_row(row, settings, options, node))
+            t0 = time.perf_counter()
+            rows_of_video = decode_row(row, settings, options, node)
+            rows_of_video[0]["decode_s"] = time.perf_counter() - t0
+            out.extend(rows_of_video)
         yield pa.Table.from_pylist(out, schema=decoded_schema())
 
 
@@ -393,6 +397,7 @@ def write_batch(batch, *, clips_uri: str, text_len: int, val_fraction: float, op
             batch.column("detail"),
             batch.column("unit"),
             batch.column("video_clips"),
+            batch.column("decode_s"),
         ],
         schema=summary_schema(),
     )

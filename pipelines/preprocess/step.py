@@ -324,6 +324,7 @@ def run_preprocess(
         decode_seen = 0
         clips_dropped: Counter = Counter()  # clips of accepted videos dropped by reason (static, jitter)
         decode_started = time.monotonic()
+        decode_work = 0.0  # seconds the decode tasks spent on this run's videos (not the resumed units')
         if to_decode > 0:
             per_file = rows_per_file(cfg, text_dim, latents)
             placement = place_units([u for u in sorted(identities) if u not in done_units], cfg.resource)
@@ -391,6 +392,7 @@ def run_preprocess(
                     for r in b.to_pylist():
                         if not was_done:
                             tracker.add(r)
+                            decode_work += r["decode_s"] or 0.0
                         if r["reason"] is not None:
                             decode_seen += 1
                             rejects.add(r["source"], r["key"], r["stage"], r["reason"], r["detail"])
@@ -489,6 +491,7 @@ def run_preprocess(
         "units": len(identities),
         "units_resumed": len(done_units),
         "decode_s": round(decode_s, 2),  # decode → write, after indexing (what a resumed run saves)
+        "decode_task_s": round(decode_work, 2),  # summed over this run's videos
         "elapsed_s": round(time.monotonic() - started, 2),
     }
     problems = []
