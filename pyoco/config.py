@@ -133,7 +133,8 @@ class PreprocessConfig(_Section):
     # costs a few % of decoding; a whole CPU per actor would starve decode on 1-2 CPU nodes).
     embed_num_cpus: float = Field(0.0, ge=0)
     decode_threads: int = Field(1, ge=0)
-    # Videos per decode task: smaller spreads a small dataset over more nodes, larger cuts task overhead.
+    # Videos per chunk that a unit's decode task streams back (a task decodes a whole shard / unit): smaller
+    # bounds the frames in flight, larger cuts per-object overhead.
     videos_per_task: int = Field(4, ge=1)
     # Custom Ray resource that decode tasks request, to keep them on CPU nodes; when no node in the cluster
     # offers it, tasks fall back to plain CPU scheduling.

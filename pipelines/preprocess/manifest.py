@@ -13,21 +13,26 @@ from pyoco.config import PreprocessConfig
 STAGING = ".staging"  # OUT/.staging/{clips,rejects}: where a run writes until it has succeeded
 
 
-def _prepare_output(cfg: PreprocessConfig, options) -> tuple[str, str]:
-    """Empty ``OUT/.staging/`` and return its ``(clips, rejects)`` URIs. The previous run's outputs in
+def _prepare_output(cfg: PreprocessConfig, options) -> tuple[str, str, str]:
+    """Return the ``(clips, rejects, units)`` URIs under ``OUT/.staging/``. A failed or killed run's staged
+    clips and unit markers are kept (a rerun resumes from them: :mod:`pipelines.preprocess.units`); its
+    ledger and incomplete manifest are not (the driver rewrites both). The previous run's outputs in
     ``OUT/`` are not touched until this run has succeeded (:func:`_publish`)."""
+    from pipelines.preprocess.units import UNITS_DIR
     from pyoco import storage
 
     out = cfg.output.rstrip("/")
     if out == cfg.input.rstrip("/"):
         raise PyocoError(f"output {cfg.output} is the input folder; choose another output")
     staging = storage.join(out, STAGING)
-    storage.remove(staging, options=options)  # a failed run's leftovers (this run starts afresh)
     clips_uri, rejects_uri = storage.join(staging, "clips"), storage.join(staging, "rejects")
+    units_uri = storage.join(staging, UNITS_DIR)
+    storage.remove(rejects_uri, options=options)
+    storage.remove(storage.join(staging, "manifest.incomplete.json"), options=options)
     if not storage.is_remote(out):
-        Path(clips_uri).mkdir(parents=True, exist_ok=True)
-        Path(rejects_uri).mkdir(parents=True, exist_ok=True)
-    return clips_uri, rejects_uri
+        for uri in (clips_uri, rejects_uri, units_uri):
+            Path(uri).mkdir(parents=True, exist_ok=True)
+    return clips_uri, rejects_uri, units_uri
 
 
 OUTPUT_DIRS = ("clips", "rejects")

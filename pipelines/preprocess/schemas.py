@@ -26,6 +26,8 @@ def index_schema():
             ("reason", pa.string()),
             ("stage", pa.string()),
             ("detail", pa.string()),
+            ("unit", pa.string()),  # the work unit (resume grain): the shard, or a chunk of a folder
+            ("stamp", pa.string()),  # "size:etag-or-mtime" of the unit's input (pipelines.preprocess.units)
         ]
     )
 
@@ -52,6 +54,9 @@ def decoded_schema():
             ("reason", pa.string()),
             ("stage", pa.string()),
             ("detail", pa.string()),
+            ("unit", pa.string()),
+            ("video_clips", pa.int32()),  # clips kept of this row's video (1 on a reject row)
+            ("decode_s", pa.float32()),  # seconds spent decoding this row's video (its first row only)
         ]
     )
 
@@ -84,6 +89,9 @@ def summary_schema():
             ("reason", pa.string()),
             ("stage", pa.string()),
             ("detail", pa.string()),
+            ("unit", pa.string()),
+            ("video_clips", pa.int32()),
+            ("decode_s", pa.float32()),
         ]
     )
 
@@ -102,6 +110,8 @@ def _row(source: str, key: str, **kw) -> dict:
         "reason": None,
         "stage": None,
         "detail": "",
+        "unit": None,
+        "stamp": None,
     }
     base.update(kw)
     return base

@@ -1,4 +1,7 @@
-"""Stages 2-4 on Ray Data: decode + clip (tasks), caption embedding (actor pool) and parquet writing."""
+"""Stages 2-4 on Ray Data: decode + clip (tasks), caption embedding (actor pool) and parquet writing.
+
+Over 400 lines: the three stages share the decoded row layout and the crash-isolation path of decode; split
+by stage, each module would re-import the others' helpers (a follow-up can move stage 3 to its own file)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 from collections import Counter, OrderedDict
 
 from pipelines.preprocess.discover import StepSettings
@@ -57,6 +61,8 @@ def decode_row(row: dict, settings: StepSettings, options, node_id: str = "local
         "reason": None,
         "stage": None,
         "detail": "",
+        "unit": row.get("unit"),
+        "video_clips": 1,
     }
     uri = row["video_uri"]
     try:
@@ -123,6 +129,7 @@ def decode_row(row: dict, settings: StepSettings, options, node_id: str = "local
                 "frames": c.frames.tobytes(),
                 "motion": motion,
                 "dropped": json.dumps(dict(sorted(dropped.items()))) if i == 0 and dropped else None,
+                "video_clips": len(kept),
             }
         )
     return out
@@ -157,15 +164,33 @@ def decode_rows(rows: list[dict], settings: StepSettings, options, crash_on_key:
     ``crash_on_key`` is a test hook (from ``$PYOCO_TEST_CRASH_ON_KEY`` on the driver): the worker exits
     with ``os._exit(1)`` on that key, as a segfaulting decoder or an OOM kill would end it.
     """
+    return _concat_decoded(
+        list(decode_stream(rows, settings, options, crash_on_key, chunk=max(1, len(rows))))
+    )
+
+
+def decode_stream(rows: list[dict], settings: StepSettings, options, crash_on_key: str | None, chunk: int):
+    """Streaming Ray task body (one per unit): yields a table of decoded rows per ``chunk`` videos, so a
+    shard's frames never sit in one object; every yielded table holds all the rows of its videos."""
     import pyarrow as pa
 
     node = _node_id()
-    out: list[dict] = []
-    for row in rows:
-        if crash_on_key is not None and row["key"] == crash_on_key:
-            os._exit(1)
-        out.extend(decode_row(row, settings, options, node))
-    return pa.Table.from_pylist(out, schema=decoded_schema())
+    for start in range(0, len(rows), chunk):
+        out: list[dict] = []
+        for row in rows[start : start + chunk]:
+            if crash_on_key is not None and row["key"] == crash_on_key:
+                os._exit(1)
+            t0 = time.perf_counter()
+            rows_of_video = decode_row(row, settings, options, node)
+            rows_of_video[0]["decode_s"] = time.perf_counter() - t0
+            out.extend(rows_of_video)
+        yield pa.Table.from_pylist(out, schema=decoded_schema())
+
+
+def _concat_decoded(tables: list):
+    import pyarrow as pa
+
+    return pa.concat_tables(tables) if tables else pa.Table.from_pylist([], schema=decoded_schema())
 
 
 @functools.cache
@@ -174,6 +199,14 @@ def _decode_task():
     import ray
 
     return ray.remote(decode_rows)
+
+
+@functools.cache
+def _decode_stream_task():
+    """:func:`decode_stream` as a streaming-generator Ray remote function (made once per process)."""
+    import ray
+
+    return ray.remote(decode_stream)
 
 
 def _worker_died(err: BaseException) -> bool:
@@ -196,18 +229,31 @@ def _crash_reject(row: dict, err: BaseException) -> dict:
         "node_id": "",
         "reason": "decode_crash",
         "stage": STAGE_DECODE,
+        "unit": row.get("unit"),
+        "video_clips": 1,
         "detail": f"the decode worker died on this video, alone in its task ({type(err).__name__})",
     }
 
 
-def decode_batch(batch, *, settings: StepSettings, options, task_args: dict, crash_on_key: str | None = None):
-    """Ray Data UDF (tasks): index rows → decoded clip rows and decode rejects.
+def decode_batch(
+    batch,
+    *,
+    settings: StepSettings,
+    options,
+    task_args: dict,
+    crash_on_key: str | None = None,
+    chunk: int = 4,
+    shared_ref=None,
+):
+    """Ray Data UDF (tasks; a generator): one unit's index rows → decoded clip rows and decode rejects.
 
-    The decoding itself runs in a plain Ray task (``task_args``: its CPUs and resource label; this UDF
-    only waits, and Ray lends its CPU back while it does). A decoder that kills its worker process
-    (FFmpeg segfault, OOM kill) cannot be caught in-process, and inside Ray Data it would fail the whole
-    dataset. So when the batch's task dies (``WorkerCrashedError`` / ``OutOfMemoryError``), each of its
-    videos is decoded again alone, in its own task; a video whose lone task dies again is recorded as
+    The decoding itself runs in *one* plain Ray task per unit (``task_args``: its CPUs, resource label and
+    node: the unit's node in ``shared_ref``'s placement, else SPREAD; this UDF only waits, and Ray lends its CPU back while it does), a streaming
+    generator that yields every ``chunk`` videos (at most two tables in flight), so memory stays bounded
+    by the chunk, not the shard. A decoder that kills its worker process (FFmpeg segfault, OOM kill)
+    cannot be caught in-process, and inside Ray Data it would fail the whole dataset. So when the unit's
+    task dies (``WorkerCrashedError`` / ``OutOfMemoryError``), each of its videos not yet returned is
+    decoded again alone, in its own task; a video whose lone task dies again is recorded as
     ``decode_crash``, and the others keep their clips. Every row of the batch comes back exactly once.
     """
     import pyarrow as pa
@@ -215,23 +261,35 @@ def decode_batch(batch, *, settings: StepSettings, options, task_args: dict, cra
 
     rows = batch.to_pylist()
     if not rows:
-        return pa.Table.from_pylist([], schema=decoded_schema())
-    task = _decode_task().options(max_retries=0, **task_args)
+        return
+    node = shared(shared_ref)[2].get(rows[0]["unit"]) if shared_ref is not None else None
+    if node is not None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        task_args = {**task_args, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
+    stream = _decode_stream_task().options(
+        max_retries=0, num_returns="streaming", _generator_backpressure_num_objects=2, **task_args
+    )
+    back: set[tuple[str, str]] = set()
     try:
-        return ray.get(task.remote(rows, settings, options, crash_on_key))
+        for ref in stream.remote(rows, settings, options, crash_on_key, chunk):
+            table = ray.get(ref)
+            back.update(zip(table.column("source").to_pylist(), table.column("key").to_pylist(), strict=True))
+            yield table
+        return
     except Exception as err:  # noqa: BLE001 - only a dead worker is handled here
         if not _worker_died(err):
             raise
-    alone = [task.remote([row], settings, options, crash_on_key) for row in rows]
-    tables = []
-    for row, ref in zip(rows, alone, strict=True):
+    rest = [r for r in rows if (r["source"], r["key"]) not in back]
+    task = _decode_task().options(max_retries=0, **task_args)
+    alone = [task.remote([row], settings, options, crash_on_key) for row in rest]
+    for row, ref in zip(rest, alone, strict=True):
         try:
-            tables.append(ray.get(ref))
+            yield ray.get(ref)
         except Exception as err:  # noqa: BLE001
             if not _worker_died(err):
                 raise
-            tables.append(pa.Table.from_pylist([_crash_reject(row, err)], schema=decoded_schema()))
-    return pa.concat_tables(tables)
+            yield pa.Table.from_pylist([_crash_reject(row, err)], schema=decoded_schema())
 
 
 # ----------------------------------------------------------------------------------------- stage 3: embed
@@ -296,9 +354,10 @@ class CaptionEmbedder:
 
 # ----------------------------------------------------------------------------------------- stage 4: write
 def write_batch(batch, *, clips_uri: str, text_len: int, val_fraction: float, options, latents=None):
-    """Ray Data UDF (tasks): write the batch's clips to one parquet file per split (``clips/train/``,
-    ``clips/val/``; the side of a clip is :func:`pyoco.clips.split_of` of its video's key); return one
-    summary row per row.
+    """Ray Data UDF (tasks): write the batch's clips to one parquet file per split and unit
+    (``clips/train/``, ``clips/val/``; the side of a clip is :func:`pyoco.clips.split_of` of its video's
+    key; no file mixes two units, so a unit redone after a kill leaves no half of itself in another's
+    file); return one summary row per row.
 
     A file's name is a hash of its clip ids, so a retried task overwrites its own file. ``latents``: the
     `pipelines.preprocess.latents.LatentPlan` when the rows carry a latents column.
@@ -314,10 +373,12 @@ def write_batch(batch, *, clips_uri: str, text_len: int, val_fraction: float, op
     files: list[str | None] = [None] * batch.num_rows
     emb_type = batch.schema.field(clipfmt.EMBEDDING).type
     embed_dim = emb_type.list_size // text_len if pa.types.is_fixed_size_list(emb_type) else 0
-    for split in clipfmt.SPLITS:
-        idx = [i for i, s in enumerate(splits) if s == split]
-        if not idx:
-            continue
+    units = batch.column("unit").to_pylist()
+    groups: dict[tuple[str, str], list[int]] = {}  # (split, unit) -> rows: a file holds one unit's clips
+    for i, (sp, u) in enumerate(zip(splits, units, strict=True)):
+        if sp is not None:
+            groups.setdefault((sp, u or ""), []).append(i)
+    for (split, _unit), idx in sorted(groups.items()):
         schema = clipfmt.clip_schema(
             text_len,
             embed_dim,
@@ -345,21 +406,44 @@ def write_batch(batch, *, clips_uri: str, text_len: int, val_fraction: float, op
             batch.column("reason"),
             batch.column("stage"),
             batch.column("detail"),
+            batch.column("unit"),
+            batch.column("video_clips"),
+            batch.column("decode_s"),
         ],
         schema=summary_schema(),
     )
 
 
-def drop_rejected(batch, *, duplicates: dict[str, str]):
-    """Ray Data UDF: keep the index rows that passed every read/caption rule and are not duplicates."""
+_SHARED: dict[str, object] = {}  # per worker process: objects of the object store, fetched once
+
+
+def shared(ref):
+    """``ray.get(ref)``, once per worker process: the duplicate table is put in the object store once by
+    the driver, and each worker deserializes it once, not once per task."""
+    import ray
+
+    key = ref.hex()
+    if key not in _SHARED:
+        _SHARED.clear()  # one run's table at a time
+        _SHARED[key] = ray.get(ref)
+    return _SHARED[key]
+
+
+def drop_rejected(batch, *, shared_ref):
+    """Ray Data UDF: keep the index rows that passed every read/caption rule, are not duplicates and whose
+    unit is not already done (``shared_ref``: an object ref of ``(duplicates, done_units, placement)``:
+    sets of ``source\\0key`` and unit names, and ``{unit: node id}``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    duplicates, done, _ = shared(shared_ref)
     keep = pc.is_null(batch.column("reason"))
-    if duplicates:
-        idents = [
-            f"{s}\0{k}"
-            for s, k in zip(batch.column("source").to_pylist(), batch.column("key").to_pylist(), strict=True)
+    if duplicates or done:
+        sources, keys = batch.column("source").to_pylist(), batch.column("key").to_pylist()
+        units = batch.column("unit").to_pylist()
+        flags = [
+            f"{s}\0{k}" not in duplicates and u not in done
+            for s, k, u in zip(sources, keys, units, strict=True)
         ]
-        keep = pc.and_(keep, pa.array([i not in duplicates for i in idents]))
+        keep = pc.and_(keep, pa.array(flags))
     return batch.filter(keep)

@@ -6,13 +6,22 @@ ledger, manifest and latents live in their own modules, and ``run_preprocess`` w
 
 Pipeline (Ray Data, streaming; every stage runs in Ray tasks/actors, never on the driver)::
 
-    index (1 task per shard: tar headers + captions, no video bytes) → caption rules (pyoco.captions)
-      → materialise the small index → duplicate captions resolved on the driver (first (source, key) wins)
-      → decode + clip + resize/crop (tasks, pyoco.video; reads each video's bytes by range)
-      → caption embedding (MiniLM, actor pool) → write parquet (tasks, ≤ rows_per_file rows per file)
-      → a small per-row summary streams back to the driver, which writes rejects/ and manifest.json.
+    index (1 task per shard: tar headers + captions + the shard's stamp, no video bytes; a folder's rows
+      are listed on the driver and stamped in tasks, 64 per unit) → caption rules (pyoco.captions)
+      → materialise the small index (one block per unit) → duplicate captions resolved on the driver
+        (first (source, key) wins, over all units), unit identities, units already done skipped
+      → decode + clip + resize/crop (one streaming task per unit, pyoco.video; reads by byte range)
+      → caption embedding (MiniLM, actor pool of ``embed_actors``) → write parquet (tasks, one unit
+        per file, ≤ rows_per_file rows per file)
+      → a small per-row summary streams back to the driver, which writes each finished unit's marker,
+        then rejects/ and manifest.json.
 
-Placement: every task and actor requests ``cfg.resource`` (default ``preprocess``, a tiny fraction of one
+Resumable (:mod:`pipelines.preprocess.units`): a unit (a shard, or 64 rows of a folder) whose marker in
+``OUT/.staging/units/`` carries its identity (input stamp, content-affecting config, dedupe outcome) is
+not decoded again; its summary rows are read back from the marker.
+
+Placement: units are dealt round-robin over the decoding nodes (:func:`units.place_units`). Every task and
+actor requests ``cfg.resource`` (default ``preprocess``, a tiny fraction of one
 unit, so it acts as a node label) when some node offers it, else plain CPU scheduling. Decode tasks take
 ``num_cpus_per_task`` CPUs, index and write tasks at most a quarter CPU, embedding actors
 ``embed_num_cpus`` (default 0: MiniLM on short captions costs a few % of decoding, and a whole CPU per actor
@@ -33,10 +42,12 @@ Output (ARCHITECTURE.md)::
     OUT/manifest.json                    counts (per split too), rejects by reason, config, data and
                                          eval-data hashes, pyoco version, decode nodes
 
-A run writes ``clips/`` and ``rejects/`` under ``OUT/.staging/`` and swaps them in for the previous run's
-only once it has succeeded (accounting holds, reject fraction within ``max_reject_fraction``), writing
-``manifest.json`` last (:func:`_publish`). A failed run leaves ``OUT/`` as it was and its own outputs, with
-``manifest.incomplete.json``, in ``OUT/.staging/``.
+A run writes ``clips/``, ``rejects/`` and its unit markers under ``OUT/.staging/`` and swaps ``clips/`` and
+``rejects/`` in for the previous run's only once every unit is done and the run has succeeded (accounting
+holds, reject fraction within ``max_reject_fraction``), writing ``manifest.json`` last (:func:`_publish`);
+staged clip files that no finished unit names (a killed run's) are deleted first. A failed or killed run
+leaves ``OUT/`` as it was and its own outputs in ``OUT/.staging/`` (with ``manifest.incomplete.json`` when it
+failed), from which a rerun resumes.
 
 The clip columns, and how a video is assigned to train or val (``preprocess.val_fraction``, a threshold on
 a hash of the video's key: stable when videos are added), are documented in :mod:`pyoco.clips`. We store
@@ -101,6 +112,17 @@ from pipelines.preprocess.stages import (
     write_batch,
 )
 from pipelines.preprocess.tar_index import index_batch
+from pipelines.preprocess.units import (
+    UnitPlan,
+    UnitTracker,
+    folder_units,
+    marker_uri,
+    place_units,
+    prune_clips,
+    read_markers,
+    resume_plan,
+    stamp_batch,
+)
 from pyoco import clips as clipfmt
 from pyoco.config import ConfigError, PreprocessConfig, config_hash
 from pyoco.pretrained import resolve_text
@@ -216,7 +238,8 @@ def run_preprocess(
         latent_plan(cfg, model_options) if cfg.latents else None
     )  # before Ray: a wrong VAE costs nothing
     plan = discover_inputs(cfg.input, cfg.format, settings, options)
-    clips_uri, rejects_uri = _prepare_output(cfg, options)
+    clips_uri, rejects_uri, units_uri = _prepare_output(cfg, options)
+    content_config = cfg.model_dump(mode="json", exclude=EXECUTION_ONLY_FIELDS)
     own_ray = _init_ray(ray_address, cfg.resource)
     try:
         ctx = ray.data.DataContext.get_current()
@@ -226,7 +249,8 @@ def run_preprocess(
         task_args = _remote_args(cfg, cfg.num_cpus_per_task)
         light_args = _remote_args(cfg, min(0.25, cfg.num_cpus_per_task))
 
-        # Stage 1: index (per shard, in tasks) or ready rows (folder/ucf101, listed on the driver).
+        # Stage 1: index (per shard, in tasks) or ready rows (folder/ucf101, listed on the driver, stamped
+        # in tasks). Either way one block per unit (units.py): the decode stage runs a task per unit.
         if plan.kind == "webdataset":
             shards = ray.data.from_items(
                 [{"shard": s} for s in plan.shards], override_num_blocks=len(plan.shards)
@@ -241,42 +265,61 @@ def run_preprocess(
         else:
             import pyarrow as pa
 
-            index = ray.data.from_arrow(pa.Table.from_pylist(plan.rows, schema=index_schema()))
+            tables = [pa.Table.from_pylist(u, schema=index_schema()) for u in folder_units(plan.rows)]
+            plan.rows = []
+            index = ray.data.from_arrow(tables).map_batches(
+                stamp_batch, batch_size=None, batch_format="pyarrow", fn_kwargs={"options": task_options}
+            )
         index = index.materialize()
 
-        # Driver pass over the small index: count inputs, ledger the rejects, resolve duplicates.
+        # Driver pass over the small index: count inputs, ledger the rejects, resolve duplicates (first
+        # (source, key) wins, over all units), and each unit's identity and videos to decode.
         rejects = _RejectWriter(rejects_uri, options)
         inputs = 0
         first_of: dict[str, tuple[str, str]] = {}  # dedupe key -> smallest (source, key)
         for b in index.iter_batches(batch_format="pyarrow", batch_size=4096):
-            for r in b.select(["source", "key", "dedupe_key", "reason", "stage", "detail"]).to_pylist():
-                inputs += 1
-                if r["reason"] is not None:
-                    rejects.add(r["source"], r["key"], r["stage"], r["reason"], r["detail"])
-                elif r["dedupe_key"] is not None:
+            for r in b.select(["source", "key", "dedupe_key", "reason"]).to_pylist():
+                if r["reason"] is None and r["dedupe_key"] is not None:
                     ident = (r["source"], r["key"])
                     cur = first_of.get(r["dedupe_key"])
                     if cur is None or ident < cur:
                         first_of[r["dedupe_key"]] = ident
-        duplicates: dict[str, str] = {}
-        if first_of:
-            for b in index.iter_batches(batch_format="pyarrow", batch_size=4096):
-                for r in b.select(["source", "key", "dedupe_key", "reason"]).to_pylist():
-                    if r["reason"] is None and r["dedupe_key"] is not None:
-                        first = first_of[r["dedupe_key"]]
-                        if (r["source"], r["key"]) != first:
-                            duplicates[f"{r['source']}\0{r['key']}"] = f"{first[0]}#{first[1]}"
-                            rejects.add(
-                                r["source"],
-                                r["key"],
-                                STAGE_DEDUPE,
-                                "duplicate_caption",
-                                f"same caption as {first[1]} in {first[0]}",
-                            )
+        duplicates: set[str] = set()
+        units = UnitPlan(config_hash(content_config))
+        for b in index.iter_batches(batch_format="pyarrow", batch_size=4096):
+            for r in b.to_pylist():
+                inputs += 1
+                dup = False
+                if r["reason"] is not None:
+                    rejects.add(r["source"], r["key"], r["stage"], r["reason"], r["detail"])
+                elif r["dedupe_key"] is not None:
+                    first = first_of[r["dedupe_key"]]
+                    if (r["source"], r["key"]) != first:
+                        dup = True
+                        duplicates.add(f"{r['source']}\0{r['key']}")
+                        rejects.add(
+                            r["source"],
+                            r["key"],
+                            STAGE_DEDUPE,
+                            "duplicate_caption",
+                            f"same caption as {first[1]} in {first[0]}",
+                        )
+                units.add(r, dup)
         first_of.clear()
         to_decode = inputs - sum(rejects.by_reason.values())
+        identities = units.identities()
+        resumed = resume_plan(units_uri, identities, options)  # markers of units already done
+        resumed_set = set(resumed)
+        done_units = {u for u in identities if marker_uri(units_uri, u, identities[u]) in resumed_set}
+        tracker = UnitTracker(
+            units_uri,
+            identities,
+            {u: units.to_decode[u] for u in identities if u not in done_units},
+            options,
+        )
 
-        # Stages 2-4, streaming: decode (tasks) → embed (actor pool) → write parquet (tasks) → summary.
+        # Stages 2-4, streaming: decode (a task per unit) → embed (actor pool) → write parquet (tasks) →
+        # summary rows, after those of the units already done (read back from their markers).
         accepted_videos = clips_written = 0
         nodes: Counter = Counter()
         clip_files: set[str] = set()
@@ -284,22 +327,32 @@ def run_preprocess(
         per_split = {sp: {"clips": 0, "videos": 0, "digest": 0} for sp in clipfmt.SPLITS}
         decode_seen = 0
         clips_dropped: Counter = Counter()  # clips of accepted videos dropped by reason (static, jitter)
+        decode_started = time.monotonic()
+        decode_work = 0.0  # seconds the decode tasks spent on this run's videos (not the resumed units')
         if to_decode > 0:
             per_file = rows_per_file(cfg, text_dim, latents)
+            placement = place_units([u for u in sorted(identities) if u not in done_units], cfg.resource)
+            # Once in the object store, not pickled into every task's arguments.
+            shared_ref = ray.put((duplicates, done_units, placement))
             ds = (
                 index.map_batches(
-                    drop_rejected, batch_format="pyarrow", fn_kwargs={"duplicates": duplicates}, **light_args
+                    drop_rejected,
+                    batch_size=None,
+                    batch_format="pyarrow",
+                    fn_kwargs={"shared_ref": shared_ref},
+                    **light_args,
                 )
-                .repartition(target_num_rows_per_block=cfg.videos_per_task)
                 .map_batches(
                     decode_batch,
-                    batch_size=None,
+                    batch_size=None,  # one block, one unit
                     batch_format="pyarrow",
                     fn_kwargs={
                         "settings": settings,
                         "options": task_options,
-                        "task_args": task_args,  # the decode task's; this UDF only waits for it
+                        "task_args": {**task_args, "scheduling_strategy": "SPREAD"},
                         "crash_on_key": os.environ.get(CRASH_TEST_ENV) or None,
+                        "chunk": cfg.videos_per_task,
+                        "shared_ref": shared_ref,
                     },
                     **light_args,
                 )
@@ -332,30 +385,41 @@ def run_preprocess(
                 },
                 **light_args,  # parquet + zstd of a few MB: a quarter CPU, so decode keeps its slots
             )
-            for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                before = decode_seen
-                for r in b.to_pylist():
-                    if r["reason"] is not None:
-                        decode_seen += 1
-                        rejects.add(r["source"], r["key"], r["stage"], r["reason"], r["detail"])
-                        continue
-                    clips_written += 1
-                    if r["dropped"]:
-                        clips_dropped.update(json.loads(r["dropped"]))
-                    clip_files.add(r["file"])
-                    clips_digest = (clips_digest + int(r["clip_id"], 16)) % (1 << 128)
-                    side = per_split[r["split"]]
-                    side["clips"] += 1
-                    side["digest"] = (side["digest"] + int(r["clip_id"], 16)) % (1 << 128)
-                    if r["clip_index"] == 0:
-                        decode_seen += 1
-                        accepted_videos += 1
-                        side["videos"] += 1
-                        nodes[r["node_id"]] += 1
-                if on_progress is not None and decode_seen != before:
-                    on_progress(decode_seen, to_decode)
+            sources = [(False, _iter_summaries(ds))] if len(done_units) < len(identities) else []
+            if resumed:
+                old = ray.data.from_items([{"marker": u} for u in resumed]).map_batches(
+                    read_markers, batch_size=64, batch_format="pyarrow", fn_kwargs={"options": task_options}
+                )
+                sources.insert(0, (True, _iter_summaries(old)))
+            for was_done, batches in sources:
+                for b in batches:
+                    before = decode_seen
+                    for r in b.to_pylist():
+                        if not was_done:
+                            tracker.add(r)
+                            decode_work += r["decode_s"] or 0.0
+                        if r["reason"] is not None:
+                            decode_seen += 1
+                            rejects.add(r["source"], r["key"], r["stage"], r["reason"], r["detail"])
+                            continue
+                        clips_written += 1
+                        if r["dropped"]:
+                            clips_dropped.update(json.loads(r["dropped"]))
+                        clip_files.add(r["file"])
+                        clips_digest = (clips_digest + int(r["clip_id"], 16)) % (1 << 128)
+                        side = per_split[r["split"]]
+                        side["clips"] += 1
+                        side["digest"] = (side["digest"] + int(r["clip_id"], 16)) % (1 << 128)
+                        if r["clip_index"] == 0:
+                            decode_seen += 1
+                            accepted_videos += 1
+                            side["videos"] += 1
+                            nodes[r["node_id"]] += 1
+                    if on_progress is not None and decode_seen != before:
+                        on_progress(decode_seen, to_decode)
             if os.environ.get("PYOCO_DATA_STATS"):  # per-operator timings, for tuning
                 console.print(ds.stats())
+        decode_s = time.monotonic() - decode_started
         rejects.flush(final=True)
     except (PyocoError, ConfigError, FileNotFoundError):
         raise
@@ -369,7 +433,6 @@ def run_preprocess(
             ray.shutdown()
 
     rejected = dict(sorted(rejects.by_reason.items()))
-    content_config = cfg.model_dump(mode="json", exclude=EXECUTION_ONLY_FIELDS)
     warnings = []
     if cfg.val_fraction > 0 and accepted_videos and per_split["val"]["videos"] == 0:
         warnings.append(
@@ -430,6 +493,10 @@ def run_preprocess(
             "level": "token",
         },
         **({"latents": latents.manifest()} if latents is not None else {}),
+        "units": len(identities),
+        "units_resumed": len(done_units),
+        "decode_s": round(decode_s, 2),  # decode → write, after indexing (what a resumed run saves)
+        "decode_task_s": round(decode_work, 2),  # summed over this run's videos
         "elapsed_s": round(time.monotonic() - started, 2),
     }
     problems = []
@@ -450,5 +517,10 @@ def run_preprocess(
             options=options,
         )
         raise PyocoError(f"{failure} (this run's outputs are in {staging}; {cfg.output} is unchanged)", 1)
+    prune_clips(clips_uri, clip_files, options)  # files of units a killed run left unfinished
     _publish(cfg.output, manifest, options)
     return manifest
+
+
+def _iter_summaries(ds):
+    return ds.iter_batches(batch_format="pyarrow", batch_size=None)

@@ -239,10 +239,14 @@ def _sample_labels(by_ext: dict, f) -> tuple[dict | None, str | None, str | None
 
 
 def index_batch(batch, *, settings: StepSettings, options):
-    """Ray Data UDF: a batch of shard URIs → their index rows."""
+    """Ray Data UDF: a batch of shard URIs → their index rows; a shard is one unit (:mod:`.units`)."""
     import pyarrow as pa
+
+    from pipelines.preprocess.units import input_stamp
 
     rows: list[dict] = []
     for uri in batch.column("shard").to_pylist():
-        rows.extend(index_shard(uri, settings, options))
+        stamp = input_stamp(uri, options)  # before indexing: a shard rewritten meanwhile changes it
+        for row in index_shard(uri, settings, options):
+            rows.append({**row, "unit": uri, "stamp": stamp})
     return pa.Table.from_pylist(rows, schema=index_schema())
