@@ -295,6 +295,17 @@ def finetune(model, scheduler_config, recipe: Recipe, prior, data, *, seed: int,
     return losses
 
 
+def arm_scheduler_config(pretrained_sched: dict | None, recipe: Recipe, *, trained: bool) -> dict:
+    """The scheduler config a task trains and samples with. A finetuned model predicts what the recipe
+    trained it to (``prediction_type``, as ``pyoco train`` exports it): sampling a v-model as epsilon
+    draws washed-out noise. The step-0 model is the image model as shipped, so it keeps its own type."""
+    from pyoco.diffusion import make_scheduler_config
+
+    return make_scheduler_config(
+        pretrained_sched, prediction_type=recipe.prediction_type if trained else None
+    )
+
+
 def run_arm(
     arm: Arm | None, seed: int, sample_arms: list[Arm], recipe: Recipe, data: str, evaluator: str
 ) -> dict:
@@ -320,9 +331,7 @@ def run_arm(
         seed=seed,
     )
     model, pretrained_sched = build_denoiser(model_cfg, image_pretrain=False)
-    from pyoco.diffusion import make_scheduler_config
-
-    scheduler_config = make_scheduler_config(pretrained_sched)
+    scheduler_config = arm_scheduler_config(pretrained_sched, recipe, trained=arm is not None)
     clips = load_eval_clips(data, None, embed_dim=int(model.config.cross_attention_dim))
     text_spec = {"kind": "minilm", "max_length": int(clips.cond.shape[1])}
     info = PackageInfo(

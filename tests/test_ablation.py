@@ -115,3 +115,16 @@ def test_quick_statistics_are_consistent(quick_report):
     assert gate["value"] == cells["iid | sampled iid"]["metrics"]["acc_direction"]["mean"]
     assert gate["informative"] == (gate["value"] >= 0.5)
     assert ("NOT informative" in gate["verdict"]) == (not gate["informative"])
+
+
+def test_finetuned_arms_sample_with_the_recipes_prediction_type_and_step0_with_the_image_models():
+    """A v-trained arm sampled as epsilon scored below chance on colour (every video washed out to
+    'white'); the step-0 model is the shipped epsilon image model and must keep epsilon."""
+    from bench.ablation import DEMO_CONFIG, arm_scheduler_config, demo_recipe
+    from pyoco.config import load_config
+
+    recipe = demo_recipe(load_config(str(DEMO_CONFIG)), prediction_type="v_prediction")
+    image = {"prediction_type": "epsilon", "num_train_timesteps": 1000}
+    assert arm_scheduler_config(image, recipe, trained=True)["prediction_type"] == "v_prediction"
+    assert arm_scheduler_config(image, recipe, trained=False)["prediction_type"] == "epsilon"
+    assert image["prediction_type"] == "epsilon"  # the pretrained config itself is not mutated
