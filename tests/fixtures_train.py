@@ -187,11 +187,9 @@ def _net():
     return Net()
 
 
-def ema_zero3_worker(rank: int, world: int, port: int, out: str) -> None:
-    """One rank of tests/test_train_unit.py's ZeRO-3 EMA check (spawned; kept here so children import little)."""
+def _gloo_init(rank: int, world: int, port: int) -> None:
+    """Join a spawned child to a gloo group of ``world`` ranks on 127.0.0.1:``port`` (one thread)."""
     import torch
-
-    from pipelines.train.ema import ShardedEMA, consolidate, load_ema_state, save_ema_state
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -202,6 +200,15 @@ def ema_zero3_worker(rank: int, world: int, port: int, out: str) -> None:
     )
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def ema_zero3_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of tests/test_train_unit.py's ZeRO-3 EMA check (spawned; kept here so children import little)."""
+    import torch
+
+    from pipelines.train.ema import ShardedEMA, consolidate, load_ema_state, save_ema_state
+
+    _gloo_init(rank, world, port)
     from pipelines.train.deepspeed import setup_deepspeed
 
     deepspeed = setup_deepspeed(use_gpu=False)
@@ -272,15 +279,7 @@ def motion_lr_worker(rank: int, world: int, port: int, out: str, zero_stage: int
     from pyoco.config import TrainConfig
     from pyoco.model import TinyUNetConfig, VideoDenoiser, build_unet2d, inflate
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    _gloo_init(rank, world, port)
     deepspeed = setup_deepspeed(use_gpu=False)
     deepspeed.init_distributed(dist_backend="gloo")
     t = TrainConfig(
@@ -324,15 +323,7 @@ def gather_worker(rank: int, world: int, port: int, out: str, zero_stage: int) -
     from pyoco.config import TrainConfig
     from pyoco.model import TinyUNetConfig, VideoDenoiser, build_unet2d, inflate
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    _gloo_init(rank, world, port)
     deepspeed = setup_deepspeed(use_gpu=False)
     deepspeed.init_distributed(dist_backend="gloo")
     t = TrainConfig(lr=1e-2, zero_stage=zero_stage, batch_size_per_worker=2, warmup_steps=0)
