@@ -115,13 +115,13 @@ def test_a_killed_run_resumes_to_the_uninterrupted_output(tmp_path):
 
 
 def test_unit_identity_follows_the_input_the_config_and_the_dedupe_outcome(tmp_path):
-    """What keys a marker: a changed stamp (rewritten shard), caption, content config or duplicate
+    """What keys a marker: a changed stamp (rewritten shard), caption, content config, code or duplicate
     decision changes the unit's identity; stale markers are deleted, matching ones returned."""
     from pipelines.preprocess.schemas import _row
     from pipelines.preprocess.units import UnitPlan, marker_uri, resume_plan
 
-    def ident(rows, content="c1", dup=False):
-        plan = UnitPlan(content)
+    def ident(rows, content="c1", dup=False, code="0.1.0+aaa"):
+        plan = UnitPlan(content, code)
         for r in rows:
             plan.add(r, dup)
         return plan.identities()["s.tar"]
@@ -135,11 +135,12 @@ def test_unit_identity_follows_the_input_the_config_and_the_dedupe_outcome(tmp_p
     assert ident([{**r, "stamp": "9:2"} for r in rows]) != base
     assert ident([{**rows[0], "caption": "other"}, *rows[1:]]) != base
     assert ident(rows, content="c2") != base
-    plan = UnitPlan("c1")
+    assert ident(rows, code="0.1.0+bbb") != base
+    plan = UnitPlan("c1", "0.1.0+aaa")
     plan.add(rows[0], False)
     plan.add(rows[1], True)  # loses to a duplicate caption in another unit
     assert plan.identities()["s.tar"] != ident(rows[:2])
-    assert UnitPlan("c1").identities() == {}
+    assert UnitPlan("c1", "0.1.0+aaa").identities() == {}
 
     units = tmp_path / "units"
     units.mkdir()
@@ -150,3 +151,28 @@ def test_unit_identity_follows_the_input_the_config_and_the_dedupe_outcome(tmp_p
         Path(uri).write_bytes(b"x")
     assert resume_plan(str(units), {"s.tar": base}, None) == [good]
     assert sorted(p.name for p in units.iterdir()) == [Path(good).name]
+
+
+def test_code_identity_follows_the_statements_of_the_content_modules(tmp_path, monkeypatch):
+    """A code change that can alter a unit's output (any statement of a content module) changes the code
+    identity, so every marker of older code is stale; comments, formatting and docstrings do not."""
+    from pipelines.preprocess.manifest import pyoco_version
+    from pipelines.preprocess.units import CONTENT_MODULES, code_identity
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = tmp_path / "pyoco_fake_decode.py"
+
+    def ident(src: str) -> str:
+        mod.write_text(src)
+        return code_identity(("pyoco_fake_decode",))
+
+    base = ident('"""Decode."""\n\ndef clip(x):\n    """Doc."""\n    return x[:8]\n')
+    assert base.startswith(pyoco_version() + "+")
+    assert ident('"""Other doc."""\n# a comment\ndef clip( x ):\n    return x[ :8 ]  # why\n') == base
+    assert ident('"""Decode."""\n\ndef clip(x):\n    """Doc."""\n    return x[:16]\n') != base
+    assert ident('"""Decode."""\n\ndef clip(x):\n    """Doc."""\n    return x[1:8]\n') != base
+    # The real list names the decode/shot/motion/clip modules and resolves on this checkout.
+    assert {"pyoco.video", "pyoco.shots", "pyoco.clips", "pipelines.preprocess.stages"} <= set(
+        CONTENT_MODULES
+    )
+    assert code_identity() == code_identity() != code_identity(CONTENT_MODULES[:-1])

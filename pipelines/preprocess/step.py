@@ -17,7 +17,7 @@ Pipeline (Ray Data, streaming; every stage runs in Ray tasks/actors, never on th
         then rejects/ and manifest.json.
 
 Resumable (:mod:`pipelines.preprocess.units`): a unit (a shard, or 64 rows of a folder) whose marker in
-``OUT/.staging/units/`` carries its identity (input stamp, content-affecting config, dedupe outcome) is
+``OUT/.staging/units/`` carries its identity (input stamp, content-affecting config and code, dedupe outcome) is
 not decoded again; its summary rows are read back from the marker.
 
 Placement: units are dealt round-robin over the decoding nodes (:func:`units.place_units`). Every task and
@@ -115,6 +115,7 @@ from pipelines.preprocess.tar_index import index_batch
 from pipelines.preprocess.units import (
     UnitPlan,
     UnitTracker,
+    code_identity,
     folder_units,
     marker_uri,
     place_units,
@@ -240,6 +241,7 @@ def run_preprocess(
     plan = discover_inputs(cfg.input, cfg.format, settings, options)
     clips_uri, rejects_uri, units_uri = _prepare_output(cfg, options)
     content_config = cfg.model_dump(mode="json", exclude=EXECUTION_ONLY_FIELDS)
+    code = code_identity()
     own_ray = _init_ray(ray_address, cfg.resource)
     try:
         ctx = ray.data.DataContext.get_current()
@@ -285,7 +287,7 @@ def run_preprocess(
                     if cur is None or ident < cur:
                         first_of[r["dedupe_key"]] = ident
         duplicates: set[str] = set()
-        units = UnitPlan(config_hash(content_config))
+        units = UnitPlan(config_hash(content_config), code)
         for b in index.iter_batches(batch_format="pyarrow", batch_size=4096):
             for r in b.to_pylist():
                 inputs += 1
@@ -493,6 +495,7 @@ def run_preprocess(
             "level": "token",
         },
         **({"latents": latents.manifest()} if latents is not None else {}),
+        "code_identity": code,  # pyoco version + digest of the modules that shape the clips (units.py)
         "units": len(identities),
         "units_resumed": len(done_units),
         "decode_s": round(decode_s, 2),  # decode → write, after indexing (what a resumed run saves)

@@ -4,7 +4,9 @@ A *unit* is the grain of work and of resumption: one WebDataset shard, or a chun
 rows of a captioned folder / UCF-101 tree (in ``(source, key)`` order). The index has one block per unit,
 and the decode stage runs one task per unit (:func:`pipelines.preprocess.stages.decode_batch`).
 
-Identity (:class:`UnitPlan`): sha256 of the content-affecting config hash, the unit's name, and an
+Identity (:class:`UnitPlan`): sha256 of the content-affecting config hash, the code identity
+(:func:`code_identity`: the installed pyoco version and a digest of the modules that shape a unit's output, so
+a code change that alters the clips invalidates the markers of older code), the unit's name, and an
 order-free digest of its index rows: every field (caption, labels, byte range, reject reason...), the
 input's *stamp* (size and ETag or mtime of the shard, or of each video: :func:`input_stamp`), and whether
 the row loses to a duplicate caption elsewhere (caption de-duplication is global, so a unit's output also
@@ -21,10 +23,13 @@ named by no marker and are deleted before the commit (:func:`prune_clips`).
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import io
 import json
 from collections import Counter, defaultdict
+from pathlib import Path
 
 from pipelines.preprocess.schemas import summary_schema
 
@@ -33,6 +38,45 @@ UNIT_VIDEOS = 64  # index rows per unit of a folder / UCF-101 input
 IDENTITY_FIELDS = (
     "source", "key", "video_uri", "offset", "size", "caption", "labels", "reason", "stage", "detail", "stamp",
 )  # fmt: skip
+# The modules that turn a unit's index rows into its clip rows and files: decode + clip + resize, shot cuts,
+# motion scores, caption states, latents, the row layout and the clip format. (What builds the index rows,
+# captions and labels included, needs no entry: the rows themselves are in the identity.)
+CONTENT_MODULES = (
+    "pyoco.video", "pyoco.shots", "pyoco.text", "pyoco.vae", "pyoco.clips",
+    "pipelines.preprocess.stages", "pipelines.preprocess.latents", "pipelines.preprocess.schemas",
+)  # fmt: skip
+
+
+def source_digest(source: str) -> str:
+    """sha256 of a module's syntax tree without its docstrings: comments, formatting and docstrings do not
+    count, every statement does."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+
+
+def code_identity(modules: tuple[str, ...] = CONTENT_MODULES) -> str:
+    """``"<installed pyoco version>+<12 hex>"``: the version and a digest of ``modules``' source
+    (:func:`source_digest`), read from the files the driver would import. Part of every unit's identity
+    (the workers run the same checkout as the driver)."""
+    from pipelines.preprocess.manifest import pyoco_version
+
+    h = hashlib.sha256()
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            raise RuntimeError(f"preprocess code identity: no source file for module {name}")
+        h.update(f"{name}\0{source_digest(Path(spec.origin).read_text())}\0".encode())
+    return f"{pyoco_version()}+{h.hexdigest()[:12]}"
 
 
 def input_stamp(uri: str, options) -> str | None:
@@ -86,8 +130,9 @@ def marker_uri(units_uri: str, unit: str, identity: str) -> str:
 class UnitPlan:
     """Driver side, one pass over the index: each unit's identity and number of videos to decode."""
 
-    def __init__(self, content_hash: str):
+    def __init__(self, content_hash: str, code: str):
         self.content_hash = content_hash
+        self.code = code  # code_identity()
         self.digest: Counter = Counter()  # unit -> order-free sum of row hashes (mod 2**128)
         self.to_decode: Counter = Counter()  # unit -> videos that go to decode
 
@@ -104,7 +149,9 @@ class UnitPlan:
     def identities(self) -> dict[str, str]:
         """``{unit: identity}`` for every unit with videos to decode."""
         return {
-            u: hashlib.sha256(f"{self.content_hash}\0{u}\0{self.digest[u]:032x}".encode()).hexdigest()[:24]
+            u: hashlib.sha256(
+                f"{self.content_hash}\0{self.code}\0{u}\0{self.digest[u]:032x}".encode()
+            ).hexdigest()[:24]
             for u, n in self.to_decode.items()
             if n > 0
         }
