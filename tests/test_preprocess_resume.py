@@ -176,3 +176,38 @@ def test_code_identity_follows_the_statements_of_the_content_modules(tmp_path, m
         CONTENT_MODULES
     )
     assert code_identity() == code_identity() != code_identity(CONTENT_MODULES[:-1])
+
+
+def test_adding_a_video_to_a_folder_changes_at_most_two_units():
+    """Folder units are content-defined: a new video changes the unit it lands in (and the one split off
+    when it starts a unit); every other unit keeps its name and identity, so its marker stays valid."""
+    from pipelines.preprocess.schemas import _row
+    from pipelines.preprocess.units import UNIT_MAX_VIDEOS, UNIT_VIDEOS, UnitPlan, folder_units, starts_unit
+
+    def video(name: str) -> dict:
+        uri = f"/data/raw/{name}.mp4"
+        return _row(uri, f"{name}.mp4", video_uri=uri, caption=f"a clip of {name}", stamp="100:1")
+
+    def identities(names: list[str]) -> set[tuple[str, str]]:
+        plan = UnitPlan("c1", "0.1.0+aaa")
+        for chunk in folder_units([video(n) for n in names]):
+            for r in chunk:
+                plan.add(r, False)
+        return set(plan.identities().items())
+
+    names = [f"v{i:05d}" for i in range(0, 2000, 2)]  # room to insert between any two
+    before = identities(names)
+    assert UNIT_VIDEOS / 2 < len(names) / len(before) < 2 * UNIT_VIDEOS
+    added = [f"v{i:05d}" for i in range(1, 2000, 38)] + ["a_first", "z_last"]
+    assert any(starts_unit(video(n)) for n in added)  # some of them split a unit
+    for new in added:
+        changed = identities([*names, new]) - before
+        assert 1 <= len(changed) <= 2, (new, len(changed))
+
+    # Every row once, in key order; no unit over the cap, even with no row that starts one.
+    rows = [video(f"w{i:05d}") for i in range(3000)]
+    no_cut = [r for r in rows if not starts_unit(r)][: 2 * UNIT_MAX_VIDEOS + 5]
+    units = folder_units(no_cut)
+    assert [len(u) for u in units] == [UNIT_MAX_VIDEOS, UNIT_MAX_VIDEOS, 5]
+    flat = [r["key"] for u in folder_units(rows) for r in u]
+    assert flat == sorted(r["key"] for r in rows)

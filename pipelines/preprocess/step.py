@@ -7,7 +7,7 @@ ledger, manifest and latents live in their own modules, and ``run_preprocess`` w
 Pipeline (Ray Data, streaming; every stage runs in Ray tasks/actors, never on the driver)::
 
     index (1 task per shard: tar headers + captions + the shard's stamp, no video bytes; a folder's rows
-      are listed on the driver and stamped in tasks, 64 per unit) → caption rules (pyoco.captions)
+      are listed on the driver and stamped in tasks, ~64 per unit) → caption rules (pyoco.captions)
       → materialise the small index (one block per unit) → duplicate captions resolved on the driver
         (first (source, key) wins, over all units), unit identities, units already done skipped
       → decode + clip + resize/crop (one streaming task per unit, pyoco.video; reads by byte range)
@@ -16,9 +16,9 @@ Pipeline (Ray Data, streaming; every stage runs in Ray tasks/actors, never on th
       → a small per-row summary streams back to the driver, which writes each finished unit's marker,
         then rejects/ and manifest.json.
 
-Resumable (:mod:`pipelines.preprocess.units`): a unit (a shard, or 64 rows of a folder) whose marker in
-``OUT/.staging/units/`` carries its identity (input stamp, content-affecting config and code, dedupe outcome) is
-not decoded again; its summary rows are read back from the marker.
+Resumable (:mod:`pipelines.preprocess.units`): a unit (a shard, or a content-defined run of ~64 rows of a
+folder) whose marker in ``OUT/.staging/units/`` carries its identity (input stamp, content-affecting config
+and code, dedupe outcome) is not decoded again; its summary rows are read back from the marker.
 
 Placement: units are dealt round-robin over the decoding nodes (:func:`units.place_units`). Every task and
 actor requests ``cfg.resource`` (default ``preprocess``, a tiny fraction of one

@@ -1,7 +1,8 @@
 """Resumable runs: work units, their identity, completion markers, and the clean-up of the staging area.
 
-A *unit* is the grain of work and of resumption: one WebDataset shard, or a chunk of ``UNIT_VIDEOS`` index
-rows of a captioned folder / UCF-101 tree (in ``(source, key)`` order). The index has one block per unit,
+A *unit* is the grain of work and of resumption: one WebDataset shard, or a run of index rows of a captioned
+folder / UCF-101 tree (in ``(source, key)`` order) cut where the content says (:func:`folder_units`: about
+``UNIT_VIDEOS`` rows, at most ``UNIT_MAX_VIDEOS``), so adding or removing a video touches one or two units. The index has one block per unit,
 and the decode stage runs one task per unit (:func:`pipelines.preprocess.stages.decode_batch`).
 
 Identity (:class:`UnitPlan`): sha256 of the content-affecting config hash, the code identity
@@ -34,7 +35,8 @@ from pathlib import Path
 from pipelines.preprocess.schemas import summary_schema
 
 UNITS_DIR = "units"
-UNIT_VIDEOS = 64  # index rows per unit of a folder / UCF-101 input
+UNIT_VIDEOS = 64  # mean index rows per unit of a folder / UCF-101 input (1 row in UNIT_VIDEOS starts one)
+UNIT_MAX_VIDEOS = 4 * UNIT_VIDEOS  # cap: a run this long with no cut row is cut anyway
 IDENTITY_FIELDS = (
     "source", "key", "video_uri", "offset", "size", "caption", "labels", "reason", "stage", "detail", "stamp",
 )  # fmt: skip
@@ -95,11 +97,27 @@ def input_stamp(uri: str, options) -> str | None:
     return f"{info.get('size')}:{stamp}"
 
 
+def starts_unit(row: dict) -> bool:
+    """A row whose ``(source, key)`` hash is 0 mod ``UNIT_VIDEOS`` starts a folder unit: a property of the
+    row alone, so a video added or removed elsewhere moves no boundary (content-defined chunking)."""
+    h = hashlib.sha256(f"{row['source']}\0{row['key']}".encode()).digest()
+    return int.from_bytes(h[:8], "big") % UNIT_VIDEOS == 0
+
+
 def folder_units(rows: list[dict]) -> list[list[dict]]:
-    """A folder's / UCF-101 tree's index rows in ``(source, key)`` order, in units of ``UNIT_VIDEOS``;
-    each row's ``unit`` is set (``<first source>#<first key>``: stable while the folder is)."""
+    """A folder's / UCF-101 tree's index rows in ``(source, key)`` order, cut before every row that
+    :func:`starts_unit` (about ``UNIT_VIDEOS`` rows per unit, geometrically distributed) and after
+    ``UNIT_MAX_VIDEOS`` rows with no such cut. Each row's ``unit`` is set (``<first source>#<first key>``).
+
+    Adding a video changes the unit it lands in, and splits it in two when the new video starts a unit;
+    every other unit keeps its rows, name and identity. Only inside a run of over ``UNIT_MAX_VIDEOS``
+    rows without a cut (odds about 2 % per such run) do the cap's cuts shift, up to the run's end."""
     rows = sorted(rows, key=lambda r: (r["source"], r["key"]))
-    units = [rows[i : i + UNIT_VIDEOS] for i in range(0, len(rows), UNIT_VIDEOS)]
+    units: list[list[dict]] = []
+    for r in rows:
+        if not units or starts_unit(r) or len(units[-1]) >= UNIT_MAX_VIDEOS:
+            units.append([])
+        units[-1].append(r)
     for chunk in units:
         name = f"{chunk[0]['source']}#{chunk[0]['key']}"
         for r in chunk:
