@@ -53,6 +53,7 @@ def test_ray_cluster_yaml_node_types_placement_and_security():
     assert len(cpu) == 1 and len(gpu) == 1
     assert cpu[0]["min_workers"] == 0 and cpu[0]["max_workers"] >= 1 and "GPU" not in cpu[0]["resources"]
     assert gpu[0]["max_workers"] >= 1 and "preprocess" not in gpu[0]["resources"]
+    assert cpu[0]["labels"] == {"pyoco/node-kind": "cpu"} and gpu[0]["labels"] == {"pyoco/node-kind": "gpu"}
     assert sum(t.get("min_workers", 0) for t in workers.values()) <= cfg["max_workers"]
 
     # Token auth on every node, the dashboard on the head's loopback only, the token shipped over SSH.
@@ -92,6 +93,7 @@ def _check_cluster_spec(spec: dict) -> None:
     gpu = [g for g in groups.values() if "num-gpus" in g["rayStartParams"]]
     assert len(cpu) == 1 and len(gpu) == 1
     assert cpu[0]["minReplicas"] == 0 and cpu[0]["maxReplicas"] >= 1
+    assert cpu[0]["labels"] == {"pyoco/node-kind": "cpu"} and gpu[0]["labels"] == {"pyoco/node-kind": "gpu"}
     for group in (cpu[0], gpu[0]):
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     gpu_limits = gpu[0]["template"]["spec"]["containers"][0]["resources"]["limits"]

@@ -2,8 +2,9 @@
 decode/embed and write.
 
 Each actor holds one `pyoco.vae.LatentEncoder` (the VAE loads once per actor). On a cluster with GPUs the
-actors request ``latent_num_gpus`` each and encode in bf16 on the GPU; otherwise they are CPU actors
-(``latent_num_cpus`` each, float32). The latents identity is always computed from the float32 weights, so it
+actors request ``latent_num_gpus`` each and encode in bf16 on the GPU; otherwise (or with ``accelerator:
+cpu``) they are CPU actors on the CPU nodes (``latent_num_cpus`` each, float32;
+:func:`pipelines.preprocess.placement.latent_args`). The latents identity is always computed from the float32 weights, so it
 is the same on either kind of actor and equals the one train computes.
 
 Layouts: decoded rows carry ``frames`` uint8 (T, H, W, 3) bytes; this stage adds ``latents``: float16
@@ -60,21 +61,15 @@ def latent_plan(cfg, storage_options: dict | None = None) -> LatentPlan:
     return LatentPlan(vae=uri, identity=identity, shape=shape)
 
 
-def latent_actor_args(cfg) -> dict:
-    """Ray options of one latents actor: ``num_gpus`` when the cluster has GPUs, else CPUs."""
-    import ray
-
-    if ray.cluster_resources().get("GPU", 0) > 0:
-        return {"num_gpus": cfg.latent_num_gpus, "num_cpus": 1}
-    return {"num_cpus": cfg.latent_num_cpus}
-
-
-def latent_stage(ds, cfg, plan: LatentPlan, storage_options: dict | None = None):
-    """``ds`` with the latents actor pool applied (``cfg.latent_actors`` actors). ``storage_options``:
-    `pyoco.storage.loader_options` (an endpoint, never credentials: it is an actor argument)."""
+def latent_stage(ds, cfg, plan: LatentPlan, cluster: dict, storage_options: dict | None = None):
+    """``ds`` with the latents actor pool applied (``cfg.latent_actors`` actors; ``cluster``:
+    ``ray.cluster_resources()``). ``storage_options``: `pyoco.storage.loader_options` (an endpoint, never
+    credentials: it is an actor argument)."""
     import ray.data
 
-    args = latent_actor_args(cfg)
+    from pipelines.preprocess.placement import devices, latent_args
+
+    args = latent_args(cfg, cluster)
     return ds.map_batches(
         LatentStage,
         batch_size=cfg.latent_batch_size,
@@ -86,6 +81,7 @@ def latent_stage(ds, cfg, plan: LatentPlan, storage_options: dict | None = None)
             "keep_frames": cfg.keep_frames,
             "threads": max(1, int(args.get("num_cpus", 1))),
             "storage_options": storage_options,
+            "device": devices(cfg, cluster)["latents"],
         },
         **args,
     )
@@ -102,13 +98,14 @@ class LatentStage:
         keep_frames: bool,
         threads: int = 1,
         storage_options: dict | None = None,
+        device: str | None = None,  # the driver's choice (placement.devices); None: CUDA if visible
     ):
         import torch
 
         from pyoco.vae import LatentEncoder
 
         torch.set_num_threads(max(1, threads))
-        gpu = torch.cuda.is_available()
+        gpu = device == "cuda" if device else torch.cuda.is_available()
         self.encoder = LatentEncoder(
             vae,
             device="cuda" if gpu else "cpu",

@@ -296,7 +296,9 @@ def decode_batch(
 class CaptionEmbedder:
     """Ray Data actor: adds ``caption_embedding`` (L, D) float32 and ``caption_mask`` (L,) bool; D is the
     encoder's width (``enc.dim``: 384 for MiniLM, CLIP's hidden size). ``storage_options``: where a CLIP
-    folder is read from (`pyoco.storage.loader_options`: an endpoint, never credentials)."""
+    folder is read from (`pyoco.storage.loader_options`: an endpoint, never credentials). ``device``: the
+    driver's choice (:func:`pipelines.preprocess.placement.devices`; "cuda" only for an actor given a GPU);
+    None: CUDA when this process sees a GPU."""
 
     def __init__(
         self,
@@ -304,6 +306,7 @@ class CaptionEmbedder:
         text_len: int = 32,
         threads: int = 1,
         storage_options: dict | None = None,
+        device: str | None = None,
     ):
         import torch
 
@@ -315,8 +318,7 @@ class CaptionEmbedder:
         # recent captions' states saves re-encoding them (1024 x L x D x 4 B: 48 MiB for MiniLM at L=32).
         self.cache_size = 1024
         self._cache: OrderedDict[str, tuple] = OrderedDict()
-        # A GPU actor when the step requested num_gpus (the cluster has GPUs); CPU otherwise.
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         remote = {} if text_encoder.lower() == "minilm" else {"storage_options": storage_options}
         self.encoder = load_text_encoder(text_encoder, max_length=text_len, device=device, **remote)
         self.dim = int(self.encoder.dim)

@@ -20,12 +20,13 @@ Resumable (:mod:`pipelines.preprocess.units`): a unit (a shard, or a content-def
 folder) whose marker in ``OUT/.staging/units/`` carries its identity (input stamp, content-affecting config
 and code, dedupe outcome) is not decoded again; its summary rows are read back from the marker.
 
-Placement: units are dealt round-robin over the decoding nodes (:func:`units.place_units`). Every task and
-actor requests ``cfg.resource`` (default ``preprocess``, a tiny fraction of one
-unit, so it acts as a node label) when some node offers it, else plain CPU scheduling. Decode tasks take
-``num_cpus_per_task`` CPUs, index and write tasks at most a quarter CPU, embedding actors
+Placement (:mod:`pipelines.preprocess.placement`): units are dealt round-robin over the decoding nodes
+(:func:`units.place_units`). Every CPU task and actor requests ``cfg.resource`` (default ``preprocess``, a
+tiny fraction of one unit, so it acts as a node label) when some node offers it, else plain CPU scheduling.
+Decode tasks take ``num_cpus_per_task`` CPUs, index and write tasks at most a quarter CPU, embedding actors
 ``embed_num_cpus`` (default 0: MiniLM on short captions costs a few % of decoding, and a whole CPU per actor
-would starve decode on small nodes).
+would starve decode on small nodes). With GPUs in the cluster (and ``accelerator: auto``) the embedding and
+latents actors are GPU actors instead; decode never asks for a GPU.
 
 Memory: Ray Data's streaming executor backpressures between stages, so the data in flight is bounded
 by the object store, whatever the dataset size. What grows with the dataset is the index (a few hundred
@@ -96,13 +97,13 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 from pipelines.common import PyocoError, console
 from pipelines.preprocess.discover import StepSettings, discover_inputs
 from pipelines.preprocess.latents import latent_plan, latent_stage
 from pipelines.preprocess.ledger import STAGE_DEDUPE, _check_reject_fraction, _RejectWriter
 from pipelines.preprocess.manifest import STAGING, _prepare_output, _publish, pyoco_version
+from pipelines.preprocess.placement import devices, embed_args, task_args
 from pipelines.preprocess.schemas import index_schema
 from pipelines.preprocess.stages import (
     CRASH_TEST_ENV,
@@ -129,8 +130,6 @@ from pyoco.config import ConfigError, PreprocessConfig, config_hash
 from pyoco.pretrained import resolve_text
 
 MAX_FILE_BYTES = 256 * 2**20  # target upper bound of one clips parquet file
-EMBED_GPU_FRACTION = 0.25  # of one GPU per text-embedding actor: the text encoder is small next to a VAE
-RESOURCE_FRACTION = 0.001  # custom-resource request per task: a placement label, not a concurrency cap
 
 
 # Config fields that change how the step runs or where it writes, never what the clips contain.
@@ -150,6 +149,7 @@ EXECUTION_ONLY_FIELDS = {
     "latent_batch_size",
     "latent_num_gpus",
     "latent_num_cpus",
+    "accelerator",  # the devices it resolves to are in the unit identity (placement.devices)
 }
 
 
@@ -175,26 +175,6 @@ def _init_ray(ray_address: str | None, resource: str | None) -> bool:
             configure_logging=False,
         )
     return True
-
-
-def _remote_args(cfg: PreprocessConfig, num_cpus: float) -> dict:
-    """Ray options for one task/actor: CPUs plus the custom resource when some node has it."""
-    import ray
-
-    args: dict[str, Any] = {"num_cpus": num_cpus}
-    if cfg.resource and ray.cluster_resources().get(cfg.resource, 0) > 0:
-        args["resources"] = {cfg.resource: RESOURCE_FRACTION}
-    return args
-
-
-def _embed_args(cfg: PreprocessConfig) -> dict:
-    """Ray options of a text-embedding actor: a share of a GPU when the cluster has GPUs (then without the
-    CPU-node label: GPU nodes need not carry it), else ``embed_num_cpus`` on the labelled CPU nodes."""
-    import ray
-
-    if ray.cluster_resources().get("GPU", 0) > 0:
-        return {"num_cpus": cfg.embed_num_cpus, "num_gpus": EMBED_GPU_FRACTION}
-    return _remote_args(cfg, cfg.embed_num_cpus)
 
 
 def rows_per_file(cfg: PreprocessConfig, text_dim: int, latents=None) -> int:
@@ -248,8 +228,11 @@ def run_preprocess(
         saved_ctx = (ctx.enable_progress_bars, ctx.execution_options.preserve_order)
         ctx.enable_progress_bars = progress
         ctx.execution_options.preserve_order = False
-        task_args = _remote_args(cfg, cfg.num_cpus_per_task)
-        light_args = _remote_args(cfg, min(0.25, cfg.num_cpus_per_task))
+        cluster = ray.cluster_resources()
+        decode_args = task_args(cfg, cfg.num_cpus_per_task, cluster)
+        light_args = task_args(cfg, min(0.25, cfg.num_cpus_per_task), cluster)
+        # The actors' devices change their float output: part of every unit's identity.
+        device = devices(cfg, cluster)
 
         # Stage 1: index (per shard, in tasks) or ready rows (folder/ucf101, listed on the driver, stamped
         # in tasks). Either way one block per unit (units.py): the decode stage runs a task per unit.
@@ -287,7 +270,7 @@ def run_preprocess(
                     if cur is None or ident < cur:
                         first_of[r["dedupe_key"]] = ident
         duplicates: set[str] = set()
-        units = UnitPlan(config_hash(content_config), code)
+        units = UnitPlan(config_hash({"config": content_config, "devices": device}), code)
         for b in index.iter_batches(batch_format="pyarrow", batch_size=4096):
             for r in b.to_pylist():
                 inputs += 1
@@ -351,7 +334,7 @@ def run_preprocess(
                     fn_kwargs={
                         "settings": settings,
                         "options": task_options,
-                        "task_args": {**task_args, "scheduling_strategy": "SPREAD"},
+                        "task_args": {**decode_args, "scheduling_strategy": "SPREAD"},
                         "crash_on_key": os.environ.get(CRASH_TEST_ENV) or None,
                         "chunk": cfg.videos_per_task,
                         "shared_ref": shared_ref,
@@ -368,12 +351,13 @@ def run_preprocess(
                         "text_len": cfg.text_max_length,
                         "threads": max(1, math.floor(cfg.embed_num_cpus)),
                         "storage_options": model_options,
+                        "device": device["embed"],
                     },
-                    **_embed_args(cfg),
+                    **embed_args(cfg, cluster),
                 )
             )
             if latents is not None:
-                ds = latent_stage(ds, cfg, latents, model_options)
+                ds = latent_stage(ds, cfg, latents, cluster, model_options)
             ds = ds.map_batches(
                 write_batch,
                 batch_size=per_file,
@@ -495,7 +479,8 @@ def run_preprocess(
             "level": "token",
         },
         **({"latents": latents.manifest()} if latents is not None else {}),
-        "code_identity": code,  # pyoco version + digest of the modules that shape the clips (units.py)
+        "code_identity": code,
+        "devices": device,  # where the embedding / latents actors ran (placement.py)  # pyoco version + digest of the modules that shape the clips (units.py)
         "units": len(identities),
         "units_resumed": len(done_units),
         "decode_s": round(decode_s, 2),  # decode → write, after indexing (what a resumed run saves)
