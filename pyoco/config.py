@@ -127,7 +127,9 @@ class PreprocessConfig(_Section):
     captions: CaptionFilterConfig = Field(default_factory=CaptionFilterConfig)
     text_encoder: str = "minilm"
     text_max_length: int = Field(32, ge=1)
-    embed_actors: int = Field(1, ge=1)
+    # Text-embedding actors: a fixed pool of N, or `auto`: Ray Data grows the pool from 1 while the stage has
+    # a backlog (pipelines/preprocess/placement.py:embed_pool).
+    embed_actors: int | Literal["auto"] = 1
     embed_batch_size: int = Field(64, ge=1)
     # Logical CPUs each embedding actor reserves. 0: it shares the decode CPUs (MiniLM on short captions
     # costs a few % of decoding; a whole CPU per actor would starve decode on 1-2 CPU nodes).
@@ -157,6 +159,15 @@ class PreprocessConfig(_Section):
     # Where the embedding and latents actors run: `auto`, on GPU actors when the cluster has GPUs (decode
     # stays on the CPU nodes either way); `cpu`, always on CPU actors.
     accelerator: Literal["auto", "cpu"] = "auto"
+
+    @field_validator("embed_actors", mode="before")
+    @classmethod
+    def _actors_or_auto(cls, v):
+        if isinstance(v, str) and v.strip().isdigit():  # "4" from an environment or a flag
+            v = int(v)
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be an integer >= 1 or 'auto'")
 
 
 # ----------------------------------------------------------------------------------------------------- model

@@ -1,16 +1,18 @@
 """Where preprocess runs (issue 14, item 5): decode on CPU nodes, the caption embedder and the latents on GPU
-actors when the cluster has GPUs, and a knob that forces CPU.
+actors when the cluster has GPUs, a knob that forces CPU, and the embedding pool's size (fixed or auto).
 The choice is a pure function of the config and ``ray.cluster_resources()``, so no GPU is needed here."""
 
 from __future__ import annotations
 
 import pytest
+import ray.data
 
 from pipelines.preprocess.placement import (
     EMBED_GPU_FRACTION,
     RESOURCE_FRACTION,
     devices,
     embed_args,
+    embed_pool,
     latent_args,
     task_args,
 )
@@ -54,9 +56,32 @@ def test_accelerator_cpu_forces_cpu_actors_on_a_gpu_cluster():
         _cfg(accelerator="gpu")
 
 
-def test_a_cpu_cluster_runs_embed_actors_and_latents_on_cpu(ray_local, sd_pipeline, tmp_path):
-    """End to end on the embedded (CPU) Ray: the embedding and latents stages take their actor options from
-    the cluster's resources, the actors run on CPU, and the manifest says so."""
+def test_embed_actors_fixed_or_auto_become_an_actor_pool():
+    assert embed_pool(_cfg(), WITH_GPUS) == {"size": 1}
+    assert embed_pool(_cfg(embed_actors=3), CPU_ONLY) == {"size": 3}
+    auto = _cfg(embed_actors="auto")
+    # One GPU actor per quarter GPU; on CPU, one per 8 decode CPUs (the labelled ones when any).
+    assert embed_pool(auto, WITH_GPUS) == {"min_size": 1, "max_size": 8}
+    assert embed_pool(auto, CPU_ONLY) == {"min_size": 1, "max_size": 4}
+    assert embed_pool(_cfg(embed_actors="auto", accelerator="cpu"), WITH_GPUS) == {
+        "min_size": 1,
+        "max_size": 4,
+    }
+    assert embed_pool(auto, {"CPU": 2.0}) == {"min_size": 1, "max_size": 1}
+    # What the step hands Ray Data: a fixed pool, or an autoscaling one from 1 actor.
+    pool = ray.data.ActorPoolStrategy(**embed_pool(auto, WITH_GPUS))
+    assert (pool.min_size, pool.max_size) == (1, 8)
+    fixed = ray.data.ActorPoolStrategy(**embed_pool(_cfg(embed_actors=2), WITH_GPUS))
+    assert (fixed.min_size, fixed.max_size) == (2, 2)
+
+    for bad in (0, "many", True, 1.5):
+        with pytest.raises(ConfigError, match=r"^t\.yaml: embed_actors: .*integer >= 1 or 'auto'"):
+            _cfg(embed_actors=bad)
+
+
+def test_a_cpu_cluster_runs_auto_embed_actors_and_latents_on_cpu(ray_local, sd_pipeline, tmp_path):
+    """End to end on the embedded (CPU) Ray: ``embed_actors: auto`` and the latents stage build their actor
+    pools from the cluster's resources, the actors run on CPU, and the manifest says so."""
     import pyarrow.parquet as pq
 
     from pipelines.preprocess.step import run_preprocess
@@ -66,11 +91,11 @@ def test_a_cpu_cluster_runs_embed_actors_and_latents_on_cpu(ray_local, sd_pipeli
     synth.write_dataset(str(raw), videos=4, shards=2, seed=3, frames=12, size=32)
     cfg = _cfg(
         input=str(raw), output=str(tmp_path / "out"), num_frames=3, size=sd_pipeline.pixel_size,
-        text_encoder=str(sd_pipeline.path), vae=str(sd_pipeline.path), latents=True,
+        text_encoder=str(sd_pipeline.path), vae=str(sd_pipeline.path), latents=True, embed_actors="auto",
         captions={"dedupe": "none"}, val_fraction=0.0, min_motion=0.0,
     )  # fmt: skip
     manifest = run_preprocess(cfg, progress=False)
     assert manifest["devices"] == {"embed": "cpu", "latents": "cpu"}
-    assert manifest["accepted_videos"] == 4
+    assert manifest["accepted_videos"] == 4 and manifest["config"]["embed_actors"] == "auto"
     table = pq.read_table(tmp_path / "out" / "clips" / "train")
     assert table.num_rows == manifest["clips_written"] and table.column("latents").null_count == 0

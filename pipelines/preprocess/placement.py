@@ -14,12 +14,14 @@ choice is testable without a cluster or a GPU:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pyoco.config import PreprocessConfig
 
 EMBED_GPU_FRACTION = 0.25  # of one GPU per text-embedding actor: the text encoder is small next to a VAE
 RESOURCE_FRACTION = 0.001  # custom-resource request per task: a placement label, not a concurrency cap
+DECODE_CPUS_PER_EMBED_ACTOR = 8  # embed_actors: auto on CPU: MiniLM costs a few % of decoding
 
 
 def _gpus(cfg: PreprocessConfig, cluster: dict[str, float]) -> bool:
@@ -55,3 +57,18 @@ def devices(cfg: PreprocessConfig, cluster: dict[str, float]) -> dict[str, str]:
         "embed": "cuda" if "num_gpus" in embed_args(cfg, cluster) else "cpu",
         "latents": "cuda" if "num_gpus" in latent_args(cfg, cluster) else "cpu",
     }
+
+
+def embed_pool(cfg: PreprocessConfig, cluster: dict[str, float]) -> dict[str, int]:
+    """``ray.data.ActorPoolStrategy`` arguments of the embedding actors: ``{"size": n}`` for a fixed
+    ``embed_actors: n``; for ``auto``, a pool Ray Data grows from 1 actor while the stage has a backlog, up
+    to one actor per ``EMBED_GPU_FRACTION`` of the cluster's GPUs (GPU actors), or one per
+    ``DECODE_CPUS_PER_EMBED_ACTOR`` CPUs of the decoding nodes (CPU actors)."""
+    if cfg.embed_actors != "auto":
+        return {"size": int(cfg.embed_actors)}
+    if _gpus(cfg, cluster):
+        most = math.floor(cluster["GPU"] / EMBED_GPU_FRACTION)
+    else:
+        cpus = cluster.get(cfg.resource, 0) if cfg.resource else 0
+        most = math.ceil((cpus or cluster.get("CPU", 1)) / DECODE_CPUS_PER_EMBED_ACTOR)
+    return {"min_size": 1, "max_size": max(1, most)}

@@ -11,8 +11,8 @@ Pipeline (Ray Data, streaming; every stage runs in Ray tasks/actors, never on th
       → materialise the small index (one block per unit) → duplicate captions resolved on the driver
         (first (source, key) wins, over all units), unit identities, units already done skipped
       → decode + clip + resize/crop (one streaming task per unit, pyoco.video; reads by byte range)
-      → caption embedding (MiniLM, actor pool of ``embed_actors``) → write parquet (tasks, one unit
-        per file, ≤ rows_per_file rows per file)
+      → caption embedding (MiniLM, actor pool of ``embed_actors``, autoscaled for ``auto``) → write
+        parquet (tasks, one unit per file, ≤ rows_per_file rows per file)
       → a small per-row summary streams back to the driver, which writes each finished unit's marker,
         then rejects/ and manifest.json.
 
@@ -103,7 +103,7 @@ from pipelines.preprocess.discover import StepSettings, discover_inputs
 from pipelines.preprocess.latents import latent_plan, latent_stage
 from pipelines.preprocess.ledger import STAGE_DEDUPE, _check_reject_fraction, _RejectWriter
 from pipelines.preprocess.manifest import STAGING, _prepare_output, _publish, pyoco_version
-from pipelines.preprocess.placement import devices, embed_args, task_args
+from pipelines.preprocess.placement import devices, embed_args, embed_pool, task_args
 from pipelines.preprocess.schemas import index_schema
 from pipelines.preprocess.stages import (
     CRASH_TEST_ENV,
@@ -345,7 +345,7 @@ def run_preprocess(
                     CaptionEmbedder,
                     batch_size=cfg.embed_batch_size,
                     batch_format="pyarrow",
-                    compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors),
+                    compute=ray.data.ActorPoolStrategy(**embed_pool(cfg, cluster)),
                     fn_constructor_kwargs={
                         "text_encoder": cfg.text_encoder,
                         "text_len": cfg.text_max_length,
