@@ -115,10 +115,11 @@ def test_a_killed_run_resumes_to_the_uninterrupted_output(tmp_path):
 
 
 def test_unit_identity_follows_the_input_the_config_and_the_dedupe_outcome(tmp_path):
-    """What keys a marker: a changed stamp (rewritten shard), caption, content config, code or duplicate
-    decision changes the unit's identity; stale markers are deleted, matching ones returned."""
+    """What keys a marker: a changed stamp (rewritten shard), caption, content config (with the actors'
+    devices and the VAE's identity), code or duplicate decision changes the unit's identity; stale markers
+    are deleted, matching ones returned."""
     from pipelines.preprocess.schemas import _row
-    from pipelines.preprocess.units import UnitPlan, marker_uri, resume_plan
+    from pipelines.preprocess.units import UnitPlan, content_key, marker_uri, resume_plan
 
     def ident(rows, content="c1", dup=False, code="0.1.0+aaa"):
         plan = UnitPlan(content, code)
@@ -136,6 +137,12 @@ def test_unit_identity_follows_the_input_the_config_and_the_dedupe_outcome(tmp_p
     assert ident([{**rows[0], "caption": "other"}, *rows[1:]]) != base
     assert ident(rows, content="c2") != base
     assert ident(rows, code="0.1.0+bbb") != base
+    # The content key: config, actor devices and the VAE's weights all count.
+    key = content_key({"size": 32}, {"embed": "cpu", "latents": "cpu"}, "vae-1")
+    assert key == content_key({"size": 32}, {"embed": "cpu", "latents": "cpu"}, "vae-1")
+    assert key != content_key({"size": 64}, {"embed": "cpu", "latents": "cpu"}, "vae-1")
+    assert key != content_key({"size": 32}, {"embed": "cuda", "latents": "cpu"}, "vae-1")
+    assert key != content_key({"size": 32}, {"embed": "cpu", "latents": "cpu"}, "vae-2")
     plan = UnitPlan("c1", "0.1.0+aaa")
     plan.add(rows[0], False)
     plan.add(rows[1], True)  # loses to a duplicate caption in another unit

@@ -4,8 +4,8 @@ decode/embed and write.
 Each actor holds one `pyoco.vae.LatentEncoder` (the VAE loads once per actor). On a cluster with GPUs the
 actors request ``latent_num_gpus`` each and encode in bf16 on the GPU; otherwise (or with ``accelerator:
 cpu``) they are CPU actors on the CPU nodes (``latent_num_cpus`` each, float32;
-:func:`pipelines.preprocess.placement.latent_args`). The latents identity is always computed from the float32 weights, so it
-is the same on either kind of actor and equals the one train computes.
+:func:`pipelines.preprocess.placement.latent_args`). The latents identity is always computed from the
+float32 weights, so it is the same on either kind of actor and equals the one train computes.
 
 Layouts: decoded rows carry ``frames`` uint8 (T, H, W, 3) bytes; this stage adds ``latents``: float16
 ``(C, T, h, w)`` bytes (`pyoco.clips.latents_array`), and nulls ``frames`` when ``keep_frames`` is false.

@@ -117,6 +117,7 @@ from pipelines.preprocess.units import (
     UnitPlan,
     UnitTracker,
     code_identity,
+    content_key,
     folder_units,
     marker_uri,
     place_units,
@@ -270,7 +271,8 @@ def run_preprocess(
                     if cur is None or ident < cur:
                         first_of[r["dedupe_key"]] = ident
         duplicates: set[str] = set()
-        units = UnitPlan(config_hash({"config": content_config, "devices": device}), code)
+        vae_identity = latents.identity if latents is not None else None
+        units = UnitPlan(content_key(content_config, device, vae_identity), code)
         for b in index.iter_batches(batch_format="pyarrow", batch_size=4096):
             for r in b.to_pylist():
                 inputs += 1
@@ -479,8 +481,8 @@ def run_preprocess(
             "level": "token",
         },
         **({"latents": latents.manifest()} if latents is not None else {}),
-        "code_identity": code,
-        "devices": device,  # where the embedding / latents actors ran (placement.py)  # pyoco version + digest of the modules that shape the clips (units.py)
+        "code_identity": code,  # pyoco version + digest of the modules that shape the clips (units.py)
+        "devices": device,  # where the embedding / latents actors ran (placement.py)
         "units": len(identities),
         "units_resumed": len(done_units),
         "decode_s": round(decode_s, 2),  # decode → write, after indexing (what a resumed run saves)

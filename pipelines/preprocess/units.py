@@ -2,13 +2,14 @@
 
 A *unit* is the grain of work and of resumption: one WebDataset shard, or a run of index rows of a captioned
 folder / UCF-101 tree (in ``(source, key)`` order) cut where the content says (:func:`folder_units`: about
-``UNIT_VIDEOS`` rows, at most ``UNIT_MAX_VIDEOS``), so adding or removing a video touches one or two units. The index has one block per unit,
-and the decode stage runs one task per unit (:func:`pipelines.preprocess.stages.decode_batch`).
+``UNIT_VIDEOS`` rows, at most ``UNIT_MAX_VIDEOS``), so adding or removing a video touches one or two units.
+The index has one block per unit, and the decode stage runs one task per unit
+(:func:`pipelines.preprocess.stages.decode_batch`).
 
-Identity (:class:`UnitPlan`): sha256 of the content-affecting config hash, the code identity
-(:func:`code_identity`: the installed pyoco version and a digest of the modules that shape a unit's output, so
-a code change that alters the clips invalidates the markers of older code), the unit's name, and an
-order-free digest of its index rows: every field (caption, labels, byte range, reject reason...), the
+Identity (:class:`UnitPlan`): sha256 of the content key (:func:`content_key`: config, devices, VAE), the
+code identity (:func:`code_identity`: the installed pyoco version and a digest of the modules that shape a
+unit's output, so a code change that alters the clips invalidates the markers of older code), the unit's
+name, and an order-free digest of its index rows: every field (caption, labels, byte range, reject reason...), the
 input's *stamp* (size and ETag or mtime of the shard, or of each video: :func:`input_stamp`), and whether
 the row loses to a duplicate caption elsewhere (caption de-duplication is global, so a unit's output also
 depends on the other units' captions).
@@ -143,6 +144,15 @@ def marker_uri(units_uri: str, unit: str, identity: str) -> str:
     from pyoco import storage
 
     return storage.join(units_uri, f"{name_hash(unit)}-{identity}.parquet")
+
+
+def content_key(config: dict, devices: dict[str, str], vae_identity: str | None) -> str:
+    """What, besides its rows and the code, shapes every unit's output: the content-affecting config, the
+    devices the embedding / latents actors run on (float results differ), and the VAE's weights identity
+    (a VAE replaced at the same path must not reuse latents of the old one)."""
+    from pyoco.config import config_hash
+
+    return config_hash({"config": config, "devices": devices, "vae_identity": vae_identity})
 
 
 class UnitPlan:
