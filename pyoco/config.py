@@ -156,9 +156,10 @@ class PreprocessConfig(_Section):
     latent_batch_size: int = Field(4, ge=1)
     latent_num_gpus: float = Field(1.0, ge=0)  # per actor, used only when the cluster has GPUs
     latent_num_cpus: float = Field(1.0, ge=0)  # per CPU actor
-    # Where the embedding and latents actors run: `auto`, on GPU actors when the cluster has GPUs (decode
-    # stays on the CPU nodes either way); `cpu`, always on CPU actors.
-    accelerator: Literal["auto", "cpu"] = "auto"
+    # Where the embedding and latents actors run (decode stays on the CPU nodes either way): `auto`, on GPU
+    # actors when the cluster has GPUs now; `gpu`, GPU actors even when no GPU node is up yet (an autoscaling
+    # cluster whose GPU type scales from 0 starts one); `cpu`, always CPU actors.
+    accelerator: Literal["auto", "gpu", "cpu"] = "auto"
 
     @field_validator("embed_actors", mode="before")
     @classmethod

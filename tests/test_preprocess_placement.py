@@ -52,8 +52,20 @@ def test_accelerator_cpu_forces_cpu_actors_on_a_gpu_cluster():
     assert embed_args(cfg, WITH_GPUS) == {"num_cpus": 0.0, "resources": label}
     assert latent_args(cfg, WITH_GPUS) == {"num_cpus": 1.0, "resources": label}
     assert devices(cfg, WITH_GPUS) == {"embed": "cpu", "latents": "cpu"}
-    with pytest.raises(ConfigError, match=r"t\.yaml: accelerator: .*'auto' or 'cpu'.*\(got 'gpu'\)"):
-        _cfg(accelerator="gpu")
+    with pytest.raises(ConfigError, match=r"t\.yaml: accelerator: .*'auto', 'gpu' or 'cpu'.*\(got 'cuda'\)"):
+        _cfg(accelerator="cuda")
+
+
+def test_accelerator_gpu_asks_for_gpus_before_any_gpu_node_is_up():
+    """An autoscaling cluster lists no GPU while its GPU type is at 0 nodes: ``gpu`` requests GPUs anyway
+    (the request is what scales a GPU node up); decode still asks for none."""
+    cfg = _cfg(accelerator="gpu", latents=True, embed_actors="auto")
+    assert embed_args(cfg, CPU_ONLY) == {"num_cpus": 0.0, "num_gpus": EMBED_GPU_FRACTION}
+    assert latent_args(cfg, CPU_ONLY) == {"num_gpus": 1.0, "num_cpus": 1}
+    assert devices(cfg, CPU_ONLY) == {"embed": "cuda", "latents": "cuda"}
+    assert "num_gpus" not in task_args(cfg, cfg.num_cpus_per_task, CPU_ONLY)
+    assert embed_pool(cfg, CPU_ONLY) == {"min_size": 1, "max_size": 4}  # one GPU's worth
+    assert embed_pool(cfg, WITH_GPUS) == {"min_size": 1, "max_size": 8}
 
 
 def test_embed_actors_fixed_or_auto_become_an_actor_pool():

@@ -8,8 +8,10 @@ choice is testable without a cluster or a GPU:
 - caption-embedding and latents actors: on GPU actors when ``cfg.accelerator`` is ``auto`` and the cluster
   has GPUs (a quarter GPU per embedding actor, ``latent_num_gpus`` per latents actor; no CPU-node label, GPU
   nodes need not carry it), else CPU actors on the labelled CPU nodes. ``accelerator: cpu`` forces the
-  latter. The actor is told its device (:func:`devices`), it does not guess it from what it can see: on a
-  GPU node, an actor that was given no GPU must not use one.
+  latter, ``gpu`` the former (``ray.cluster_resources()`` lists only the nodes up now: on an autoscaling
+  cluster whose GPU type scales from 0, the GPU request is what starts a GPU node). The actor is told its
+  device (:func:`devices`), it does not guess it from what it can see: on a GPU node, an actor that was
+  given no GPU must not use one.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ DECODE_CPUS_PER_EMBED_ACTOR = 8  # embed_actors: auto on CPU: MiniLM costs a few
 
 
 def _gpus(cfg: PreprocessConfig, cluster: dict[str, float]) -> bool:
-    return cfg.accelerator == "auto" and cluster.get("GPU", 0) > 0
+    return cfg.accelerator == "gpu" or (cfg.accelerator == "auto" and cluster.get("GPU", 0) > 0)
 
 
 def task_args(cfg: PreprocessConfig, num_cpus: float, cluster: dict[str, float]) -> dict[str, Any]:
@@ -62,12 +64,12 @@ def devices(cfg: PreprocessConfig, cluster: dict[str, float]) -> dict[str, str]:
 def embed_pool(cfg: PreprocessConfig, cluster: dict[str, float]) -> dict[str, int]:
     """``ray.data.ActorPoolStrategy`` arguments of the embedding actors: ``{"size": n}`` for a fixed
     ``embed_actors: n``; for ``auto``, a pool Ray Data grows from 1 actor while the stage has a backlog, up
-    to one actor per ``EMBED_GPU_FRACTION`` of the cluster's GPUs (GPU actors), or one per
+    to one actor per ``EMBED_GPU_FRACTION`` of the cluster's GPUs (of one GPU when none is up yet), or one per
     ``DECODE_CPUS_PER_EMBED_ACTOR`` CPUs of the decoding nodes (CPU actors)."""
     if cfg.embed_actors != "auto":
         return {"size": int(cfg.embed_actors)}
     if _gpus(cfg, cluster):
-        most = math.floor(cluster["GPU"] / EMBED_GPU_FRACTION)
+        most = math.floor(max(cluster.get("GPU", 0), 1) / EMBED_GPU_FRACTION)
     else:
         cpus = cluster.get(cfg.resource, 0) if cfg.resource else 0
         most = math.ceil((cpus or cluster.get("CPU", 1)) / DECODE_CPUS_PER_EMBED_ACTOR)
