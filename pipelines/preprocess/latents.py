@@ -72,7 +72,7 @@ def latent_stage(ds, cfg, plan: LatentPlan, cluster: dict, storage_options: dict
     args = latent_args(cfg, cluster)
     return ds.map_batches(
         LatentStage,
-        batch_size=cfg.latent_batch_size,
+        batch_size=None,  # whole blocks, so units never mix; it encodes latent_batch_size clips at a time
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.latent_actors),
         fn_constructor_kwargs={
@@ -82,6 +82,7 @@ def latent_stage(ds, cfg, plan: LatentPlan, cluster: dict, storage_options: dict
             "threads": max(1, int(args.get("num_cpus", 1))),
             "storage_options": storage_options,
             "device": devices(cfg, cluster)["latents"],
+            "batch_size": cfg.latent_batch_size,
         },
         **args,
     )
@@ -99,6 +100,7 @@ class LatentStage:
         threads: int = 1,
         storage_options: dict | None = None,
         device: str | None = None,  # the driver's choice (placement.devices); None: CUDA if visible
+        batch_size: int = 4,  # clips per VAE call (the UDF gets a whole unit, or a piece of one)
     ):
         import torch
 
@@ -118,6 +120,7 @@ class LatentStage:
                 f"is {identity[:19]}"
             )
         self.keep_frames = keep_frames
+        self.batch_size = max(1, batch_size)
 
     def __call__(self, batch):
         import numpy as np
@@ -126,11 +129,12 @@ class LatentStage:
         n = batch.num_rows
         ok = [i for i, r in enumerate(batch.column("reason").to_pylist()) if r is None]
         cells: list[bytes | None] = [None] * n
-        if ok:
-            rows = batch.take(ok).select(["frames", "num_frames", "height", "width"]).to_pylist()
+        for start in range(0, len(ok), self.batch_size):
+            part = ok[start : start + self.batch_size]
+            rows = batch.take(part).select(["frames", "num_frames", "height", "width"]).to_pylist()
             frames = np.stack([clipfmt.frames_array(r) for r in rows])  # (B, T, H, W, 3) uint8
             latents = self.encoder(frames)  # (B, C, T, h, w) float32
-            for i, cell in zip(ok, clipfmt.latents_array(latents).to_pylist(), strict=True):
+            for i, cell in zip(part, clipfmt.latents_array(latents).to_pylist(), strict=True):
                 cells[i] = cell
         out = batch.append_column(clipfmt.LATENTS, pa.array(cells, pa.large_binary()))
         if not self.keep_frames:

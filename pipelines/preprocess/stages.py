@@ -295,7 +295,8 @@ def decode_batch(
 # ----------------------------------------------------------------------------------------- stage 3: embed
 class CaptionEmbedder:
     """Ray Data actor: adds ``caption_embedding`` (L, D) float32 and ``caption_mask`` (L,) bool; D is the
-    encoder's width (``enc.dim``: 384 for MiniLM, CLIP's hidden size). ``storage_options``: where a CLIP
+    encoder's width (``enc.dim``: 384 for MiniLM, CLIP's hidden size). Called on whole blocks (one unit,
+    or a piece of a big one), so units never mix; it encodes ``batch_size`` captions at a time. ``storage_options``: where a CLIP
     folder is read from (`pyoco.storage.loader_options`: an endpoint, never credentials). ``device``: the
     driver's choice (:func:`pipelines.preprocess.placement.devices`; "cuda" only for an actor given a GPU);
     None: CUDA when this process sees a GPU."""
@@ -307,6 +308,7 @@ class CaptionEmbedder:
         threads: int = 1,
         storage_options: dict | None = None,
         device: str | None = None,
+        batch_size: int = 64,
     ):
         import torch
 
@@ -314,6 +316,7 @@ class CaptionEmbedder:
 
         torch.set_num_threads(max(1, threads))
         self.text_len = text_len
+        self.batch_size = max(1, batch_size)  # captions per encoder call (the UDF gets a whole unit)
         # Clips of one video (max_clips_per_video > 1) and class-named datasets repeat captions: an LRU of
         # recent captions' states saves re-encoding them (1024 x L x D x 4 B: 48 MiB for MiniLM at L=32).
         self.cache_size = 1024
@@ -334,11 +337,12 @@ class CaptionEmbedder:
         captions = batch.column("caption").to_pylist()
         todo = [i for i in range(n) if reasons[i] is None]
         missing = sorted({captions[i] for i in todo} - self._cache.keys())
-        if missing:
-            e, m = self.encoder.encode(missing)
+        for start in range(0, len(missing), self.batch_size):
+            part = missing[start : start + self.batch_size]
+            e, m = self.encoder.encode(part)
             e = np.asarray(e.detach().cpu().numpy() if hasattr(e, "detach") else e, np.float32)
             m = np.asarray(m.detach().cpu().numpy() if hasattr(m, "detach") else m, bool)
-            for j, c in enumerate(missing):
+            for j, c in enumerate(part):
                 self._cache[c] = (e[j], m[j])
         for i in todo:
             emb[i], mask[i] = self._cache[captions[i]]
@@ -355,13 +359,26 @@ class CaptionEmbedder:
 
 
 # ----------------------------------------------------------------------------------------- stage 4: write
-def write_batch(batch, *, clips_uri: str, text_len: int, val_fraction: float, options, latents=None):
-    """Ray Data UDF (tasks): write the batch's clips to one parquet file per split and unit
-    (``clips/train/``, ``clips/val/``; the side of a clip is :func:`pyoco.clips.split_of` of its video's
-    key; no file mixes two units, so a unit redone after a kill leaves no half of itself in another's
-    file); return one summary row per row.
+def write_batch(
+    batch,
+    *,
+    clips_uri: str,
+    text_len: int,
+    val_fraction: float,
+    options,
+    rows_per_file: int = 256,
+    latents=None,
+):
+    """Ray Data UDF (tasks, on whole blocks: one unit, or one piece of a unit too big for one block): write
+    the batch's clips to parquet files per split and unit (``clips/train/``, ``clips/val/``; the side of a
+    clip is :func:`pyoco.clips.split_of` of its video's key), each of at most ``rows_per_file`` rows taken
+    in clip-id order; return one summary row per row. No file mixes two units, so a unit redone after a
+    kill leaves no half of itself in another's file.
 
-    A file's name is a hash of its clip ids, so a retried task overwrites its own file. ``latents``: the
+    A file's name is a hash of its clip ids, so a retried task overwrites its own file, and two runs over
+    the same input write the same files: the rows of a block, hence of its files, are a function of the
+    unit's content (decode yields its videos in index order; Ray Data cuts its output into blocks by byte
+    size only, ``DataContext.target_max_block_size``). ``latents``: the
     `pipelines.preprocess.latents.LatentPlan` when the rows carry a latents column.
     """
     import pyarrow as pa
@@ -376,23 +393,28 @@ def write_batch(batch, *, clips_uri: str, text_len: int, val_fraction: float, op
     emb_type = batch.schema.field(clipfmt.EMBEDDING).type
     embed_dim = emb_type.list_size // text_len if pa.types.is_fixed_size_list(emb_type) else 0
     units = batch.column("unit").to_pylist()
+    ids = batch.column("clip_id").to_pylist()
     groups: dict[tuple[str, str], list[int]] = {}  # (split, unit) -> rows: a file holds one unit's clips
     for i, (sp, u) in enumerate(zip(splits, units, strict=True)):
         if sp is not None:
             groups.setdefault((sp, u or ""), []).append(i)
-    for (split, _unit), idx in sorted(groups.items()):
-        schema = clipfmt.clip_schema(
-            text_len,
-            embed_dim,
-            latent_shape=latents.shape if latents else None,
-            vae_identity=latents.identity if latents else None,
-        )
-        table = batch.take(idx).select(schema.names).cast(schema)
-        ids = "\n".join(sorted(table.column("clip_id").to_pylist()))
-        file_name = f"{split}/part-{hashlib.sha256(ids.encode()).hexdigest()[:20]}.parquet"
-        clipfmt.write_clip_table(table, storage.join(clips_uri, file_name), storage_options=options)
-        for i in idx:
-            files[i] = file_name
+    schema = clipfmt.clip_schema(
+        text_len,
+        embed_dim,
+        latent_shape=latents.shape if latents else None,
+        vae_identity=latents.identity if latents else None,
+    )
+    per_file = max(1, rows_per_file)
+    for (split, _unit), rows in sorted(groups.items()):
+        rows.sort(key=lambda i: ids[i])
+        for start in range(0, len(rows), per_file):
+            idx = rows[start : start + per_file]
+            table = batch.take(idx).select(schema.names).cast(schema)
+            digest = hashlib.sha256("\n".join(ids[i] for i in idx).encode()).hexdigest()[:20]
+            file_name = f"{split}/part-{digest}.parquet"
+            clipfmt.write_clip_table(table, storage.join(clips_uri, file_name), storage_options=options)
+            for i in idx:
+                files[i] = file_name
     if not batch.num_rows:
         return pa.Table.from_pylist([], schema=summary_schema())
     return pa.Table.from_arrays(

@@ -345,7 +345,7 @@ def run_preprocess(
                 )
                 .map_batches(
                     CaptionEmbedder,
-                    batch_size=cfg.embed_batch_size,
+                    batch_size=None,  # whole blocks: units never mix (it encodes embed_batch_size at a time)
                     batch_format="pyarrow",
                     compute=ray.data.ActorPoolStrategy(**embed_pool(cfg, cluster)),
                     fn_constructor_kwargs={
@@ -354,6 +354,7 @@ def run_preprocess(
                         "threads": max(1, math.floor(cfg.embed_num_cpus)),
                         "storage_options": model_options,
                         "device": device["embed"],
+                        "batch_size": cfg.embed_batch_size,
                     },
                     **embed_args(cfg, cluster),
                 )
@@ -362,13 +363,14 @@ def run_preprocess(
                 ds = latent_stage(ds, cfg, latents, cluster, model_options)
             ds = ds.map_batches(
                 write_batch,
-                batch_size=per_file,
+                batch_size=None,  # one block of one unit: its marker can follow as soon as it is written
                 batch_format="pyarrow",
                 fn_kwargs={
                     "clips_uri": clips_uri,
                     "text_len": cfg.text_max_length,
                     "val_fraction": cfg.val_fraction,
                     "options": task_options,
+                    "rows_per_file": per_file,
                     "latents": latents,
                 },
                 **light_args,  # parquet + zstd of a few MB: a quarter CPU, so decode keeps its slots
