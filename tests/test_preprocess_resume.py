@@ -20,6 +20,10 @@ from pyoco import synth
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARDS = 8
+# Markers appear one unit at a time (the write stage takes one unit per call), spread over the decode: the
+# kill lands after 5 of 8, so the rerun's decode work is about 3/8 of the full run's, with room for the
+# timing noise of a loaded machine under the 0.6 bound, and a unit or more is always left to redo.
+KILL_AT = 5
 COUNTS = (
     "inputs", "accepted_videos", "rejected", "clips_written", "clips_dropped", "train_videos", "val_videos",
     "train_clips", "val_clips", "data_hash", "eval_data_hash", "units",
@@ -75,8 +79,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_output(tmp_path):
     markers = out / STAGING / UNITS_DIR
     try:
         deadline = time.monotonic() + 300
-        while len(list(markers.glob("*.parquet"))) < SHARDS // 2:
-            assert proc.poll() is None, "the run ended before it could be killed half way"
+        while len(list(markers.glob("*.parquet"))) < KILL_AT:
+            assert proc.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)  # the driver; its embedded Ray goes with the group below
@@ -85,8 +89,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_output(tmp_path):
     assert not (out / "manifest.json").exists()  # nothing published by the killed run
 
     resumed, resumed_s = _run(raw, out)
-    # A unit whose marker was being written when the driver died may be redone: at least half are skipped.
-    assert SHARDS // 2 <= resumed["units_resumed"] < SHARDS
+    # A unit whose marker was being written when the driver died may be redone.
+    assert KILL_AT - 1 <= resumed["units_resumed"] < SHARDS
     assert {k: resumed[k] for k in COUNTS} == {k: full[k] for k in COUNTS}
     assert sorted(resumed["clip_files"]) == sorted(full["clip_files"])
     assert _clips(out).equals(_clips(tmp_path / "full"))
@@ -99,19 +103,24 @@ def test_a_killed_run_resumes_to_the_uninterrupted_output(tmp_path):
         p.relative_to(tmp_path / "full").as_posix() for p in (tmp_path / "full" / "clips").rglob("*")
     )
     assert not (out / STAGING).exists()
-    # Timed: the decode work of each run (the decode tasks' seconds, summed over the run's videos, what
-    # resuming saves), next to the decode stage's wall time (manifest decode_s) and the whole run's. On a
-    # corpus small enough for make test, the stage and the run are dominated by fixed costs both runs pay
-    # (interpreter, Ray start-up, indexing, the embedding actor's model load) that swing with the load of a
-    # shared machine (0.51 and 0.81 for the stage on two runs at load 12-20); the work ratio is the stable one.
+    # What resuming saves, counted: the rerun decodes only the videos of the units not resumed (about 3/8 of
+    # the full run's, or 4/8 when a marker being written at the kill is redone).
+    done = resumed["units_resumed"]
+    assert 0 < resumed["videos_decoded"] / full["videos_decoded"] < 0.6
+    # Timed, reported only: the decode work (the decode tasks' seconds, summed over the run's videos), the
+    # decode stage's wall time (manifest decode_s) and the whole run's. On a corpus small enough for make
+    # test, the stage and the run are dominated by fixed costs both runs pay (interpreter, Ray start-up,
+    # indexing, the embedding actor's model load), and even the summed task seconds swing with the load of
+    # a shared machine (a rerun of 3/8 of the videos measured 0.81 of the full run's at load 6): times are
+    # no assertion here, the count above is.
     ratio = resumed["decode_task_s"] / full["decode_task_s"]
     print(
         f"decode work: rerun {resumed['decode_task_s']} s / full {full['decode_task_s']} s = {ratio:.2f}; "
+        f"videos {resumed['videos_decoded']} / {full['videos_decoded']}; "
         f"decode stage {resumed['decode_s']} s / {full['decode_s']} s; wall {resumed_s:.1f} s / "
-        f"{full_s:.1f} s = {resumed_s / full_s:.2f} ({resumed['units_resumed']}/{SHARDS} units resumed); "
+        f"{full_s:.1f} s = {resumed_s / full_s:.2f} ({done}/{SHARDS} units resumed); "
         f"load average {os.getloadavg()}"
     )
-    assert ratio < 0.6
 
 
 def test_unit_identity_follows_the_input_the_config_and_the_dedupe_outcome(tmp_path):

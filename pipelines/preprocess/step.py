@@ -489,6 +489,7 @@ def run_preprocess(
         "units_resumed": len(done_units),
         "decode_s": round(decode_s, 2),  # decode → write, after indexing (what a resumed run saves)
         "decode_task_s": round(decode_work, 2),  # summed over this run's videos
+        "videos_decoded": sum(units.to_decode[u] for u in identities if u not in done_units),  # this run's
         "elapsed_s": round(time.monotonic() - started, 2),
     }
     problems = []
