@@ -12,9 +12,11 @@ Pipeline (Ray Data, streaming; every stage runs in Ray tasks/actors, never on th
         (first (source, key) wins, over all units), unit identities, units already done skipped
       → decode + clip + resize/crop (one streaming task per unit, pyoco.video; reads by byte range)
       → caption embedding (MiniLM, actor pool of ``embed_actors``, autoscaled for ``auto``) → write
-        parquet (tasks, one unit per file, ≤ rows_per_file rows per file)
-      → a small per-row summary streams back to the driver, which writes each finished unit's marker,
-        then rejects/ and manifest.json.
+        parquet (tasks); embed, latents and write take whole blocks (one unit, or a ~128 MiB piece of a
+        big one: ``target_max_block_size``), so no batch mixes units; a file holds one unit's clips, at
+        most rows_per_file, in clip-id order
+      → a small per-row summary streams back to the driver, which writes each unit's marker as soon as
+        the unit is written, then rejects/ and manifest.json.
 
 Resumable (:mod:`pipelines.preprocess.units`): a unit (a shard, or a content-defined run of ~64 rows of a
 folder) whose marker in ``OUT/.staging/units/`` carries its identity (input stamp, content-affecting config
@@ -452,7 +454,7 @@ def run_preprocess(
         "rejected": rejected,
         "clips_dropped": dict(sorted(clips_dropped.items())),
         "invariant": "inputs == accepted_videos + sum(rejected.values())",
-        # Same inputs + config -> same data_hash, whatever the cluster (file names depend on batching).
+        # Same inputs + config -> same data_hash, whatever the cluster (file names depend on the units' content only).
         "data_hash": config_hash(
             {
                 "config": content_config,
