@@ -18,10 +18,13 @@ difference, but their run-to-run noise does not: when t(k·N) - t(N) < t(N) the 
 k·N corpus is k·N distinct synth videos, and the N corpus its first N (caption de-duplication is off, so every
 video is accepted; repeated captions are embedded once by both pyoco and the baseline).
 
-- *decode*: PyAV decode + resize of exactly the clips pyoco takes (``pyoco.video.decode_clips``), no more.
+- *decode*: PyAV decode + resize of exactly the clips pyoco takes (``pyoco.video.decode_clips``), no more;
+  with pyoco's default ``shot_aware`` that includes decoding every frame (at <= 64 px) for the cut scan, so
+  all three jobs do it (``--no-shot-aware`` turns it off in all three).
   It bounds what any job doing that decode can reach: a job faster than decode on the same cores means a
   broken measurement, and the bench prints a WARNING.
-- *baseline*: the same job as pyoco in one plain process: read the tar, decode + resize the clip, MiniLM
+- *baseline*: the same job as pyoco in one plain process: read the tar, decode + resize the clip (shot-aware
+  as above) and its motion score, MiniLM
   token states in batches of 64 (each distinct caption once), one zstd parquet of clip rows
   (``pyoco.clips`` schema) per shard. Its row count must equal pyoco's ``clips_written`` (checked).
 - *pyoco*: ``run_preprocess`` with its defaults except the clip shape and ``captions.dedupe: none``.
@@ -128,6 +131,7 @@ def _decode(data: bytes, shard: Path, key: str, args):
         max_clips=1,
         seed=0,
         key=f"{shard}\0{key}",
+        shot_aware=args.shot_aware,  # as pyoco: every frame decoded (at <= 64 px) for the cut scan
     )
 
 
@@ -150,6 +154,7 @@ def job_baseline(args) -> dict:
     import torch
 
     from pyoco import clips as clipfmt
+    from pyoco import shots
     from pyoco.text import load_text_encoder
 
     torch.set_num_threads(1)
@@ -180,6 +185,7 @@ def job_baseline(args) -> dict:
                         "caption": caption,
                         "labels": None,
                         "node_id": "local",
+                        clipfmt.MOTION: shots.motion_score(c.frames),  # pyoco's motion column
                     }
                 )
             videos += 1
@@ -210,6 +216,7 @@ def _pyoco_config(args):
         max_clips_per_video=1,
         text_max_length=args.text_len,
         captions=CaptionFilterConfig(dedupe="none"),
+        shot_aware=args.shot_aware,
     )
 
 
@@ -272,6 +279,7 @@ def run_child(
     cmd += ["--num-frames", str(args.num_frames), "--frame-stride", str(args.frame_stride)]
     cmd += ["--clip-size", str(args.clip_size), "--text-len", str(args.text_len)]
     cmd += ["--address", address] if address else []
+    cmd += [] if args.shot_aware else ["--no-shot-aware"]
     cmd += ["--profile"] if profile else []
     run_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), run_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -403,6 +411,13 @@ def main() -> None:
     ap.add_argument("--clip-size", type=int, default=64, help="clip frame size (px)")
     ap.add_argument("--text-len", type=int, default=32)
     ap.add_argument("--no-nodes", dest="nodes", action="store_false", help="skip the 2-node loopback runs")
+    ap.add_argument(
+        "--no-shot-aware",
+        dest="shot_aware",
+        action="store_false",
+        help="all three jobs without the shot scan (pyoco's default scans every frame for cuts; so do decode "
+        "and the baseline unless this is given)",
+    )
     ap.add_argument("--profile", action="store_true", help="one extra pyoco k·N run (2 cores), profiled")
     ap.add_argument("--workdir", default=None, help="keep corpora and outputs here (default: a temp dir)")
     ap.add_argument("--_child", choices=sorted(JOBS), help=argparse.SUPPRESS)
@@ -421,7 +436,7 @@ def main() -> None:
     print("reproduce: .venv/bin/python bench/preprocess.py " + " ".join(sys.argv[1:]))
     print(
         f"method: marginal rate between N={args.videos} and k·N={args.videos * args.multiplier} videos, "
-        "each run a fresh process under taskset"
+        f"each run a fresh process under taskset; shot-aware {'on' if args.shot_aware else 'off'} in all jobs"
     )
     work = Path(args.workdir or tempfile.mkdtemp(prefix="pyoco-bench-"))
     one, two = cores[:1], cores[:2]

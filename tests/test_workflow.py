@@ -302,3 +302,36 @@ def test_fixed_kind_with_auto_alpha_and_a_pretrained_model_skip_pretrain(tmp_pat
     assert fitted.noise.alpha == 0.25 and steps._image_model(cfg, outs_at["noise_fit"]) == str(
         tmp_path / "image"
     )
+
+
+def test_a_stale_step_under_only_says_which_of_its_inputs_changed(tmp_path, stub_steps):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(PyocoError, match=r"step synth has no up-to-date .* first \(it has never run here\)$"):
+        runner.run_workflow(cfg, only="train", use_mlflow=False)
+    runner.run_workflow(cfg, use_mlflow=False)
+    _ran()
+    # train's learning rate changed: --only evaluate cannot reuse train's model, and says why.
+    with pytest.raises(PyocoError, match=r"step train has no .* \(the train section changed since it ran\)$"):
+        runner.run_workflow(_cfg(tmp_path, **{"train.lr": 5e-4}), only="evaluate", use_mlflow=False)
+    # A run whose train failed: the recorded train is not reusable, whatever its key.
+    stub_steps["train"] = "boom"
+    with pytest.raises(PyocoError, match="step train failed: boom"):
+        runner.run_workflow(_cfg(tmp_path, **{"noise.alpha": 3.0}), use_mlflow=False)
+    del stub_steps["train"]
+    with pytest.raises(PyocoError, match=r"step train has no .* \(its last run failed\)$"):
+        runner.run_workflow(cfg, only="evaluate", use_mlflow=False)
+    assert _ran() == ["train"]
+
+
+def test_every_step_names_each_input_of_its_key(tmp_path):
+    """The stale-step error names inputs by position: each step's key_names must match its key's parts."""
+    cfg = runner._resolved(
+        _cfg(tmp_path, **{"noise.kind": "auto", "noise.alpha": "auto", "evaluator": {}, "pretrain": {}})
+    )
+    outs = {name: {"summary": {}, "version": "1", "stamp": "s"} for name in steps.STEP_ORDER}
+    ctx = runner.RunContext.from_config(cfg)
+    enabled = [s for s in steps.STEPS if s.enabled(cfg)]
+    assert [s.name for s in enabled] == steps.STEP_ORDER
+    for step in enabled:
+        inputs = step.key_inputs(cfg, outs, ctx)
+        assert len(step.key_names) == (len(inputs) if isinstance(inputs, list) else 1), step.name

@@ -146,12 +146,15 @@ def run_workflow(
             forced = (from_step is not None and i >= names.index(from_step)) or only == step.name
             selected = only is None or only == step.name
             prior = state.steps.get(step.name, {})
-            key = config_hash(step.key_inputs(cfg, outs, ctx))
+            inputs = step.key_inputs(cfg, outs, ctx)
+            key = config_hash(inputs)
+            parts = [config_hash(p) for p in inputs] if isinstance(inputs, list) else [key]
             unchanged = prior.get("status") == "done" and prior.get("key") == key
             if not selected or (unchanged and not dirty and not forced):
                 if not unchanged:
                     raise PyocoError(
-                        f"step {step.name} has no up-to-date outputs to reuse; run without --only/--from first"
+                        f"step {step.name} has no up-to-date outputs to reuse; run without --only/--from first "
+                        f"({_why_stale(step, prior, parts)})"
                     )
                 outs[step.name] = prior.get("outputs", {})
                 console.print(f"[dim]- {step.name}: unchanged (key {key}), skipped[/dim]")
@@ -186,7 +189,13 @@ def run_workflow(
             seconds = time.perf_counter() - t0
             dirty = True
             outs[step.name] = result
-            state.steps[step.name] = {"status": "done", "key": key, "outputs": result, "seconds": seconds}
+            state.steps[step.name] = {
+                "status": "done",
+                "key": key,
+                "key_parts": parts,
+                "outputs": result,
+                "seconds": seconds,
+            }
             state.save()
             summary[step.name] = {"status": "ran", "seconds": seconds, "outputs": result}
             _mirror(mirror, step.name, "ran", key, seconds, result)
@@ -199,6 +208,21 @@ def run_workflow(
         finally:
             session.close()
     return summary
+
+
+def _why_stale(step, prior: dict, parts: list[str]) -> str:
+    """Why ``step``'s recorded outputs cannot be reused: never run, not finished, or which of its key's
+    inputs (``step.key_names``) differ from those of the run that made them."""
+    if not prior:
+        return "it has never run here"
+    if prior.get("status") != "done":
+        return f"its last run {prior.get('status', 'did not finish')}"
+    before = prior.get("key_parts")
+    if not isinstance(before, list) or len(before) != len(parts):
+        return "its inputs changed since it ran"
+    names = list(step.key_names) + [f"key input {i + 1}" for i in range(len(step.key_names), len(parts))]
+    changed = [n for n, a, b in zip(names, before, parts, strict=True) if a != b]
+    return f"{' and '.join(changed) or 'its inputs'} changed since it ran"
 
 
 def _mirror(mirror: _Mirror | None, step: str, status: str, key: str, seconds: float, outputs: dict) -> None:

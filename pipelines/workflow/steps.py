@@ -38,6 +38,8 @@ class Step:
     key_inputs: Callable[[PyocoConfig, dict[str, dict], RunContext], Any]
     run: Callable[..., dict[str, Any]]  # (cfg, outs, ctx, *, key) -> outputs
     describe: str = ""
+    # What each element of key_inputs' list is, for the error that says why a step's outputs are stale.
+    key_names: tuple[str, ...] = ()
 
 
 def _section(cfg: PyocoConfig, name: str) -> Any:
@@ -308,18 +310,26 @@ def _tracking(c: PyocoConfig, ctx: RunContext) -> list:
 
 
 STEPS = [
-    Step("synth", lambda c: c.synth is not None, lambda c, o, x: _section(c, "synth"), _step_synth),
+    Step(
+        "synth",
+        lambda c: c.synth is not None,
+        lambda c, o, x: _section(c, "synth"),
+        _step_synth,
+        key_names=("the synth section",),
+    ),
     Step(
         "preprocess",
         lambda c: c.preprocess is not None,
         lambda c, o, x: [_section(c, "preprocess"), o.get("synth", {}).get("summary")],
         _step_preprocess,
+        key_names=("the preprocess section", "synth's output"),
     ),
     Step(
         "evaluator",
         lambda c: c.evaluator is not None and c.evaluate.evaluator is None and c.preprocess is not None,
         lambda c, o, x: [_section(c, "evaluator"), o.get("preprocess", {}).get("manifest_hash")],
         _step_evaluator,
+        key_names=("the evaluator section", "preprocess's output"),
     ),
     Step(
         "pretrain",
@@ -331,6 +341,7 @@ STEPS = [
             _tracking(c, x),
         ],
         _step_pretrain,
+        key_names=("the pretrain section", "the model section", "preprocess's output", "the MLflow settings"),
     ),
     Step(
         "noise_fit",
@@ -344,6 +355,14 @@ STEPS = [
             _tracking(c, x),
         ],
         _step_noise_fit,
+        key_names=(
+            "the noise section",
+            "model.pretrained",
+            "pretrain's model",
+            "preprocess's output",
+            "seed",
+            "the MLflow settings",
+        ),
     ),
     Step(
         "train",
@@ -359,6 +378,16 @@ STEPS = [
             _tracking(c, x),
         ],
         _step_train,
+        key_names=(
+            "the train section",
+            "the model section",
+            "the noise section",
+            "the fitted noise kind",
+            "the fitted alpha",
+            "preprocess's output",
+            "pretrain's model",
+            "the MLflow settings",
+        ),
     ),
     Step(
         "evaluate",
@@ -371,12 +400,20 @@ STEPS = [
             _tracking(c, x),
         ],
         _step_evaluate,
+        key_names=(
+            "the evaluate section",
+            "train's model",
+            "preprocess's output",
+            "the evaluator",
+            "the MLflow settings",
+        ),
     ),
     Step(
         "register",
         lambda c: True,
         lambda c, o, x: [o["train"].get("stamp"), o.get("evaluate", {}).get("metrics_hash"), _tracking(c, x)],
         _step_register,
+        key_names=("train's model", "evaluate's metrics", "the MLflow settings"),
     ),
     Step(
         "promote",
@@ -388,6 +425,7 @@ STEPS = [
             _tracking(c, x),
         ],
         _step_promote,
+        key_names=("the promote section", "register's version", "the evaluator", "the MLflow settings"),
     ),
     Step(
         "sample",
@@ -398,5 +436,6 @@ STEPS = [
             _tracking(c, x),
         ],
         _step_sample,
+        key_names=("the sample section", "promote's champion", "the MLflow settings"),
     ),
 ]
