@@ -55,10 +55,14 @@ def _run(prior, generator=None, cond=None, **kw):
 
 def test_same_seed_same_video_and_output_layout():
     prior = make_prior("progressive", 1.0)
-    a = _run(prior, generator=clip_generators(3, [0, 1]), eta=1.0)
-    b = _run(prior, generator=clip_generators(3, [0, 1]), eta=1.0)
-    c = _run(prior, generator=clip_generators(4, [0, 1]), eta=1.0)
+    # 2 steps: with 5, the untrained toy drives every pixel to black on some CPUs (a run on an AMD EPYC gave
+    # all-zero videos for both seeds), and two saturated videos are equal whatever their noise.
+    a = _run(prior, generator=clip_generators(3, [0, 1]), eta=1.0, steps=2)
+    b = _run(prior, generator=clip_generators(3, [0, 1]), eta=1.0, steps=2)
+    c = _run(prior, generator=clip_generators(4, [0, 1]), eta=1.0, steps=2)
     assert a.dtype == torch.uint8 and a.shape == (2, 4, 8, 8, 3)
+    # Not saturated, so the comparisons below mean something.
+    assert a.float().std() > 10 and c.float().std() > 10
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
