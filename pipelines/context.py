@@ -87,6 +87,23 @@ class RunContext:
 _session_depth = 0
 _session_started = False
 
+# Ray kills an idle worker process after 1 s once more workers exist than CPUs, and pyoco's stages have more
+# tasks in flight than CPUs (quarter-CPU light tasks, decode tasks waiting on their unit's task), so a run kept
+# killing and restarting workers: 40 worker starts (~1.4 s CPU each, a third of the run's CPU) in one 600-video
+# preprocess on 2 cores. Idle workers now live for a minute: 14 starts, 43 s -> 31 s (bench/preprocess.py).
+# Set on every Ray node pyoco starts (here, infra/local/services.py, ray_cluster.yaml, infra/kuberay);
+# a value already in the environment wins.
+WORKER_POOL_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
+
+
+def apply_worker_pool_env(env: dict | None = None) -> dict:
+    """Put :data:`WORKER_POOL_ENV` into ``env`` (default ``os.environ``, which a local ``ray.init`` passes on
+    to the raylet it starts) unless already set there; returns ``env``."""
+    env = os.environ if env is None else env
+    for key, value in WORKER_POOL_ENV.items():
+        env.setdefault(key, value)
+    return env
+
 
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> bool:
     """Connect to (or start) Ray unless it is already up. True when the caller owns the Ray it got and
@@ -101,6 +118,7 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> bool:
     if address:
         ray.init(address=address, configure_logging=False, **init_kwargs)
     else:
+        apply_worker_pool_env()
         ray.init(include_dashboard=False, configure_logging=False, **init_kwargs)
     _route_ray_output()
     if _session_depth > 0:

@@ -70,3 +70,13 @@ def test_ray_session_starts_ray_once_lazily_and_stops_only_its_own():
         "outer_kept": True,
         "alone_owns": True,
     }
+
+
+def test_worker_pool_setting_reaches_local_ray_unless_the_user_set_it():
+    from pipelines.context import WORKER_POOL_ENV, apply_worker_pool_env
+
+    env = apply_worker_pool_env({"PATH": "/bin"})
+    assert env["RAY_idle_worker_killing_time_threshold_ms"] == "60000"
+    assert set(WORKER_POOL_ENV) <= set(env)
+    mine = apply_worker_pool_env({"RAY_idle_worker_killing_time_threshold_ms": "5"})
+    assert mine["RAY_idle_worker_killing_time_threshold_ms"] == "5"  # the user's value wins

@@ -290,6 +290,9 @@ def _node_env(base: dict[str, str], state_dir: Path) -> dict[str, str]:
     # On SIGTERM, `ray start --block` first drains its node for up to 30 s (for Serve replicas); a head node
     # never finishes draining, so every `down` waited the full 30 s. Nothing here needs draining.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    # Idle worker processes live for a minute (pyoco's WORKER_POOL_ENV, pipelines/context.py): Ray's 1 s
+    # default restarted workers all through a preprocess run.
+    env.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
     return env
 
 

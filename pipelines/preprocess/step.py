@@ -101,6 +101,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from pipelines.common import PyocoError, console
+from pipelines.context import apply_worker_pool_env
 from pipelines.preprocess.discover import StepSettings, discover_inputs
 from pipelines.preprocess.latents import latent_plan, latent_stage
 from pipelines.preprocess.ledger import STAGE_DEDUPE, _check_reject_fraction, _RejectWriter
@@ -169,6 +170,7 @@ def _init_ray(ray_address: str | None, resource: str | None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     else:
+        apply_worker_pool_env()
         cpus = os.cpu_count() or 1
         ray.init(
             num_cpus=cpus,
