@@ -1,8 +1,7 @@
-"""One rank's side of Ray Train: :func:`train_loop_per_worker` and the :class:`Trainer` (engine setup,
-restore, ``fit`` -> ``train_step`` -> ``forward_backward``, logging, checkpoints, samples).
-
-Over 400 lines because :class:`Trainer` is one class of ~480 lines; splitting it into engine, checkpoint I/O,
-loop and callbacks is issue 13's trainer refactor (item 3), which changes code rather than moving it."""
+"""One rank's side of Ray Train: :func:`train_loop_per_worker` and the :class:`Trainer` (``fit`` ->
+``train_step`` -> ``forward_backward``, logging, checkpoints, samples). Engine setup is
+:func:`pipelines.train.engine.setup_engine`, checkpoint I/O :mod:`pipelines.train.checkpoint`, the export
+:func:`pipelines.train.export.export_trained`."""
 
 from __future__ import annotations
 
@@ -15,16 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.train.checkpoint import (
-    CHECKPOINT_TAG,
-    STATE_DIR,
-    TRAIN_STATE,
-    check_resume,
-    compat_hash,
-    load_rng_state,
-    save_rng_state,
-)
-from pipelines.train.engine import build_denoiser
+from pipelines.train.checkpoint import restore_checkpoint, save_checkpoint
+from pipelines.train.engine import setup_engine
+from pipelines.train.export import export_trained
 from pipelines.train.plan import WorkerPlan, apply_worker_env
 from pyoco.config import PyocoConfig
 
@@ -52,8 +44,7 @@ class Trainer:
         import torch
 
         from pipelines.train.data import ClipGeometry
-        from pipelines.train.deepspeed import make_lr_scheduler, param_groups, setup_deepspeed, use_bf16
-        from pyoco.diffusion import DiffusionLoss, make_scheduler_config
+        from pyoco.diffusion import DiffusionLoss
         from pyoco.noise import make_prior, rank_generator
 
         t_start = time.perf_counter()
@@ -65,51 +56,11 @@ class Trainer:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.image = self.t.image_pretrain
 
-        self.deepspeed = setup_deepspeed(self.t.use_gpu)
-        if self.t.use_gpu:
-            import ray.train.torch
-
-            self.device = ray.train.torch.get_device()
-        else:
-            self.device = torch.device("cpu")
-            torch.set_num_threads(max(1, int(self.t.resources_per_worker.get("CPU", 1))))
-        self.dtype = torch.bfloat16 if use_bf16(self.t) else torch.float32
-
-        model, pretrained_sched = build_denoiser(self.cfg.model, image_pretrain=self.image)
-        model.set_trainable("all" if self.image else self.cfg.model.train_layers)
-        if self.cfg.model.gradient_checkpointing:
-            model.enable_gradient_checkpointing()
-        # Resolved once: the checkpoint and the exported package carry the prediction type the loss trains.
-        self.scheduler_config = make_scheduler_config(
-            pretrained_sched, self.t.num_train_timesteps, prediction_type=self.t.prediction_type
-        )
-        # The VAE encodes frames online only when the clips carry no latents; with latents it is loaded
-        # just to decode the in-training samples.
-        self.vae = None
-        self.encode_online = plan.vae is not None and not self.geometry.latents
-        if plan.vae and (self.encode_online or self.t.sample_every):
-            from pyoco.model import load_vae
-
-            self.vae = load_vae(plan.vae, cache_dir=self.cfg.model.cache_dir).to(self.device, self.dtype)
-            self.vae.requires_grad_(False).eval()
-
-        # Ray Train already created the process group (gloo on CPU, NCCL on GPU); DeepSpeed wraps it.
-        self.deepspeed.init_distributed(dist_backend="nccl" if self.t.use_gpu else "gloo")
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        self.engine, _, _, self.lr_scheduler = self.deepspeed.initialize(
-            model=model,
-            model_parameters=param_groups(model, self.t),
-            config=plan.ds_config,
-            lr_scheduler=make_lr_scheduler(self.t, plan.total_steps),
-        )
+        e = setup_engine(self.cfg, plan, self.geometry, rank=self.rank)
+        self.device, self.dtype, self.vae, self.encode_online = e.device, e.dtype, e.vae, e.encode_online
+        self.engine, self.lr_scheduler, self.ema = e.engine, e.lr_scheduler, e.ema
         self.module = self.engine.module
-        self.trainable_names = [n for n, p in self.module.named_parameters() if p.requires_grad]
-        self.ema = None
-        if self.t.ema_decay:
-            from pipelines.train.ema import ShardedEMA
-
-            named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
-            self.ema = ShardedEMA(named, self.t.ema_decay, rank=self.rank)
+        self.scheduler_config, self.trainable_names = e.scheduler_config, e.trainable_names
 
         self.loss_fn = DiffusionLoss(
             self.scheduler_config,
@@ -124,15 +75,12 @@ class Trainer:
         self.null_cond = torch.as_tensor(plan.null_cond).to(self.device)
         self.null_mask = torch.as_tensor(plan.null_mask).to(self.device)
 
-        self.step = 0
-        self.resumed_from: int | None = None
-        self.last_checkpoint_step = 0
-        self._restore()
+        self.resumed_from = restore_checkpoint(self)
+        self.step = self.last_checkpoint_step = self.resumed_from or 0
         if self.rank == 0:
-            n_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
             print(
-                f"pyoco: rank 0 ready in {time.perf_counter() - t_start:.1f}s: {type(model.unet).__name__}, "
-                f"{n_train / 1e6:.2f}M trainable params, ZeRO-{self.t.zero_stage}, {self.dtype}, "
+                f"pyoco: rank 0 ready in {time.perf_counter() - t_start:.1f}s: {type(self.module.unet).__name__}, "
+                f"{e.num_trainable / 1e6:.2f}M trainable params, ZeRO-{self.t.zero_stage}, {self.dtype}, "
                 f"world {self.world}, step {self.step}/{plan.total_steps}",
                 flush=True,
             )
@@ -143,125 +91,9 @@ class Trainer:
             self.mlflow = tracking.client(plan.tracking_uri)
             self.metrics_logger = tracking.MetricsLogger(plan.tracking_uri, plan.run_id)
 
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def _state_files(self, root: Path) -> Path:
-        d = root / STATE_DIR
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-
-    def _restore(self) -> None:
-        """Resume from Ray's checkpoint, after checking it was written by this config and world size.
-
-        Nothing here runs code from the checkpoint: our own state (RNG, EMA, train_state.json) holds no
-        pickles, and DeepSpeed's ``ds/`` files are read with ``weights_only=True``
-        (:func:`pipelines.train.deepspeed.use_weights_only_loading`; DeepSpeed 0.19's ``load_checkpoint`` has no
-        such argument)."""
-        import ray.train
-
-        from pipelines.train.deepspeed import use_weights_only_loading
-        from pipelines.train.ema import ema_file, load_ema_state
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return
-        with ckpt.as_directory() as d:
-            root = Path(d)
-            state_dir = root / STATE_DIR
-            state_file = state_dir / TRAIN_STATE
-            state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-            check_resume(state, self.plan.compat, self.world, where=str(ckpt.path))
-            use_weights_only_loading(self.engine)
-            path, client_state = self.engine.load_checkpoint(
-                str(root), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
-            if path is None:
-                raise RuntimeError(f"{ckpt.path}: no DeepSpeed checkpoint under tag {CHECKPOINT_TAG!r}")
-            self.step = int(client_state["step"])
-            if self.ema is not None:
-                self.ema.load_state_dict(
-                    load_ema_state(ema_file(state_dir, self.rank if self.ema.zero3 else 0))
-                )
-            rng_file = state_dir / f"rng_rank{self.rank:03d}.safetensors"
-            if rng_file.exists():
-                load_rng_state(rng_file, self.generator)
-        self.resumed_from = self.step
-        self.last_checkpoint_step = self.step
-        if self.rank == 0:
-            print(f"pyoco: resumed from step {self.step} ({ckpt.path})", flush=True)
-
     def save_checkpoint(self, metrics: dict) -> None:
-        """Every rank writes its part; Ray merges the folders into one checkpoint in storage."""
-        import ray.train
-
-        from pipelines.train.ema import ema_file, save_ema_state
-
-        with tempfile.TemporaryDirectory(prefix="pyoco-ckpt-") as tmp:
-            root = Path(tmp)
-            self.engine.save_checkpoint(str(root), tag=CHECKPOINT_TAG, client_state={"step": self.step})
-            state_dir = self._state_files(root)
-            save_rng_state(state_dir / f"rng_rank{self.rank:03d}.safetensors", self.generator)
-            if self.ema is not None and (self.ema.zero3 or self.rank == 0):
-                save_ema_state(self.ema.state_dict(), ema_file(state_dir, self.rank))
-            if self.rank == 0:
-                self.module.unet.save_config(str(state_dir / "unet"))
-                (state_dir / TRAIN_STATE).write_text(json.dumps(self.train_state(), indent=2, default=str))
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"checkpoint_{self.step:08d}",
-            )
+        save_checkpoint(self, metrics)
         self.last_checkpoint_step = self.step
-
-    def train_state(self) -> dict:
-        """train_state.json: what a resume checks and what the package is built from."""
-        return {
-            "step": self.step,
-            "zero_stage": self.t.zero_stage,
-            "world_size": self.world,
-            "image_pretrain": self.image,
-            "unet_class": type(self.module.unet).__name__,
-            "ema": self.ema is not None,
-            "ema_decay": self.t.ema_decay,
-            "trainable": self.trainable_names,
-            "geometry": self.plan.geometry,
-            "scheduler_config": self.scheduler_config,
-            "noise": {"kind": self.prior.kind, "alpha": self.prior.alpha},
-            "mlflow_run_id": self.plan.run_id,
-            "compat": {"hash": compat_hash(self.plan.compat), "fields": self.plan.compat},
-        }
-
-    def export(self) -> None:
-        """The model package from the final weights, on the workers: every rank takes part in the gather
-        (:func:`pipelines.train.gather.gather_fp32_weights`, EMA weights when EMA is on), rank 0 writes the
-        package (weights and configs, no optimizer state) to ``plan.export_uri``."""
-        from pipelines.train.export import write_package
-        from pipelines.train.gather import gather_fp32_weights
-
-        t0 = time.perf_counter()
-        weights = gather_fp32_weights(
-            self.module, self.ema, zero_stage=self.t.zero_stage, rank=self.rank, world=self.world
-        )
-        if self.rank != 0:
-            return
-        from pyoco import storage
-
-        ckpt = storage.join(self.t.storage_path, self.t.run_name, f"checkpoint_{self.step:08d}")
-        write_package(
-            weights,
-            self.train_state(),
-            dict(self.module.unet.config),
-            self.plan.export_uri,
-            which="ema" if self.ema is not None else "raw",
-            text_encoder=self.plan.text_encoder,
-            lineage={**self.plan.lineage, "checkpoint": ckpt},
-            vae=self.plan.vae,
-            cache_dir=self.cfg.model.cache_dir,
-        )
-        print(
-            f"pyoco: rank 0 wrote the model package for step {self.step} to {self.plan.export_uri} "
-            f"in {time.perf_counter() - t0:.1f}s",
-            flush=True,
-        )
 
     # ---------------------------------------------------------------------------------------------- steps
     def prepare(self, batch: dict):
@@ -391,7 +223,7 @@ class Trainer:
         if self.last_checkpoint_step != self.step:  # already at the target when (re)started
             self.save_checkpoint(self.summary(metrics, step_times, attempt_start, steady_t0, steady_n))
         if self.plan.export_uri:
-            self.export()
+            export_trained(self)
         if self.metrics_logger is not None:
             self.metrics_logger.close()
 
