@@ -1,19 +1,20 @@
-"""One rank's side of Ray Train: :func:`train_loop_per_worker` and the :class:`Trainer` (``fit`` ->
-``train_step`` -> ``forward_backward``, logging, checkpoints, samples). Engine setup is
-:func:`pipelines.train.engine.setup_engine`, checkpoint I/O :mod:`pipelines.train.checkpoint`, the export
-:func:`pipelines.train.export.export_trained`."""
+"""One rank's side of Ray Train: :func:`train_loop_per_worker` and the :class:`Trainer`, in the manner of
+torchtitan: ``fit`` -> ``train_step`` -> ``forward_backward``.
+
+The pieces around the loop live elsewhere: engine setup in :func:`pipelines.train.engine.setup_engine`,
+checkpoint save/restore in :mod:`pipelines.train.checkpoint`, the export in
+:func:`pipelines.train.export.export_trained`, and MLflow metrics, system metrics and samples in
+:mod:`pipelines.train.callbacks`."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
+from pipelines.train.callbacks import Callback, default_callbacks
 from pipelines.train.checkpoint import restore_checkpoint, save_checkpoint
 from pipelines.train.engine import setup_engine
 from pipelines.train.export import export_trained
@@ -33,13 +34,53 @@ def train_loop_per_worker(config: dict) -> None:
             "credentials are never shipped in task arguments, so give them to the nodes (or use a role)",
             flush=True,
         )
-    Trainer(plan).fit()
+    cfg = PyocoConfig.model_validate(plan.config)
+    Trainer(plan, callbacks=default_callbacks(cfg)).fit()
+
+
+class StepClock:
+    """Step times for the logs and the checkpoints' summary. A step's time runs from the end of the previous
+    step's checkpoint to its own EMA update (logging, samples and checkpoints are not in it); the steady loop
+    rate leaves out the first ``WARMUP_STEPS_EXCLUDED`` steps of the attempt and includes everything else."""
+
+    def __init__(self, start_step: int):
+        self.attempt_start = start_step
+        self.times: list[float] = []
+        self.steady_t0: float | None = None
+        self.steady_n = 0
+        self.start()
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def stop(self, step: int) -> float:
+        now = time.perf_counter()
+        self.times.append(now - self.t0)
+        if step - self.attempt_start == WARMUP_STEPS_EXCLUDED:
+            self.steady_t0, self.steady_n = now, 0
+        elif self.steady_t0 is not None:
+            self.steady_n += 1
+        return self.times[-1]
+
+    def summary(self, step: int, loss: float) -> dict:
+        steady = self.times[WARMUP_STEPS_EXCLUDED:] or self.times
+        out = {
+            "step": step,
+            "attempt_start_step": self.attempt_start,
+            "loss": loss,
+            "step_time_median_s": statistics.median(steady) if steady else float("nan"),
+            "steady_steps": len(steady),
+        }
+        if self.steady_t0 is not None and self.steady_n > 0:
+            out["loop_time_per_step_s"] = (time.perf_counter() - self.steady_t0) / self.steady_n
+        return out
 
 
 class Trainer:
-    """One rank's training loop: ``fit`` -> ``train_step`` -> ``forward_backward``."""
+    """One rank's training loop: ``fit`` -> ``train_step`` -> ``forward_backward``, then the checkpoint and
+    the callbacks."""
 
-    def __init__(self, plan: WorkerPlan):
+    def __init__(self, plan: WorkerPlan, callbacks: Sequence[Callback] = ()):
         import ray.train
         import torch
 
@@ -52,6 +93,7 @@ class Trainer:
         self.cfg = PyocoConfig.model_validate(plan.config)
         self.t = self.cfg.train
         self.geometry = ClipGeometry.from_dict(plan.geometry)
+        self.callbacks = list(callbacks)
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.image = self.t.image_pretrain
@@ -75,7 +117,7 @@ class Trainer:
         self.null_cond = torch.as_tensor(plan.null_cond).to(self.device)
         self.null_mask = torch.as_tensor(plan.null_mask).to(self.device)
 
-        self.resumed_from = restore_checkpoint(self)
+        self.resumed_from = restore_checkpoint(self)  # None: a fresh start
         self.step = self.last_checkpoint_step = self.resumed_from or 0
         if self.rank == 0:
             print(
@@ -84,18 +126,68 @@ class Trainer:
                 f"world {self.world}, step {self.step}/{plan.total_steps}",
                 flush=True,
             )
-        self.mlflow = self.metrics_logger = None
-        if self.rank == 0:
-            from pipelines import tracking
 
-            self.mlflow = tracking.client(plan.tracking_uri)
-            self.metrics_logger = tracking.MetricsLogger(plan.tracking_uri, plan.run_id)
+    # ------------------------------------------------------------------------------------------ the loop
+    def fit(self) -> None:
+        """Train from the restored step to ``plan.total_steps``, checkpointing every ``checkpoint_every`` steps
+        and at the end, then export. Every rank runs this; logging and checkpoints are collectives."""
+        t, total = self.t, self.plan.total_steps
+        stream = self.batches()
+        loss_window: list[float] = []
+        logged: dict[str, float] = {}
+        self._each("on_fit_start")
+        clock = StepClock(self.step)
+        try:
+            while self.step < total:
+                self.maybe_inject_fault()
+                self._each("on_step_start")
+                lr, loss = self.train_step(stream)
+                step_time = clock.stop(self.step)
+                loss_window.append(loss)
+                metrics = None
+                if self.step % t.log_every == 0 or self.step == total:
+                    metrics = logged = self.log_step(loss_window, lr, step_time)
+                    loss_window = []
+                self._each("on_step_end", metrics)
+                if self.step % t.checkpoint_every == 0 or self.step == total:
+                    self.save_checkpoint(clock.summary(self.step, logged.get("loss", float("nan"))))
+                clock.start()
+            if self.last_checkpoint_step != self.step:  # already at the target when (re)started
+                self.save_checkpoint(clock.summary(self.step, logged.get("loss", float("nan"))))
+            if self.plan.export_uri:
+                export_trained(self)
+        finally:
+            self._each("on_fit_end")
 
-    def save_checkpoint(self, metrics: dict) -> None:
-        save_checkpoint(self, metrics)
-        self.last_checkpoint_step = self.step
+    def train_step(self, stream) -> tuple[float, float]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns (the LR it used, the mean
+        micro-batch loss)."""
+        lr = float(self.engine.get_lr()[0])
+        losses = []
+        for _ in range(self.t.grad_accum_steps):
+            losses.append(self.forward_backward(next(stream)))
+            self.engine.step()  # DeepSpeed steps the optimizer + LR schedule on the last micro-batch
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update()
+        return lr, sum(losses) / len(losses)
 
-    # ---------------------------------------------------------------------------------------------- steps
+    def forward_backward(self, batch: dict) -> float:
+        x0, cond, mask = self.prepare(batch)
+        out = self.loss_fn(
+            self.engine,
+            x0,
+            cond,
+            mask,
+            self.prior,
+            generator=self.generator,
+            null_cond=self.null_cond,
+            null_mask=self.null_mask,
+        )
+        self.engine.backward(out.loss)
+        # note: a CPU-GPU sync point per micro-batch; the loss is tiny next to a video UNet's forward
+        return float(out.loss.detach())
+
     def prepare(self, batch: dict):
         """Collated CPU batch -> (x0, cond, cond_mask) on the device; x0 in the compute dtype (latents: the
         clips' own, or encoded here by the VAE; one random frame per clip, T = 1, for image pretraining)."""
@@ -116,45 +208,6 @@ class Trainer:
         mask = batch["cond_mask"].to(self.device, non_blocking=True)
         return x0, cond, mask
 
-    def forward_backward(self, batch: dict) -> float:
-        x0, cond, mask = self.prepare(batch)
-        out = self.loss_fn(
-            self.engine,
-            x0,
-            cond,
-            mask,
-            self.prior,
-            generator=self.generator,
-            null_cond=self.null_cond,
-            null_mask=self.null_mask,
-        )
-        self.engine.backward(out.loss)
-        return float(out.loss.detach())
-
-    def maybe_inject_fault(self) -> None:
-        """Test hook: rank 1 (rank 0 when alone) dies at ``fail_at_step``, once per run (marker in storage)."""
-        if self.t.fail_at_step is None or self.step + 1 != self.t.fail_at_step:
-            return
-        if self.rank != (1 if self.world > 1 else 0) or not self.plan.fault_marker:
-            return
-        from pyoco import storage
-
-        if storage.exists(self.plan.fault_marker):
-            return
-        # Die only once Ray has committed the checkpoints reported so far, so the test knows which one the
-        # restart must use. (A real crash can outrun the controller; Ray then resumes from the previous one.)
-        import ray.train
-
-        ray.train.get_all_reported_checkpoints(
-            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120
-        )
-        storage.write_bytes(
-            self.plan.fault_marker, f"rank {self.rank} exited at step {self.step + 1}\n".encode()
-        )
-        print(f"pyoco: fault injection: rank {self.rank} exits before step {self.step + 1}", flush=True)
-        os._exit(1)
-
-    # ------------------------------------------------------------------------------------------ the loop
     def batches(self):
         """Endless stream of collated batches from this worker's shard; each pass is one (reshuffled) epoch."""
         import ray.train
@@ -182,66 +235,11 @@ class Trainer:
                 raise RuntimeError(f"rank {self.rank}: its data shard has no full batch")
             epoch += 1
 
-    def fit(self) -> None:
-        t = self.t
-        total = self.plan.total_steps
-        attempt_start = self.step
-        metrics: dict[str, float] = {}
-        step_times: list[float] = []
-        loss_window: list[float] = []
-        stream = self.batches()
-        steady_t0, steady_n = None, 0
-        with self._system_metrics():
-            tick = time.perf_counter()
-            while self.step < total:
-                self.maybe_inject_fault()
-                lr = float(self.engine.get_lr()[0])
-                losses = []
-                for _ in range(t.grad_accum_steps):
-                    losses.append(self.forward_backward(next(stream)))
-                    self.engine.step()  # DeepSpeed steps the optimizer + LR schedule on the last micro-batch
-                self.step += 1
-                if self.ema is not None:
-                    self.ema.update()
-                now = time.perf_counter()
-                step_time = now - tick
-                step_times.append(step_time)
-                loss_window.append(sum(losses) / len(losses))
-                if self.step - attempt_start == WARMUP_STEPS_EXCLUDED:
-                    steady_t0, steady_n = now, 0
-                elif steady_t0 is not None:
-                    steady_n += 1
-                if self.step % t.log_every == 0 or self.step == total:
-                    metrics = self.log_step(loss_window, lr, step_time)
-                    loss_window = []
-                if t.sample_every and self.step % t.sample_every == 0:
-                    self.log_samples()
-                if self.step % t.checkpoint_every == 0 or self.step == total:
-                    summary = self.summary(metrics, step_times, attempt_start, steady_t0, steady_n)
-                    self.save_checkpoint(summary)
-                tick = time.perf_counter()
-        if self.last_checkpoint_step != self.step:  # already at the target when (re)started
-            self.save_checkpoint(self.summary(metrics, step_times, attempt_start, steady_t0, steady_n))
-        if self.plan.export_uri:
-            export_trained(self)
-        if self.metrics_logger is not None:
-            self.metrics_logger.close()
-
-    def summary(self, metrics, step_times, attempt_start, steady_t0, steady_n) -> dict:
-        steady = step_times[WARMUP_STEPS_EXCLUDED:] or step_times
-        out = {
-            "step": self.step,
-            "attempt_start_step": attempt_start,
-            "loss": metrics.get("loss", float("nan")),
-            "step_time_median_s": statistics.median(steady) if steady else float("nan"),
-            "steady_steps": len(steady),
-        }
-        if steady_t0 is not None and steady_n > 0:
-            out["loop_time_per_step_s"] = (time.perf_counter() - steady_t0) / steady_n
-        return out
-
+    # ---------------------------------------------------------------------------------- logs, checkpoints
     def log_step(self, loss_window: list[float], lr: float, step_time: float) -> dict:
-        """Mean loss over the window and all ranks (a collective: every rank calls this), logged by rank 0."""
+        """The step's metrics: mean loss over the window and all ranks (a collective: every rank calls this),
+        reported to Ray (the driver's progress line reads rank 0's); the callbacks get them next."""
+        import ray.train
         import torch
         import torch.distributed as dist
 
@@ -262,98 +260,37 @@ class Trainer:
         if self.resumed_from is not None:
             metrics["resumed_from_step"] = float(self.resumed_from)
         metrics = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
-        if self.metrics_logger is not None:
-            self.metrics_logger.log(metrics, step=self.step)
-        import ray.train
-
-        # Every rank reports (Ray Train V2's report is collective); the driver's progress line reads rank 0's.
+        # Every rank reports (Ray Train V2's report is collective).
         ray.train.report({**metrics, "step": self.step})
         return metrics
 
-    @contextlib.contextmanager
-    def _system_metrics(self):
-        if self.rank != 0 or not self.cfg.mlflow.system_metrics:
-            yield
+    def save_checkpoint(self, summary: dict) -> None:
+        save_checkpoint(self, summary)
+        self.last_checkpoint_step = self.step
+
+    def _each(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def maybe_inject_fault(self) -> None:
+        """Test hook: rank 1 (rank 0 when alone) dies at ``fail_at_step``, once per run (marker in storage)."""
+        if self.t.fail_at_step is None or self.step + 1 != self.t.fail_at_step:
             return
-        from pipelines import tracking
-
-        with tracking.system_metrics(
-            self.plan.tracking_uri,
-            self.plan.run_id,
-            interval_s=self.t.system_metrics_interval_s,
-            resume=self.resumed_from is not None,
-        ):
-            yield
-
-    def log_samples(self) -> None:
-        """Sample the fixed prompts x seeds (EMA weights when EMA is on), split across the ranks: rank r
-        samples items r, r + world, ... of the (seed, prompt) list, and every rank gets them all back by
-        ``all_gather_object``, so no rank samples alone while the others wait at the next collective. A
-        video's noise is its own stream (``clip_generators(seed, [prompt])``), so the split does not change
-        it. Under ZeRO-3 every forward gathers parameters, so a rank with no share samples item 0 as well
-        and drops it. Rank 0 logs mp4 + GIF artifacts, and in ``prompts.json`` which rank sampled which."""
-        import torch
-        import torch.distributed as dist
-
-        from pyoco.noise import clip_generators
-        from pyoco.sampling import sample_video
-
-        g = self.geometry
-        cond = torch.as_tensor(self.plan.sample_cond).to(self.device)
-        mask = torch.as_tensor(self.plan.sample_mask).to(self.device)
-        items = [(seed, i) for seed in self.t.sample_seeds for i in range(cond.shape[0])]
-        mine = items[self.rank :: self.world]
-        run = mine or (items[:1] if self.t.zero_stage >= 3 else [])
-        done = []
-        if run:
-            prompts = torch.tensor([i for _, i in run], device=self.device)
-            gens = [clip_generators(seed, [i])[0] for seed, i in run]
-            swap = self.ema.swap() if self.ema is not None else contextlib.nullcontext()
-            self.module.eval()
-            try:
-                with swap, torch.no_grad():
-                    videos = sample_video(
-                        self.module,
-                        cond[prompts],
-                        mask[prompts],
-                        prior=self.prior,
-                        null_cond=self.null_cond,
-                        null_mask=self.null_mask,
-                        num_frames=1 if self.image else g.num_frames,
-                        height=g.height,
-                        width=g.width,
-                        steps=self.t.sample_steps,
-                        guidance=self.t.sample_guidance,
-                        generator=gens,
-                        scheduler_config=self.scheduler_config,
-                        vae=self.vae,
-                    )
-            finally:
-                self.module.train()
-            done = [(seed, i, self.rank, v.cpu().numpy()) for (seed, i), v in zip(mine, videos, strict=False)]
-        if dist.is_initialized() and self.world > 1:
-            parts = [None] * self.world
-            dist.all_gather_object(parts, done)
-            done = [x for part in parts for x in part]
-        if self.rank != 0:
+        if self.rank != (1 if self.world > 1 else 0) or not self.plan.fault_marker:
             return
-        from pyoco.video import write_gif, write_mp4
+        from pyoco import storage
 
-        with tempfile.TemporaryDirectory(prefix="pyoco-samples-") as tmp:
-            sampled_by = {}
-            for seed, i, rank, frames in sorted(done, key=lambda x: (x[0], x[1])):
-                name = f"prompt{i:02d}_seed{seed}"
-                write_mp4(frames, f"{Path(tmp) / name}.mp4", fps=g.fps)
-                write_gif(frames, f"{Path(tmp) / name}.gif", fps=g.fps)
-                sampled_by[name] = rank
-            (Path(tmp) / "prompts.json").write_text(
-                json.dumps(
-                    {
-                        "prompts": self.t.sample_prompts,
-                        "seeds": self.t.sample_seeds,
-                        "step": self.step,
-                        "sampled_by": sampled_by,
-                    }
-                )
-            )
-            self.mlflow.log_artifacts(self.plan.run_id, tmp, f"samples/step_{self.step:06d}")
+        if storage.exists(self.plan.fault_marker):
+            return
+        # Die only once Ray has committed the checkpoints reported so far, so the test knows which one the
+        # restart must use. (A real crash can outrun the controller; Ray then resumes from the previous one.)
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120
+        )
+        storage.write_bytes(
+            self.plan.fault_marker, f"rank {self.rank} exited at step {self.step + 1}\n".encode()
+        )
+        print(f"pyoco: fault injection: rank {self.rank} exits before step {self.step + 1}", flush=True)
+        os._exit(1)
