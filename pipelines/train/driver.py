@@ -72,7 +72,7 @@ from pipelines.train.checkpoint import _check_existing_checkpoints, compat_field
 from pipelines.train.export import _check_export_target, finish_export, staging_uri
 from pipelines.train.loop import train_loop_per_worker
 from pipelines.train.plan import WorkerPlan, _abs, _join, resolve_config, total_steps, worker_env
-from pyoco.config import NoiseConfig, PyocoConfig, TrainConfig
+from pyoco.config import PyocoConfig, TrainConfig
 
 MLFLOW_RUN_FILE = "pyoco_mlflow_run.json"
 FAULT_MARKER = "pyoco_fault_injected_at_step_{step}"
@@ -260,14 +260,12 @@ def run_train(
     from pipelines.train.data import DataError, inspect_clips, manifest_hash
     from pipelines.train.deepspeed import deepspeed_config
 
-    if image_pretrain:
-        cfg = cfg.model_copy(update={"noise": NoiseConfig(kind="iid", alpha=0.0)})
-    elif cfg.noise.is_auto:
+    if not (image_pretrain or cfg.train.image_pretrain) and cfg.noise.is_auto:
         raise PyocoError(
             "noise.kind/noise.alpha 'auto' is fitted by `pyoco run` (its noise_fit step); for `pyoco train`, "
             "run `pyoco noise fit` and set the values it prints"
         )
-    cfg = resolve_config(cfg, image_pretrain=image_pretrain)
+    cfg = resolve_config(cfg, image_pretrain=image_pretrain)  # image pretraining: the iid prior, all layers
     t = cfg.train
     image = t.image_pretrain
     kind = "pretrain-image" if image else "train"

@@ -92,7 +92,7 @@ def setup_engine(cfg, plan, geometry, *, rank: int) -> Engine:
     dtype = torch.bfloat16 if use_bf16(t) else torch.float32
 
     model, pretrained_sched = build_denoiser(cfg.model, image_pretrain=t.image_pretrain)
-    model.set_trainable("all" if t.image_pretrain else cfg.model.train_layers)
+    model.set_trainable(cfg.model.train_layers)  # "all" for image pretraining (plan.resolve_config)
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     # Resolved once: the checkpoint and the exported package carry the prediction type the loss trains.

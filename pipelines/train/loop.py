@@ -35,7 +35,8 @@ def train_loop_per_worker(config: dict) -> None:
             flush=True,
         )
     cfg = PyocoConfig.model_validate(plan.config)
-    Trainer(plan, callbacks=default_callbacks(cfg)).fit()
+    trainer = ImagePretrainer if cfg.train.image_pretrain else Trainer
+    trainer(plan, callbacks=default_callbacks(cfg)).fit()
 
 
 class StepClock:
@@ -96,7 +97,6 @@ class Trainer:
         self.callbacks = list(callbacks)
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.image = self.t.image_pretrain
 
         e = setup_engine(self.cfg, plan, self.geometry, rank=self.rank)
         self.device, self.dtype, self.vae, self.encode_online = e.device, e.dtype, e.vae, e.encode_online
@@ -109,8 +109,7 @@ class Trainer:
             min_snr_gamma=self.t.min_snr_gamma,
             caption_dropout=self.t.caption_dropout,
         )
-        kind = "iid" if self.image else self.cfg.noise.kind
-        self.prior = make_prior(kind, self.cfg.noise.alpha)
+        self.prior = make_prior(self.cfg.noise.kind, self.cfg.noise.alpha)  # iid for image pretraining
         # Per-rank stream for the diffusion noise, timesteps and dropout (pyoco.noise.rank_generator), on the
         # device so the noise is drawn where it is used.
         self.generator = rank_generator(self.t.seed, self.rank, device=self.device)
@@ -189,16 +188,11 @@ class Trainer:
         return float(out.loss.detach())
 
     def prepare(self, batch: dict):
-        """Collated CPU batch -> (x0, cond, cond_mask) on the device; x0 in the compute dtype (latents: the
-        clips' own, or encoded here by the VAE; one random frame per clip, T = 1, for image pretraining)."""
+        """Collated CPU batch (x0 ``(B, C, T, H, W)``) -> (x0, cond, cond_mask) on the device; x0 in the
+        compute dtype (latents: the clips' own, or encoded here by the VAE)."""
         import torch
 
-        x0 = batch["x0"]
-        if self.image and x0.shape[2] > 1:
-            g = self.generator
-            idx = torch.randint(0, x0.shape[2], (x0.shape[0],), generator=g, device=g.device).cpu()
-            x0 = x0[torch.arange(x0.shape[0]), :, idx].unsqueeze(2)
-        x0 = x0.to(self.device, self.dtype, non_blocking=True)
+        x0 = batch["x0"].to(self.device, self.dtype, non_blocking=True)
         if self.encode_online:
             from pyoco.model import encode_video
 
@@ -294,3 +288,21 @@ class Trainer:
         )
         print(f"pyoco: fault injection: rank {self.rank} exits before step {self.step + 1}", flush=True)
         os._exit(1)
+
+
+class ImagePretrainer(Trainer):
+    """``pyoco pretrain-image``: the 2-D UNet learns single frames, one random frame per clip (T = 1).
+
+    Everything else is set where the run is planned: the driver resolves image pretraining to the iid prior
+    and all layers trainable (:func:`pipelines.train.plan.resolve_config`), and the engine builds the 2-D UNet
+    (:func:`pipelines.train.engine.build_denoiser`), which the samples then draw one frame from."""
+
+    def prepare(self, batch: dict):
+        import torch
+
+        x0 = batch["x0"]
+        if x0.shape[2] > 1:  # the frame index comes from the rank's stream, like the diffusion noise
+            g = self.generator
+            idx = torch.randint(0, x0.shape[2], (x0.shape[0],), generator=g, device=g.device).cpu()
+            batch = {**batch, "x0": x0[torch.arange(x0.shape[0]), :, idx].unsqueeze(2)}
+        return super().prepare(batch)

@@ -85,7 +85,8 @@ def pretrain_config(cfg: PyocoConfig) -> PyocoConfig:
 
 
 def resolve_config(cfg: PyocoConfig, *, image_pretrain: bool = False) -> PyocoConfig:
-    """Fill the defaults that depend on other sections, once: data, output, storage path, run name."""
+    """Fill the defaults that depend on other sections, once: data, output, storage path, run name, and for
+    image pretraining the trained layers and the prior."""
     cfg = cfg.model_copy(deep=True)
     t = cfg.train
     image_pretrain = image_pretrain or t.image_pretrain
@@ -100,8 +101,9 @@ def resolve_config(cfg: PyocoConfig, *, image_pretrain: bool = False) -> PyocoCo
     if cfg.model.pretrained:  # a relative folder (the demo's shipped model) must resolve the same on workers
         cfg.model.pretrained = _abs(cfg.model.pretrained)
     # t.run_name stays None unless set: run_train derives it from the settings' key (see the module docstring).
-    if image_pretrain:
+    if image_pretrain:  # an image model: all layers train, frames are independent (T = 1)
         cfg.model.train_layers = "all"
+        cfg.noise = NoiseConfig(kind="iid", alpha=0.0)
     return cfg
 
 
