@@ -363,11 +363,8 @@ def test_resume_check_names_the_changed_settings_and_the_worker_count(tmp_path):
     state = {"world_size": 2, "compat": {"hash": compat_hash(base), "fields": base}}
     check_resume(state, base, 2, where="ckpt")  # same config, same world: resumes
     # Things that do not change what is learned keep the hash: logging, checkpointing, the stop under a
-    # constant LR schedule (extending a run), fault injection.
-    same = _compat(
-        tmp_path,
-        **{"train.max_steps": 9, "train.log_every": 3, "train.fail_at_step": 2, "train.num_to_keep": 5},
-    )
+    # constant LR schedule (extending a run).
+    same = _compat(tmp_path, **{"train.max_steps": 9, "train.log_every": 3, "train.num_to_keep": 5})
     assert compat_hash(same) == compat_hash(base)
     with pytest.raises(PyocoError, match=r"noise\.alpha 1\.0 -> 2\.0") as err:
         check_resume(state, _compat(tmp_path, **{"noise.alpha": 2.0}), 2, where="ckpt")

@@ -19,7 +19,7 @@ TRAIN_STATE = "train_state.json"
 
 # ========================================================================================= compatibility
 # Settings that do not change what is learned, left out of the compatibility hash: where things go, how often
-# to log/checkpoint/sample, fault injection and retries, worker resources, and the stopping point (except as the
+# to log/checkpoint/sample, retries, worker resources, and the stopping point (except as the
 # LR schedule's horizon). num_workers is checked on its own (a different world cannot load the per-rank state).
 _TRAIN_EXCLUDED = {
     "data",
@@ -39,7 +39,6 @@ _TRAIN_EXCLUDED = {
     "sample_seeds",
     "sample_steps",
     "sample_guidance",
-    "fail_at_step",
     "run_name",
     "system_metrics_interval_s",
 }

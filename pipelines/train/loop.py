@@ -9,7 +9,6 @@ checkpoint save/restore in :mod:`pipelines.train.checkpoint`, the export in
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ def train_loop_per_worker(config: dict) -> None:
         )
     cfg = PyocoConfig.model_validate(plan.config)
     trainer = ImagePretrainer if cfg.train.image_pretrain else Trainer
-    trainer(plan, callbacks=default_callbacks(cfg)).fit()
+    trainer(plan, callbacks=[*default_callbacks(cfg), *plan.callbacks]).fit()
 
 
 class StepClock:
@@ -138,7 +137,6 @@ class Trainer:
         clock = StepClock(self.step)
         try:
             while self.step < total:
-                self.maybe_inject_fault()
                 self._each("on_step_start")
                 lr, loss = self.train_step(stream)
                 step_time = clock.stop(self.step)
@@ -265,29 +263,6 @@ class Trainer:
     def _each(self, hook: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
-
-    def maybe_inject_fault(self) -> None:
-        """Test hook: rank 1 (rank 0 when alone) dies at ``fail_at_step``, once per run (marker in storage)."""
-        if self.t.fail_at_step is None or self.step + 1 != self.t.fail_at_step:
-            return
-        if self.rank != (1 if self.world > 1 else 0) or not self.plan.fault_marker:
-            return
-        from pyoco import storage
-
-        if storage.exists(self.plan.fault_marker):
-            return
-        # Die only once Ray has committed the checkpoints reported so far, so the test knows which one the
-        # restart must use. (A real crash can outrun the controller; Ray then resumes from the previous one.)
-        import ray.train
-
-        ray.train.get_all_reported_checkpoints(
-            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120
-        )
-        storage.write_bytes(
-            self.plan.fault_marker, f"rank {self.rank} exited at step {self.step + 1}\n".encode()
-        )
-        print(f"pyoco: fault injection: rank {self.rank} exits before step {self.step + 1}", flush=True)
-        os._exit(1)
 
 
 class ImagePretrainer(Trainer):

@@ -137,7 +137,6 @@ class WorkerPlan:
     null_mask: Any  # np.ndarray (1, L) bool
     sample_cond: Any  # np.ndarray (P, L, D)
     sample_mask: Any  # np.ndarray (P, L) bool
-    fault_marker: str | None
     env: SecretEnv  # settings only (FORWARDED_ENV); never a credential
     compat: dict  # compat_fields(...): checked on restore, stored in every checkpoint
     credential_names: tuple[str, ...] = ()  # CREDENTIAL_ENV set on the driver: names, never values
@@ -147,3 +146,6 @@ class WorkerPlan:
     )
     text_encoder: dict | None = None  # the text encoder's describe(), recorded in (and packaged with) it
     lineage: dict | None = None  # the package's lineage (run id, data hash, git revision, kind)
+    # run_train(callbacks=...): loop callbacks after the defaults (pipelines.train.callbacks), e.g. the tests'
+    # fault injection; pickled to the workers, so their classes must be importable there
+    callbacks: tuple = ()
