@@ -17,11 +17,15 @@ end put the model package the workers wrote (``pyoco.package``: ``unet/`` safete
 gather the fp32/EMA weights, rank 0 writes them; no optimizer shard ever reaches the driver).
 
 Worker (:func:`pipelines.train.loop.train_loop_per_worker`, one per rank): typed config on the first line,
-build/load the UNet (inflated unless image pretraining), ``deepspeed.initialize`` with the generated config
-(:mod:`pipelines.train.deepspeed`), EMA (:mod:`pipelines.train.ema`), restore from
-``ray.train.get_checkpoint()``, then the loop: stream batches (:mod:`pipelines.train.data`), ``DiffusionLoss``
-with the prior and a per-rank generator, backward/step, log, checkpoint every ``checkpoint_every`` steps,
-sample every ``sample_every`` steps.
+then the :class:`~pipelines.train.loop.Trainer` (:class:`~pipelines.train.loop.ImagePretrainer` for image
+pretraining): build/load the UNet (inflated unless image pretraining) and ``deepspeed.initialize`` with the
+generated config (:func:`pipelines.train.engine.setup_engine`, :mod:`pipelines.train.deepspeed`), EMA
+(:mod:`pipelines.train.ema`), restore from ``ray.train.get_checkpoint()``
+(:func:`pipelines.train.checkpoint.restore_checkpoint`), then the loop: stream batches
+(:mod:`pipelines.train.data`), ``DiffusionLoss`` with the prior and a per-rank generator, backward/step,
+checkpoint every ``checkpoint_every`` steps, and the callbacks (:mod:`pipelines.train.callbacks`: MLflow
+metrics, system metrics, samples every ``sample_every`` steps, and whatever ``run_train(callbacks=...)``
+adds).
 
 Checkpoint layout (one Ray checkpoint = the merged folders of all ranks)::
 
