@@ -61,8 +61,7 @@ class Engine:
 
     device: Any  # torch.device: the rank's GPU, or the CPU
     dtype: Any  # compute dtype: bf16 on GPU (train.precision auto), fp32 on CPU
-    engine: Any  # the DeepSpeed engine: forward, backward, step, checkpoints
-    lr_scheduler: Any
+    engine: Any  # the DeepSpeed engine: forward, backward, step (optimizer and LR schedule), checkpoints
     ema: Any  # pipelines.train.ema.ShardedEMA, or None without train.ema_decay
     vae: Any  # the model's VAE (frozen, eval) when frames are encoded online or samples decoded; else None
     encode_online: bool  # the clips carry frames but the model trains on latents: encode each batch
@@ -111,7 +110,7 @@ def setup_engine(cfg, plan, geometry, *, rank: int) -> Engine:
 
     deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, lr_scheduler = deepspeed.initialize(
+    engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, t),
         config=plan.ds_config,
@@ -127,7 +126,6 @@ def setup_engine(cfg, plan, geometry, *, rank: int) -> Engine:
         device=device,
         dtype=dtype,
         engine=engine,
-        lr_scheduler=lr_scheduler,
         ema=ema,
         vae=vae,
         encode_online=encode_online,

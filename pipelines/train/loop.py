@@ -99,7 +99,7 @@ class Trainer:
 
         e = setup_engine(self.cfg, plan, self.geometry, rank=self.rank)
         self.device, self.dtype, self.vae, self.encode_online = e.device, e.dtype, e.vae, e.encode_online
-        self.engine, self.lr_scheduler, self.ema = e.engine, e.lr_scheduler, e.ema
+        self.engine, self.ema = e.engine, e.ema  # DeepSpeed steps (and checkpoints) the LR schedule itself
         self.module = self.engine.module
         self.scheduler_config, self.trainable_names = e.scheduler_config, e.trainable_names
 
@@ -182,7 +182,7 @@ class Trainer:
             null_mask=self.null_mask,
         )
         self.engine.backward(out.loss)
-        # note: a CPU-GPU sync point per micro-batch; the loss is tiny next to a video UNet's forward
+        # note: a CPU-GPU sync point per micro-batch (float waits for the forward); the logs need each loss
         return float(out.loss.detach())
 
     def prepare(self, batch: dict):
