@@ -562,3 +562,25 @@ def test_image_pretrainer_trains_one_random_frame_per_clip_drawn_from_the_rank_s
     # A batch that is already single frames passes through untouched.
     one = {**batch, "x0": x0[:, :, :1]}
     torch.testing.assert_close(bare(ImagePretrainer, 0).prepare(one)[0], x0[:, :, :1], rtol=0, atol=0)
+
+
+def test_step_clock_leaves_the_attempts_first_steps_out_of_the_steady_rates(monkeypatch):
+    """The checkpoint summary's step-time median and loop rate skip the first two steps of an attempt (warm-up),
+    and count from the attempt's own start step after a resume."""
+    from pipelines.train import loop
+
+    now = [100.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    clock = loop.StepClock(start_step=4)  # resumed at step 4
+    for step, (busy, idle) in enumerate(
+        [(9.0, 0.0), (5.0, 0.0), (1.0, 0.5), (2.0, 0.5), (3.0, 0.5)], start=5
+    ):
+        now[0] += busy
+        assert clock.stop(step) == busy
+        now[0] += idle  # logging, samples, checkpoint: outside the step time, inside the loop rate
+        clock.start()
+    out = clock.summary(9, loss=0.25)
+    assert out["attempt_start_step"] == 4 and out["step"] == 9 and out["loss"] == 0.25
+    assert out["steady_steps"] == 3 and out["step_time_median_s"] == 2.0
+    # steady from the end of step 6 (the 2nd of the attempt) to now: steps 7-9, each with its idle time
+    assert out["loop_time_per_step_s"] == (1.5 + 2.5 + 3.5) / 3
