@@ -242,8 +242,6 @@ class TrainConfig(_Section):
     sample_seeds: list[int] = Field(default_factory=lambda: [0])
     sample_steps: int = Field(10, ge=1)
     seed: int = 0
-    # Fault injection for tests: rank 1 exits with os._exit at this step, once (marker in storage).
-    fail_at_step: int | None = Field(None, ge=1)
     image_pretrain: bool = False  # T = 1, iid prior, 2-D UNet (``pyoco pretrain-image``)
     # Ray Train run name under storage_path; re-running with the same name resumes from its latest
     # checkpoint. None: "{name}-train" ("{name}-pretrain-image" for image pretraining).

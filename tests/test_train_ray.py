@@ -20,10 +20,11 @@ from typer.testing import CliRunner
 
 from pipelines import tracking
 from pipelines.train.data import manifest_hash
-from pipelines.train.driver import FAULT_MARKER, run_train
+from pipelines.train.driver import run_train
 from pipelines.train.engine import build_denoiser
 from pyoco.config import parse_config
 from pyoco.package import load_package
+from tests.fault_injection import FAULT_MARKER, FaultInjection
 from tests.fixtures_train import tiny_config, write_clips
 
 SECRET = "pyoco-train-secret-7f3e9a1b2c4d"
@@ -165,9 +166,8 @@ def test_zero3_s3_storage_resume_after_clean_stop_then_fault_injection(
     # Same run name + storage: resumes at 2. Rank 1 dies before step 5; Ray restarts the workers from the
     # checkpoint at step 4, and the run ends at 6.
     second = run_train(
-        parse_config(
-            tiny_config(tmp_path, clips, max_steps=6, fail_at_step=5, max_failures=1, sample_every=6, **base)
-        )
+        parse_config(tiny_config(tmp_path, clips, max_steps=6, max_failures=1, sample_every=6, **base)),
+        callbacks=[FaultInjection(at_step=5)],
     )
     assert second["final_step"] == 6
     assert second["metrics"]["attempt_start_step"] == 4  # the attempt after the crash started from step 4

@@ -277,6 +277,12 @@ def test_resolve_config_defaults(tmp_path):
     assert p.train.image_pretrain and p.model.train_layers == "all"
     assert p.train.output == str(tmp_path / "o" / "pretrained-image")
     assert p.train.zero_stage == 0 and p.train.num_workers == 1
+    # Image pretraining is decided here, once: whatever the noise section says, an image model's frames are
+    # independent (the worker's ImagePretrainer has no branch of its own for it).
+    q = resolve_config(
+        cfg.model_copy(update={"noise": cfg.noise.model_copy(update={"alpha": 2.0})}), image_pretrain=True
+    )
+    assert (q.noise.kind, q.noise.alpha, q.model.train_layers) == ("iid", 0.0, "all")
     with pytest.raises(Exception, match="train.data is not set"):
         resolve_config(PyocoConfig())
 
@@ -357,11 +363,8 @@ def test_resume_check_names_the_changed_settings_and_the_worker_count(tmp_path):
     state = {"world_size": 2, "compat": {"hash": compat_hash(base), "fields": base}}
     check_resume(state, base, 2, where="ckpt")  # same config, same world: resumes
     # Things that do not change what is learned keep the hash: logging, checkpointing, the stop under a
-    # constant LR schedule (extending a run), fault injection.
-    same = _compat(
-        tmp_path,
-        **{"train.max_steps": 9, "train.log_every": 3, "train.fail_at_step": 2, "train.num_to_keep": 5},
-    )
+    # constant LR schedule (extending a run).
+    same = _compat(tmp_path, **{"train.max_steps": 9, "train.log_every": 3, "train.num_to_keep": 5})
     assert compat_hash(same) == compat_hash(base)
     with pytest.raises(PyocoError, match=r"noise\.alpha 1\.0 -> 2\.0") as err:
         check_resume(state, _compat(tmp_path, **{"noise.alpha": 2.0}), 2, where="ckpt")
@@ -523,3 +526,61 @@ def test_deepspeed_checkpoint_loading_refuses_code_in_the_pickle(tmp_path):
     torch.save(ok, tmp_path / "ok.pt")
     back = engine.checkpoint_engine.load(str(tmp_path / "ok.pt"), map_location="cpu")
     assert back["zero_stage"] == ZeroStageEnum.gradients and back["loss_scaler"].cur_scale == 1.0
+
+
+# ------------------------------------------------------------------------------------- image pretraining
+def test_image_pretrainer_trains_one_random_frame_per_clip_drawn_from_the_rank_stream():
+    """ImagePretrainer overrides one step, ``prepare``: each clip gives one frame (T = 1), its index drawn
+    from the rank's noise generator; the video Trainer keeps all frames."""
+    from pipelines.train.loop import ImagePretrainer, Trainer
+
+    def bare(cls, seed: int):
+        tr = object.__new__(cls)  # prepare needs no engine: device, dtype, generator, no online VAE
+        tr.device, tr.dtype, tr.encode_online = torch.device("cpu"), torch.float32, False
+        tr.generator = torch.Generator().manual_seed(seed)
+        return tr
+
+    # x0 (B, C, T, H, W), every pixel of frame t of clip b equal to 10 b + t
+    b, t = torch.meshgrid(torch.arange(5), torch.arange(4), indexing="ij")
+    x0 = (10 * b + t).float()[:, None, :, None, None].expand(5, 3, 4, 2, 2).contiguous()
+    batch = {"x0": x0, "cond": torch.zeros(5, 2, 8), "cond_mask": torch.ones(5, 2, dtype=torch.bool)}
+
+    video, cond, mask = bare(Trainer, 0).prepare(batch)
+    torch.testing.assert_close(video, x0, rtol=0, atol=0)
+    assert cond.shape == (5, 2, 8) and mask.all()
+
+    image, _, _ = bare(ImagePretrainer, 0).prepare(batch)
+    assert image.shape == (5, 3, 1, 2, 2)
+    expected = torch.randint(0, 4, (5,), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(image[:, 0, 0, 0, 0], 10 * torch.arange(5.0) + expected, rtol=0, atol=0)
+    assert (image == image[:, :1, :1, :1, :1]).all()  # a whole frame, every channel and pixel
+    again, _, _ = bare(ImagePretrainer, 0).prepare(batch)
+    torch.testing.assert_close(again, image, rtol=0, atol=0)
+    assert (
+        len({tuple(bare(ImagePretrainer, s).prepare(batch)[0][:, 0, 0, 0, 0].tolist()) for s in range(4)}) > 1
+    )
+    # A batch that is already single frames passes through untouched.
+    one = {**batch, "x0": x0[:, :, :1]}
+    torch.testing.assert_close(bare(ImagePretrainer, 0).prepare(one)[0], x0[:, :, :1], rtol=0, atol=0)
+
+
+def test_step_clock_leaves_the_attempts_first_steps_out_of_the_steady_rates(monkeypatch):
+    """The checkpoint summary's step-time median and loop rate skip the first two steps of an attempt (warm-up),
+    and count from the attempt's own start step after a resume."""
+    from pipelines.train import loop
+
+    now = [100.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    clock = loop.StepClock(start_step=4)  # resumed at step 4
+    for step, (busy, idle) in enumerate(
+        [(9.0, 0.0), (5.0, 0.0), (1.0, 0.5), (2.0, 0.5), (3.0, 0.5)], start=5
+    ):
+        now[0] += busy
+        assert clock.stop(step) == busy
+        now[0] += idle  # logging, samples, checkpoint: outside the step time, inside the loop rate
+        clock.start()
+    out = clock.summary(9, loss=0.25)
+    assert out["attempt_start_step"] == 4 and out["step"] == 9 and out["loss"] == 0.25
+    assert out["steady_steps"] == 3 and out["step_time_median_s"] == 2.0
+    # steady from the end of step 6 (the 2nd of the attempt) to now: steps 7-9, each with its idle time
+    assert out["loop_time_per_step_s"] == (1.5 + 2.5 + 3.5) / 3

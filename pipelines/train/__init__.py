@@ -1,2 +1,2 @@
-"""The train step: the worker plan, the Ray Train driver, the model and loop, checkpoints, EMA, DeepSpeed,
-data and export."""
+"""The train step: the worker plan, the Ray Train driver, the engine (model + DeepSpeed), the loop and its
+callbacks, checkpoints, EMA, DeepSpeed config, data and export."""

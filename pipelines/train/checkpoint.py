@@ -19,7 +19,7 @@ TRAIN_STATE = "train_state.json"
 
 # ========================================================================================= compatibility
 # Settings that do not change what is learned, left out of the compatibility hash: where things go, how often
-# to log/checkpoint/sample, fault injection and retries, worker resources, and the stopping point (except as the
+# to log/checkpoint/sample, retries, worker resources, and the stopping point (except as the
 # LR schedule's horizon). num_workers is checked on its own (a different world cannot load the per-rank state).
 _TRAIN_EXCLUDED = {
     "data",
@@ -39,7 +39,6 @@ _TRAIN_EXCLUDED = {
     "sample_seeds",
     "sample_steps",
     "sample_guidance",
-    "fail_at_step",
     "run_name",
     "system_metrics_interval_s",
 }
@@ -173,3 +172,93 @@ def load_rng_state(path: str | Path, generator) -> None:
     torch.set_rng_state(cpu)
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate((version, tuple(py_state), py_gauss))
+
+
+# ========================================================================================= checkpoint I/O
+# A rank's side of a checkpoint, for the loop's Trainer (``tr``: its engine, EMA, noise generator, step).
+def train_state(tr) -> dict:
+    """train_state.json: what a resume checks and what the package is built from."""
+    return {
+        "step": tr.step,
+        "zero_stage": tr.t.zero_stage,
+        "world_size": tr.world,
+        "image_pretrain": tr.t.image_pretrain,
+        "unet_class": type(tr.module.unet).__name__,
+        "ema": tr.ema is not None,
+        "ema_decay": tr.t.ema_decay,
+        "trainable": tr.trainable_names,
+        "geometry": tr.plan.geometry,
+        "scheduler_config": tr.scheduler_config,
+        "noise": {"kind": tr.prior.kind, "alpha": tr.prior.alpha},
+        "mlflow_run_id": tr.plan.run_id,
+        "compat": {"hash": compat_hash(tr.plan.compat), "fields": tr.plan.compat},
+    }
+
+
+def _rng_file(state_dir: Path, rank: int) -> Path:
+    return state_dir / f"rng_rank{rank:03d}.safetensors"
+
+
+def restore_checkpoint(tr) -> int | None:
+    """Load Ray's checkpoint into ``tr`` (engine, optimizer, LR schedule, EMA, RNG) after checking it was
+    written by this config and world size; returns its step (None: no checkpoint, a fresh start).
+
+    Nothing here runs code from the checkpoint: our own state (RNG, EMA, train_state.json) holds no
+    pickles, and DeepSpeed's ``ds/`` files are read with ``weights_only=True``
+    (:func:`pipelines.train.deepspeed.use_weights_only_loading`; DeepSpeed 0.19's ``load_checkpoint`` has no
+    such argument)."""
+    import ray.train
+
+    from pipelines.train.deepspeed import use_weights_only_loading
+    from pipelines.train.ema import ema_file, load_ema_state
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        root = Path(d)
+        state_dir = root / STATE_DIR
+        state_file = state_dir / TRAIN_STATE
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        check_resume(state, tr.plan.compat, tr.world, where=str(ckpt.path))
+        use_weights_only_loading(tr.engine)
+        path, client_state = tr.engine.load_checkpoint(
+            str(root), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise RuntimeError(f"{ckpt.path}: no DeepSpeed checkpoint under tag {CHECKPOINT_TAG!r}")
+        step = int(client_state["step"])
+        if tr.ema is not None:
+            tr.ema.load_state_dict(load_ema_state(ema_file(state_dir, tr.rank if tr.ema.zero3 else 0)))
+        if _rng_file(state_dir, tr.rank).exists():
+            load_rng_state(_rng_file(state_dir, tr.rank), tr.generator)
+    if tr.rank == 0:
+        print(f"pyoco: resumed from step {step} ({ckpt.path})", flush=True)
+    return step
+
+
+def save_checkpoint(tr, metrics: dict) -> None:
+    """Every rank writes its part of the checkpoint at ``tr.step``; Ray merges the folders into one
+    checkpoint in storage (``ray.train.report`` is collective: every rank calls it)."""
+    import tempfile
+
+    import ray.train
+
+    from pipelines.train.ema import ema_file, save_ema_state
+
+    with tempfile.TemporaryDirectory(prefix="pyoco-ckpt-") as tmp:
+        root = Path(tmp)
+        tr.engine.save_checkpoint(str(root), tag=CHECKPOINT_TAG, client_state={"step": tr.step})
+        state_dir = root / STATE_DIR
+        state_dir.mkdir(parents=True, exist_ok=True)
+        save_rng_state(_rng_file(state_dir, tr.rank), tr.generator)
+        if tr.ema is not None and (tr.ema.zero3 or tr.rank == 0):
+            save_ema_state(tr.ema.state_dict(), ema_file(state_dir, tr.rank))
+        if tr.rank == 0:
+            tr.module.unet.save_config(str(state_dir / "unet"))
+            (state_dir / TRAIN_STATE).write_text(json.dumps(train_state(tr), indent=2, default=str))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_{tr.step:08d}",
+        )

@@ -17,11 +17,15 @@ end put the model package the workers wrote (``pyoco.package``: ``unet/`` safete
 gather the fp32/EMA weights, rank 0 writes them; no optimizer shard ever reaches the driver).
 
 Worker (:func:`pipelines.train.loop.train_loop_per_worker`, one per rank): typed config on the first line,
-build/load the UNet (inflated unless image pretraining), ``deepspeed.initialize`` with the generated config
-(:mod:`pipelines.train.deepspeed`), EMA (:mod:`pipelines.train.ema`), restore from
-``ray.train.get_checkpoint()``, then the loop: stream batches (:mod:`pipelines.train.data`), ``DiffusionLoss``
-with the prior and a per-rank generator, backward/step, log, checkpoint every ``checkpoint_every`` steps,
-sample every ``sample_every`` steps.
+then the :class:`~pipelines.train.loop.Trainer` (:class:`~pipelines.train.loop.ImagePretrainer` for image
+pretraining): build/load the UNet (inflated unless image pretraining) and ``deepspeed.initialize`` with the
+generated config (:func:`pipelines.train.engine.setup_engine`, :mod:`pipelines.train.deepspeed`), EMA
+(:mod:`pipelines.train.ema`), restore from ``ray.train.get_checkpoint()``
+(:func:`pipelines.train.checkpoint.restore_checkpoint`), then the loop: stream batches
+(:mod:`pipelines.train.data`), ``DiffusionLoss`` with the prior and a per-rank generator, backward/step,
+checkpoint every ``checkpoint_every`` steps, and the callbacks (:mod:`pipelines.train.callbacks`: MLflow
+metrics, system metrics, samples every ``sample_every`` steps, and whatever ``run_train(callbacks=...)``
+adds).
 
 Checkpoint layout (one Ray checkpoint = the merged folders of all ranks)::
 
@@ -65,17 +69,18 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from pipelines.common import PyocoError, console
+from pipelines.train.callbacks import Callback
 from pipelines.train.checkpoint import _check_existing_checkpoints, compat_fields, compat_hash
 from pipelines.train.export import _check_export_target, finish_export, staging_uri
 from pipelines.train.loop import train_loop_per_worker
-from pipelines.train.plan import WorkerPlan, _abs, _join, resolve_config, total_steps, worker_env
-from pyoco.config import NoiseConfig, PyocoConfig, TrainConfig
+from pipelines.train.plan import WorkerPlan, _abs, resolve_config, total_steps, worker_env
+from pyoco.config import PyocoConfig, TrainConfig
 
 MLFLOW_RUN_FILE = "pyoco_mlflow_run.json"
-FAULT_MARKER = "pyoco_fault_injected_at_step_{step}"
 
 
 # ================================================================================================ driver side
@@ -249,25 +254,25 @@ def run_train(
     image_pretrain: bool = False,
     ctx=None,
     run_key: str | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict:
     """Train (or image-pretrain) as ``cfg`` says; returns ``{"model_dir", "checkpoint", "mlflow_run_id",
     "final_step", "weights", "metrics", ...}``. ``model_dir`` is the exported model package.
 
     ``ctx`` (a :class:`pipelines.context.RunContext`) gives the MLflow server and experiment (default: from
     ``cfg.mlflow`` and the environment). ``run_key`` (the workflow step's cache key) names the Ray Train run
-    when ``train.run_name`` is unset; without it the compatibility hash does."""
+    when ``train.run_name`` is unset; without it the compatibility hash does. ``callbacks`` run in every
+    worker's loop after the default ones (:mod:`pipelines.train.callbacks`; the tests' fault injection)."""
     from pipelines import tracking
     from pipelines.train.data import DataError, inspect_clips, manifest_hash
     from pipelines.train.deepspeed import deepspeed_config
 
-    if image_pretrain:
-        cfg = cfg.model_copy(update={"noise": NoiseConfig(kind="iid", alpha=0.0)})
-    elif cfg.noise.is_auto:
+    if not (image_pretrain or cfg.train.image_pretrain) and cfg.noise.is_auto:
         raise PyocoError(
             "noise.kind/noise.alpha 'auto' is fitted by `pyoco run` (its noise_fit step); for `pyoco train`, "
             "run `pyoco noise fit` and set the values it prints"
         )
-    cfg = resolve_config(cfg, image_pretrain=image_pretrain)
+    cfg = resolve_config(cfg, image_pretrain=image_pretrain)  # image pretraining: the iid prior, all layers
     t = cfg.train
     image = t.image_pretrain
     kind = "pretrain-image" if image else "train"
@@ -327,9 +332,6 @@ def run_train(
             null_mask=null_mask,
             sample_cond=sample_cond,
             sample_mask=sample_mask,
-            fault_marker=_join(t.storage_path, t.run_name, FAULT_MARKER.format(step=t.fail_at_step))
-            if t.fail_at_step
-            else None,
             env=forwarded,
             compat=compat,
             credential_names=credential_names,
@@ -342,12 +344,13 @@ def run_train(
                 "git_revision": tracking.git_revision(),
                 "kind": kind,
             },
+            callbacks=tuple(callbacks),
         )
         # The driver's progress line, fed by the workers' ray.train.report (pipelines.context)
         progress = TrainProgress(kind, steps, start_step=resume_step or 0)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=dataclasses.asdict(plan) | {"env": plan.env},
+            train_loop_config=dataclasses.asdict(plan) | {"env": plan.env, "callbacks": plan.callbacks},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=t.num_workers,
                 use_gpu=t.use_gpu,

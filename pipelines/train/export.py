@@ -155,6 +155,39 @@ def write_package(
     return {"weights": which, "step": int(state["step"])}
 
 
+def export_trained(tr) -> None:
+    """The model package from the loop's final weights (``tr``: the Trainer), on the workers: every rank takes
+    part in the gather (:func:`pipelines.train.gather.gather_fp32_weights`, EMA weights when EMA is on), rank 0
+    writes the package (weights and configs, no optimizer state) to ``tr.plan.export_uri``."""
+    import time
+
+    from pipelines.train.checkpoint import train_state
+    from pipelines.train.gather import gather_fp32_weights
+    from pyoco import storage
+
+    t0 = time.perf_counter()
+    weights = gather_fp32_weights(tr.module, tr.ema, zero_stage=tr.t.zero_stage, rank=tr.rank, world=tr.world)
+    if tr.rank != 0:
+        return
+    ckpt = storage.join(tr.t.storage_path, tr.t.run_name, f"checkpoint_{tr.step:08d}")
+    write_package(
+        weights,
+        train_state(tr),
+        dict(tr.module.unet.config),
+        tr.plan.export_uri,
+        which="ema" if tr.ema is not None else "raw",
+        text_encoder=tr.plan.text_encoder,
+        lineage={**tr.plan.lineage, "checkpoint": ckpt},
+        vae=tr.plan.vae,
+        cache_dir=tr.cfg.model.cache_dir,
+    )
+    print(
+        f"pyoco: rank 0 wrote the model package for step {tr.step} to {tr.plan.export_uri} "
+        f"in {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
+
+
 def staging_uri(storage_path: str, run_name: str, output: str) -> str:
     """Where training's rank 0 writes the package: ``train.output`` itself when that is object storage
     (every node reaches it), else a folder beside the run's checkpoints (which Ray Train already requires

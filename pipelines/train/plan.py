@@ -85,7 +85,8 @@ def pretrain_config(cfg: PyocoConfig) -> PyocoConfig:
 
 
 def resolve_config(cfg: PyocoConfig, *, image_pretrain: bool = False) -> PyocoConfig:
-    """Fill the defaults that depend on other sections, once: data, output, storage path, run name."""
+    """Fill the defaults that depend on other sections, once: data, output, storage path, run name, and for
+    image pretraining the trained layers and the prior."""
     cfg = cfg.model_copy(deep=True)
     t = cfg.train
     image_pretrain = image_pretrain or t.image_pretrain
@@ -100,8 +101,9 @@ def resolve_config(cfg: PyocoConfig, *, image_pretrain: bool = False) -> PyocoCo
     if cfg.model.pretrained:  # a relative folder (the demo's shipped model) must resolve the same on workers
         cfg.model.pretrained = _abs(cfg.model.pretrained)
     # t.run_name stays None unless set: run_train derives it from the settings' key (see the module docstring).
-    if image_pretrain:
+    if image_pretrain:  # an image model: all layers train, frames are independent (T = 1)
         cfg.model.train_layers = "all"
+        cfg.noise = NoiseConfig(kind="iid", alpha=0.0)
     return cfg
 
 
@@ -135,7 +137,6 @@ class WorkerPlan:
     null_mask: Any  # np.ndarray (1, L) bool
     sample_cond: Any  # np.ndarray (P, L, D)
     sample_mask: Any  # np.ndarray (P, L) bool
-    fault_marker: str | None
     env: SecretEnv  # settings only (FORWARDED_ENV); never a credential
     compat: dict  # compat_fields(...): checked on restore, stored in every checkpoint
     credential_names: tuple[str, ...] = ()  # CREDENTIAL_ENV set on the driver: names, never values
@@ -145,3 +146,6 @@ class WorkerPlan:
     )
     text_encoder: dict | None = None  # the text encoder's describe(), recorded in (and packaged with) it
     lineage: dict | None = None  # the package's lineage (run id, data hash, git revision, kind)
+    # run_train(callbacks=...): loop callbacks after the defaults (pipelines.train.callbacks), e.g. the tests'
+    # fault injection; pickled to the workers, so their classes must be importable there
+    callbacks: tuple = ()
