@@ -25,9 +25,11 @@ from pyoco import clips as C
 from pyoco import storage
 from pyoco.storage import join
 from tests.conftest import TEST_AWS_SECRET
+from tests.fixtures_console import assert_quiet_run, counted_run
 
 NUM_FRAMES = 4
 PROMPT = "a red circle moves to the left"
+STEPS = ["synth", "preprocess", "train", "evaluate", "register", "promote", "sample"]
 
 
 def sd_workflow(root: str, pretrained: str, name: str) -> dict:
@@ -64,17 +66,6 @@ def sd_workflow(root: str, pretrained: str, name: str) -> dict:
     }
 
 
-def run_cli(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-        cwd=cwd,
-    )
-
-
 def read_frames(path: Path) -> list:
     with av.open(str(path)) as c:
         return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
@@ -84,63 +75,63 @@ def read_json(uri: str) -> dict:
     return json.loads(storage.read_bytes(uri))
 
 
-def run_workflow(cfg: dict, tmp: Path, mlflow_uri: str, extra_env: dict | None = None) -> dict:
-    """``pyoco run`` in a fresh process; returns the environment it ran with."""
+def run_workflow(cfg: dict, tmp: Path, mlflow_uri: str, extra_env: dict | None = None) -> tuple[dict, str]:
+    """``pyoco run`` in a fresh process, ``ray.init`` counted; returns the environment it ran with and
+    the log file it wrote.
+
+    Its console is that of a quiet run of the real steps (issue 13 item 5; test_console.py checks the
+    runner's side on stub steps): a start and an end line per step, the preprocess and training progress
+    lines, nothing from Ray's processes; one Ray start for preprocess, train and evaluate; the training
+    workers' prints in the log file."""
     path = tmp / "wf.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "PYOCO_CACHE": str(tmp / "cache")}
     env.pop("RAY_ADDRESS", None)
     env.update(extra_env or {})
-    run = run_cli("run", "--config", str(path), env=env, cwd=tmp)
-    (tmp / "run.log").write_text(run.stdout + run.stderr)  # step timings, for a slow or failed run
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert TEST_AWS_SECRET not in run.stdout + run.stderr
-    return env
+    run, console, ray_inits = counted_run(path, env=env)
+    (tmp / "run.log").write_text(console)  # step timings, for a slow or failed run
+    assert run.returncode == 0, console[-6000:]
+    assert TEST_AWS_SECRET not in console
+    assert ray_inits == 1, console[-3000:]
+    log_file = assert_quiet_run(console, STEPS)
+    assert f"train: {cfg['train']['max_steps']}/{cfg['train']['max_steps']} steps" in console, console
+    videos = cfg["synth"]["videos"]
+    assert f"preprocess: {videos}/{videos} videos" in console, console
+    log = log_file.read_text()
+    assert "pid=" in log and "pyoco: rank 0 ready" in log, log[-3000:]  # a worker's print, captured from Ray
+    assert TEST_AWS_SECRET not in log
+    return env, log_file
 
 
-# A fresh interpreter: load the registered pyfunc model by its alias and predict one prompt.
-PYFUNC_PREDICT = """
+# A fresh interpreter (one for both, each a few seconds of imports): load the registered pyfunc model by
+# its alias and predict one prompt, then ``pyoco sample --model models:/NAME@champion`` (3 frames) through
+# the CLI, which resolves the alias again on its own.
+PREDICT_THEN_SAMPLE = """
 import json, sys
 import mlflow.pyfunc
-model = mlflow.pyfunc.load_model(sys.argv[1])
-videos = model.predict([sys.argv[2]], params={"frames": 3, "steps": 1, "seed": 0})
-print("PREDICT " + json.dumps({"shape": list(videos.shape), "dtype": str(videos.dtype)}))
+uri, prompt, out = sys.argv[1:4]
+model = mlflow.pyfunc.load_model(uri)
+videos = model.predict([prompt], params={"frames": 3, "steps": 1, "seed": 0})
+print("PREDICT " + json.dumps({"shape": list(videos.shape), "dtype": str(videos.dtype)}), flush=True)
+sys.argv = ["pyoco", "sample", "--model", uri, "--prompt", prompt, "--out", out, "--frames", "3", "--steps", "2"]
+from pipelines.cli import main
+main()
 """
 
 
-def pyfunc_predict_champion(name: str, env: dict, cwd: Path) -> dict:
+def predict_and_sample_champion(name: str, out: Path, env: dict) -> tuple[dict, list]:
+    """The champion's pyfunc prediction (shape, dtype) and the frames ``pyoco sample`` wrote to ``out``."""
     run = subprocess.run(
-        [sys.executable, "-c", PYFUNC_PREDICT, f"models:/{name}@champion", PROMPT],
+        [sys.executable, "-c", PREDICT_THEN_SAMPLE, f"models:/{name}@champion", PROMPT, str(out)],
         capture_output=True,
         text=True,
-        timeout=600,
-        env=env,
-        cwd=cwd,
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    line = next(x for x in run.stdout.splitlines() if x.startswith("PREDICT "))
-    return json.loads(line.removeprefix("PREDICT "))
-
-
-def sample_champion(name: str, out: Path, env: dict) -> list:
-    """``pyoco sample --model models:/NAME@champion`` (3 frames) in a fresh process; the decoded frames."""
-    sample = run_cli(
-        "sample",
-        "--model",
-        f"models:/{name}@champion",
-        "--prompt",
-        PROMPT,
-        "--out",
-        str(out),
-        "--frames",
-        "3",
-        "--steps",
-        "2",
+        timeout=900,
         env=env,
         cwd=out.parent,
     )
-    assert sample.returncode == 0, sample.stdout[-2000:] + sample.stderr[-2000:]
-    return read_frames(out)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    line = next(x for x in run.stdout.splitlines() if x.startswith("PREDICT "))
+    return json.loads(line.removeprefix("PREDICT ")), read_frames(out)
 
 
 def files_containing(root: Path, needle: bytes) -> list[str]:
@@ -168,7 +159,9 @@ def test_sd_folder_workflow_on_latents_to_champion_sample(fixture, store, reques
     else:
         root, pretrained = str(tmp_path), str(sd.path)
     out = join(root, "out")
-    env = run_workflow(sd_workflow(root, pretrained, name), tmp_path, mlflow_server.uri, extra_env)
+    env, log_file = run_workflow(sd_workflow(root, pretrained, name), tmp_path, mlflow_server.uri, extra_env)
+    if store == "local":
+        assert log_file.parent == tmp_path / "out" / "logs"  # next to the run's outputs
 
     # preprocess: CLIP's 77 x 32 token states, latents stamped with the folder's VAE identity
     from pyoco.model import load_vae
@@ -200,9 +193,8 @@ def test_sd_folder_workflow_on_latents_to_champion_sample(fixture, store, reques
     assert state["train"]["outputs"]["checkpoint"].startswith(join(out, "ray") + "/")
 
     # the champion from the registry, in fresh processes, decoded through the packaged VAE
-    predicted = pyfunc_predict_champion(name, env, tmp_path)
+    predicted, frames = predict_and_sample_champion(name, tmp_path / "champion.mp4", env)
     assert predicted == {"shape": [1, 3, sd.pixel_size, sd.pixel_size, 3], "dtype": "uint8"}
-    frames = sample_champion(name, tmp_path / "champion.mp4", env)
     assert len(frames) == 3 and frames[0].shape == (sd.pixel_size, sd.pixel_size, 3)
 
     # no credential reached MLflow (params, tags, artifacts: the server's db and artifact root) or Ray
@@ -262,7 +254,7 @@ def write_sd_clips(
     return clips
 
 
-@pytest.mark.parametrize("case", ["minilm_clips", "other_vae_latents", "indivisible_size"])
+@pytest.mark.parametrize("case", ["minilm_clips", "other_vae_latents", "indivisible_size", "tiny_width"])
 def test_data_that_does_not_fit_the_sd_model_fails_before_ray(
     case, sd_pipeline, sd_pipeline_other_vae, tmp_path
 ):
@@ -280,14 +272,20 @@ def test_data_that_does_not_fit_the_sd_model_fails_before_ray(
             tmp_path, dim=sd.clip_dim, size=sd.pixel_size, vae=load_vae(str(sd_pipeline_other_vae.path))
         )
         expected = "latents were made by VAE sha256:"
-    else:
+    elif case == "indivisible_size":
         clips = write_sd_clips(tmp_path, dim=sd.clip_dim, size=40)
         expected = "height 40 px is not divisible by 32 = UNet downsampling 4"
+    else:  # a tiny model (no pretrained folder) whose cross-attention does not take MiniLM's 384-d states
+        clips = write_sd_clips(tmp_path, dim=384, size=16)
+        expected = "model.tiny.cross_attention_dim 128 != caption_embedding dim 384"
+    model = {"pretrained": str(sd.path)}
+    if case == "tiny_width":
+        model = {"tiny": {"sample_size": 16, "block_out_channels": [16, 32], "cross_attention_dim": 128}}
     cfg = PyocoConfig.model_validate(
         {
             "name": "bad",
             "output": str(tmp_path / "out"),
-            "model": {"pretrained": str(sd.path)},
+            "model": model,
             "train": {"data": str(clips), "num_workers": 1, "batch_size_per_worker": 1, "max_steps": 1},
             "ray": {"address": "127.0.0.1:1"},  # nothing listens there: reaching Ray would fail otherwise
         }
@@ -296,7 +294,8 @@ def test_data_that_does_not_fit_the_sd_model_fails_before_ray(
         run_train(cfg)
     msg = str(err.value)
     assert expected in msg and "\n" not in msg, msg
-    assert f"train.data {clips}" in msg
+    if case != "tiny_width":  # the tiny model's check names the model field and both widths only
+        assert f"train.data {clips}" in msg
 
 
 def test_validation_loss_reads_stored_latents_like_online_encoding(sd_pipeline, tmp_path):
