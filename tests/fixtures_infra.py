@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -80,3 +81,24 @@ def running_stack(state_dir: Path, **spec_fields):
 
 def token_of(state: dict) -> str:
     return Path(state["ray"]["token_path"]).read_text().strip()
+
+
+def listening_addresses(pids: set[int]) -> set[str]:
+    """The IP addresses that these processes listen on (IPv4-mapped IPv6 addresses as IPv4)."""
+    import psutil
+
+    addrs = set()
+    for pid in pids:
+        try:
+            for conn in psutil.Process(pid).net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    ip = ipaddress.ip_address(conn.laddr.ip)
+                    addrs.add(str(getattr(ip, "ipv4_mapped", None) or ip))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return addrs
+
+
+def stack_pids(services, state: dict) -> set[int]:
+    """Every process of a running stack (each service's process group)."""
+    return {p.pid for rec in services._all_records(state) for p in services._group_members(rec)}

@@ -1,19 +1,16 @@
-"""Cluster configs against Ray's own schema and KubeRay's structure, and the local token-auth stack."""
+"""Cluster configs against Ray's own schema and KubeRay's structure (the local token-auth stack: see the
+end of this file)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import ipaddress
 import json
 import shlex
-import time
 from pathlib import Path
 
-import pytest
 import yaml
 
-from tests.fixtures_infra import REPO, TEST_AWS_SECRET, load_services, running_stack, token_of
+from tests.fixtures_infra import REPO
 
 SECRET_ENV = (
     "AWS_SECRET_ACCESS_KEY",
@@ -152,110 +149,5 @@ def test_mlflow_compose_has_auth_and_publishes_on_loopback_only():
     assert (REPO / "infra/mlflow/README.md").read_text().lower().count("not exercised") >= 1
 
 
-# ------------------------------------------------------------------------------------------- local stack
-def _listening_addresses(pids: set[int]) -> set[str]:
-    import psutil
-
-    addrs = set()
-    for pid in pids:
-        try:
-            for conn in psutil.Process(pid).net_connections(kind="inet"):
-                if conn.status == psutil.CONN_LISTEN:
-                    ip = ipaddress.ip_address(conn.laddr.ip)
-                    addrs.add(str(getattr(ip, "ipv4_mapped", None) or ip))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return addrs
-
-
-def _stack_pids(services, state) -> set[int]:
-    return {p.pid for rec in services._all_records(state) for p in services._group_members(rec)}
-
-
-@pytest.mark.slow
-def test_local_stack_start_status_auth_and_stop(tmp_path):
-    """Ray head (token auth) + 1 worker + mlflow + moto on 127.0.0.1; the Jobs API refuses calls without
-    the token and answers with it; everything is gone after stop."""
-    import boto3
-    import psutil
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
-
-    services = load_services()
-    state_dir = tmp_path / "stack"
-    t0 = time.monotonic()
-    with running_stack(
-        state_dir,
-        workers=1,
-        head_cpus=1,
-        worker_cpus=1,
-        worker_resources={"preprocess": 1},
-        object_store_mb=100,
-        buckets=["pyoco-infra"],
-        timeout_s=240,
-    ) as state:
-        startup_s = time.monotonic() - t0
-        print(f"local stack (head + 1 worker + mlflow + moto) healthy after {startup_s:.1f}s")
-        report = services.status(state_dir)
-        assert report["running"], report
-        ray = report["services"]["ray"]
-        assert (
-            ray["auth"] == "token" and ray["nodes_alive"] == 2 and ray["url"].startswith("http://127.0.0.1:")
-        )
-        assert report["services"]["mlflow"]["healthy"] and report["services"]["s3"]["healthy"]
-        with pytest.raises(services.StackError, match="already runs"):
-            services.start(services.StackSpec(), state_dir)
-
-        # Jobs API: no token -> 401, a wrong token -> 403 (also through Ray's client), the token -> jobs.
-        url = state["ray"]["dashboard_url"]
-        token = token_of(state)
-        assert services.http_get(f"{url}/api/jobs/")[0] == 401
-        assert services.http_get(f"{url}/api/jobs/", token="0" * 64)[0] == 403
-        with pytest.raises(AuthenticationError):
-            JobSubmissionClient(url, headers={"Authorization": "Bearer " + "0" * 64}).list_jobs()
-        assert JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"}).list_jobs() == []
-
-        # Placement: only the worker offers `preprocess`.
-        _, body = services.http_get(f"{url}/nodes?view=summary", token=token)
-        nodes = json.loads(body)["data"]["summary"]
-        totals = sorted(n["raylet"]["resourcesTotal"].get("preprocess", 0) for n in nodes)
-        assert totals == [0, 1]
-        # the raylet's own address: "ip" comes from the node agent's report, which can lag the raylet's
-        assert {n["raylet"]["nodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
-
-        # 127.0.0.1 only: every listening socket of every process we started (Ray's gRPC included).
-        pids = _stack_pids(services, state)
-        assert len(pids) >= 8
-        assert _listening_addresses(pids) == {"127.0.0.1"}
-
-        # The token file is private and appears in no argv, state file, log, or `env` output.
-        assert (Path(state["ray"]["token_path"]).stat().st_mode & 0o777) == 0o600
-        for pid in pids:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                assert token not in " ".join(psutil.Process(pid).cmdline())
-        for path in [state_dir / "state.json", *sorted((state_dir / "logs").glob("*.log"))]:
-            assert token not in path.read_text(errors="replace"), path
-        lines = services.env_lines(state_dir)
-        assert f"export RAY_AUTH_TOKEN_PATH={state['ray']['token_path']}" in lines
-        assert not any(token in line or TEST_AWS_SECRET in line for line in lines)
-
-        # moto has the bucket; mlflow answers.
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=state["s3"]["url"],
-            aws_access_key_id="x",
-            aws_secret_access_key="y",
-            region_name="us-east-1",
-        )
-        assert "pyoco-infra" in [b["Name"] for b in s3.list_buckets()["Buckets"]]
-        assert services.http_get(state["mlflow"]["url"] + "/health")[0] == 200
-        temp_dir = Path(state["ray"]["temp_dir"])
-        assert temp_dir.is_dir()
-
-    assert services.status(state_dir) == {"state_dir": str(state_dir), "running": False, "services": {}}
-    assert not [
-        p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-    ]
-    assert not temp_dir.exists()
-    assert services.http_get(f"{url}/api/gcs_healthz")[0] == 0
-    print(f"local stack test: {time.monotonic() - t0:.1f}s in all")
+# The local stack (infra/local/services.py: start, status, auth, 127.0.0.1 only, stop) is checked on the
+# stack that the real workflow of test_workflow_cluster.py starts (`make cluster-demo`), one start fewer.

@@ -21,11 +21,16 @@ stops it. Checked:
 - neither the AWS secret key nor the Ray token appears in any MLflow param, tag, metric name, text artifact
   (all runs of all experiments, logged models, registered versions), the MLflow database and artifact store,
   the job logs, the job records, the script's output, the Ray nodes' log folders or the workflow state on S3;
-- ``infra/local/down.sh`` leaves none of the stack's processes running.
+- the stack itself (what test_infra.py once started a stack of its own for): ``status`` reports it healthy
+  with token auth and 2 nodes, a second start refuses, every listening socket of its processes is on
+  127.0.0.1, the token file is private and the token is in no argv, state file, stack log or ``env`` line;
+- ``infra/local/down.sh`` leaves none of the stack's processes running, nor its Ray temp folders, and
+  ``status`` reports it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -45,7 +50,9 @@ from tests.fixtures_infra import (
     SCRUBBED,
     TEST_AWS_KEY_ID,
     TEST_AWS_SECRET,
+    listening_addresses,
     load_services,
+    stack_pids,
     token_of,
 )
 
@@ -301,6 +308,7 @@ def _run_and_check(
     mlflow_uri = state["mlflow"]["url"]
     env = _user_env(shell, state_dir)
     assert env["MLFLOW_TRACKING_URI"] == mlflow_uri and env["AWS_ENDPOINT_URL"] == state["s3"]["url"]
+    _check_stack(services, state_dir, state, token)
 
     assert re.search(r"^job pyoco-cluster-demo-\S+ SUCCEEDED after ", demo.stderr, re.M), _tail(demo)
     for step in STEPS:
@@ -447,3 +455,35 @@ def _run_and_check(
     alive = [rec["name"] for rec in records if services._alive(rec) or services._group_members(rec)]
     assert not alive, f"still running after down.sh: {alive}"
     assert not [d for d in ray_dirs if d.exists()], ray_dirs
+    assert services.status(state_dir) == {"state_dir": str(state_dir), "running": False, "services": {}}
+    assert services.http_get(f"{url}/api/gcs_healthz")[0] == 0  # nothing answers there any more
+
+
+def _check_stack(services, state_dir: Path, state: dict, token: str) -> None:
+    """The running ``infra/local`` stack as ``up.sh`` left it: healthy, token-auth, 2 nodes, on 127.0.0.1
+    only, its token private (in no argv, state file, stack log or ``env`` line)."""
+    import psutil
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    report = services.status(state_dir)
+    ray = report["services"]["ray"]
+    assert ray["auth"] == "token" and ray["nodes_alive"] == 2 and ray["url"].startswith("http://127.0.0.1:")
+    assert report["services"]["mlflow"]["healthy"] and report["services"]["s3"]["healthy"], report
+    with pytest.raises(services.StackError, match="already runs"):
+        services.start(services.StackSpec(), state_dir)
+    with pytest.raises(AuthenticationError):  # a wrong token, through Ray's client
+        url = state["ray"]["dashboard_url"]
+        JobSubmissionClient(url, headers={"Authorization": "Bearer " + "0" * 64}).list_jobs()
+    pids = stack_pids(services, state)
+    assert len(pids) >= 8
+    assert listening_addresses(pids) == {"127.0.0.1"}  # every listening socket, Ray's gRPC included
+    assert (Path(state["ray"]["token_path"]).stat().st_mode & 0o777) == 0o600
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            assert token not in " ".join(psutil.Process(pid).cmdline())
+    for path in [state_dir / "state.json", *sorted((state_dir / "logs").glob("*.log"))]:
+        assert token not in path.read_text(errors="replace"), path
+    lines = services.env_lines(state_dir)
+    assert f"export RAY_AUTH_TOKEN_PATH={state['ray']['token_path']}" in lines
+    assert not any(token in line or TEST_AWS_SECRET in line for line in lines)
