@@ -5,8 +5,9 @@ Each step keeps its real ``enabled`` and ``key_inputs`` (from ``pipelines.workfl
 the caching, the resume after a failure, ``--from``/``--only``, the downstream re-runs of a changed key, the
 one RunContext handed to every step and the MLflow mirror are checked in seconds, without Ray or training.
 
-The real steps run end to end in ``test_workflow_cluster.py`` (the one real workflow, on the 2-node
-cluster); the step wrappers that workflow does not enable are run for real by ``test_noisefit.py``
+The real steps run end to end in ``test_workflow_cluster.py`` (the one real workflow on the 2-node
+cluster) and, on an embedded Ray with an SD-shaped model, in ``test_sd_workflow.py``; ``test_console.py``
+drives the CLI on these stubs with a real Ray for the console. The step wrappers that workflow does not enable are run for real by ``test_noisefit.py``
 (``noise_fit``) and ``test_evaluator.py`` (``evaluator``); the training run name derived from the step's key
 (a changed config trains from step 0, a re-run resumes) is checked by ``test_train_ray.py``.
 """
