@@ -177,6 +177,9 @@ QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    # MLflow prints "View run ... at: URL" / "View experiment at: URL" to stdout itself for every run
+    # that ends against an http server (two lines per step); the step's end line names the run instead.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 

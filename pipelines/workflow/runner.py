@@ -201,6 +201,8 @@ def run_workflow(
             _mirror(mirror, step.name, "ran", key, seconds, result)
             console.print(f"  {step.name} done in {seconds:.1f}s")
         status = "FINISHED"
+        if mirror is not None:  # MLflow's own "View run at: URL" lines are off on a quiet console
+            console.print(f"mlflow: workflow run {mirror.run_id} in experiment {mirror.experiment!r}")
     finally:
         try:
             if mirror is not None:
