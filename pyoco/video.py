@@ -120,7 +120,11 @@ def _video_stream(container):
     # An attached picture (cover art) is not a video.
     streams = [s for s in streams if not (s.disposition and "attached_pic" in str(s.disposition).lower())]
     if not streams:
-        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        kinds = sorted({s.type for s in container.streams})
+        if not kinds:  # nothing parsed at all (an mp4 cut before its moov?): not a readable container
+            raise VideoDecodeError(
+                "decode_error", "no streams found (file cut off, or not a video container?)"
+            )
         raise VideoDecodeError("no_video_stream", f"streams: {', '.join(kinds)}")
     stream = streams[0]
     # A file cut off inside its first frame's description can list a video stream whose codec was never
