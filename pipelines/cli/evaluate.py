@@ -9,7 +9,6 @@ from typing import Any
 import typer
 
 from pipelines.common import cli_errors, console
-from pipelines.evaluate.step import run_evaluate
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -66,6 +65,8 @@ def evaluate_cmd(
         bar.update(task, completed=done)
 
     try:
+        from pipelines.evaluate.step import run_evaluate
+
         results = run_evaluate(
             checkpoint,
             data,

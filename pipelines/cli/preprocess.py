@@ -8,7 +8,6 @@ from typing import Any
 import typer
 
 from pipelines.common import PyocoError, cli_errors, console
-from pipelines.preprocess.step import run_preprocess
 from pyoco.config import ConfigError, PreprocessConfig, PyocoConfig, parse_config, read_yaml
 
 
@@ -93,6 +92,8 @@ def register(app: typer.Typer) -> None:
         if config is None and (input is None or output is None):
             raise PyocoError("give --config FILE, or both --input and --output")
         cfg, extras = load_preprocess_config(str(config) if config else None, overrides)
+        from pipelines.preprocess.step import run_preprocess
+
         manifest = run_preprocess(
             cfg,
             ray_address=ray_address or extras.get("ray_address"),

@@ -9,8 +9,6 @@ import typer
 
 from pipelines.common import PyocoError, cli_errors, console
 from pipelines.registry.client import CHALLENGER, CHAMPION, DEFAULT_NAME
-from pipelines.registry.promote import default_gate, describe, history, promote, rollback
-from pipelines.registry.register import register_model
 
 # ------------------------------------------------------------------------------------------------- CLI
 registry_app = typer.Typer(help="Inspect the MLflow model registry.", no_args_is_help=True)
@@ -55,6 +53,8 @@ def history_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Show the aliases and every register / promote / refuse / rollback event."""
+    from pipelines.registry.promote import describe, history
+
     events = history(name)
     desc = describe(name)
     if as_json:
@@ -82,6 +82,8 @@ def register_cmd(
 
         cfg = load_config(config)
     with console.status(f"registering {name}"):
+        from pipelines.registry.register import register_model
+
         result = register_model(name, checkpoint=checkpoint, run_id=run, eval_file=eval_file, config=cfg)
     console.print(f"registered {name} v{result['version']} (run {result['run_id']}) as {CHALLENGER}")
     print(json.dumps({k: result[k] for k in ("name", "version", "run_id", "model_uri", "metrics")}))
@@ -130,7 +132,11 @@ def promote_cmd(
         evaluator = evaluator or cfg.evaluate.evaluator
         evaluate_cfg = cfg.evaluate
     if metric is None:  # on stdout: stderr stays the one-line error of a refusal
+        from pipelines.registry.promote import default_gate
+
         typer.echo(default_gate(evaluator)[2])
+    from pipelines.registry.promote import promote
+
     result = promote(
         name,
         metric=metric,
@@ -152,6 +158,8 @@ def promote_cmd(
 @cli_errors
 def rollback_cmd(name: str = NAME_OPT) -> None:
     """Restore the previous champion."""
+    from pipelines.registry.promote import rollback
+
     result = rollback(name)
     console.print(
         f"{name}: {CHAMPION} rolled back from v{result['rolled_back']} to v{result['champion_version']}"

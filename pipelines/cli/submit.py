@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from pipelines.common import cli_errors
-from pipelines.workflow.submit import submit_workflow
 
 
 def register(app: typer.Typer) -> None:
@@ -36,6 +35,8 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Submit the workflow as a Ray job (token auth; credentials passed by reference only)."""
+        from pipelines.workflow.submit import submit_workflow
+
         code = submit_workflow(
             config,
             address,

@@ -8,8 +8,6 @@ from pathlib import Path
 import typer
 
 from pipelines.common import cli_errors, console
-from pipelines.train.driver import run_train
-from pipelines.train.plan import pretrain_config
 from pyoco.config import load_config
 
 
@@ -50,6 +48,8 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(config, over)
         if max_steps is not None:  # --max-steps replaces the config's stop (max_steps or epochs)
             cfg.train = cfg.train.model_copy(update={"max_steps": max_steps, "epochs": None})
+        from pipelines.train.driver import run_train
+
         _print_result(run_train(cfg))
 
     @app.command("pretrain-image")
@@ -66,6 +66,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train the 2-D image UNet on single frames (T = 1, iid noise): a base model to finetune from."""
         cfg = load_config(config)
+        from pipelines.train.driver import run_train
+        from pipelines.train.plan import pretrain_config
+
         p = pretrain_config(cfg)
         if data is not None:
             p.train.data = data

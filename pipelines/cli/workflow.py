@@ -9,7 +9,6 @@ import typer
 
 from pipelines.common import PyocoError, cli_errors, console
 from pipelines.context import RunContext
-from pipelines.workflow.runner import print_summary, run_workflow
 from pipelines.workflow.state import join
 from pipelines.workflow.steps import STEP_ORDER
 from pyoco.config import load_config
@@ -35,6 +34,8 @@ def run_cmd(
     cfg = load_config(config)
     ctx = RunContext.from_config(cfg, verbose=verbose)
     t0 = time.perf_counter()
+    from pipelines.workflow.runner import print_summary, run_workflow
+
     summary = run_workflow(cfg, from_step=from_step, only=only, ctx=ctx)
     print_summary(cfg, summary)
     console.print(
