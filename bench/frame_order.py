@@ -17,6 +17,10 @@ default: a memorisation test; ``--fit train`` is the demo's real setting) and th
   the demo's guidance), against the evaluator's label of the real clip, and a frame strip
   (``--out``/strip.png: real clip | sample, one row per clip).
 
+``--lever caption-motion|frame-bias`` attaches one of ``bench/levers.py``'s experimental caption/frame paths
+before finetuning, and ``--timestep-power p`` trains on t with density ~ t^(p-1) (more high-noise steps).
+The probe also reports the order gain at single timesteps (``by_timestep``), up to t = 999 (pure noise).
+
 Losses here are all under one prior, so they compare with each other (never across priors).
 """
 
@@ -37,20 +41,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import ablation as A  # noqa: E402  (bench/ is not a package)
+import levers  # noqa: E402
 from demo_quality import frame_strip  # noqa: E402
 
 PROBE_CLIPS = 16
 PROBE_DRAWS = 8
+PROBE_TIMESTEPS = (500, 900, 970, 999)  # per-t probe: where (if anywhere) frame order starts to matter
 
 
 @contextlib.contextmanager
 def motion_off(model):
-    """Every AnimateDiff motion module made the identity (its ``proj_out`` zeroed), restored on exit."""
+    """Every AnimateDiff motion module (and a ``caption-motion`` lever's path) made the identity (its
+    ``proj_out`` zeroed), restored on exit."""
     from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
     saved = []
     for m in model.modules():
-        if isinstance(m, AnimateDiffTransformer3D):
+        if isinstance(m, AnimateDiffTransformer3D | levers.CaptionMotion):
             saved.append((m.proj_out, {k: v.clone() for k, v in m.proj_out.state_dict().items()}))
             for p in m.proj_out.parameters():
                 p.data.zero_()
@@ -72,17 +79,30 @@ def probe(model, loss_fn, prior, data, *, seed: int) -> dict:
     t = x0.shape[2]
     shuffle = torch.randperm(t, generator=torch.Generator().manual_seed(seed))
 
-    def loss(x) -> float:
+    def loss(x, draws: int = PROBE_DRAWS) -> float:
         with torch.no_grad():
-            draws = [
+            values = [
                 float(loss_fn(model, x, c, m, prior, generator=torch.Generator().manual_seed(seed + d)).loss)
-                for d in range(PROBE_DRAWS)
+                for d in range(draws)
             ]
-        return float(np.mean(draws))
+        return float(np.mean(values))
 
     ordered, reversed_ = loss(x0), loss(x0.flip(2))
     with motion_off(model) as n_modules:
         off = loss(x0)
+    # The same at one timestep each: at t = 999 the frames are pure noise, so a model that draws the
+    # caption's motion must lose on reversed clips there (its x0 guess moves the caption's way).
+    by_t = {}
+    sample_timesteps = type(loss_fn).sample_timesteps
+    try:
+        for t_fixed in PROBE_TIMESTEPS:
+            type(loss_fn).sample_timesteps = lambda self, b, g, d, t_fixed=t_fixed: torch.full(
+                (b,), t_fixed, dtype=torch.long, device=d
+            )
+            o, r = loss(x0, 4), loss(x0.flip(2), 4)
+            by_t[str(t_fixed)] = {"ordered": o, "order_gain": r / o - 1.0}
+    finally:
+        type(loss_fn).sample_timesteps = sample_timesteps
     return {
         "ordered": ordered,
         "reversed": reversed_,
@@ -91,6 +111,7 @@ def probe(model, loss_fn, prior, data, *, seed: int) -> dict:
         "motion_modules": n_modules,
         "order_gain": reversed_ / ordered - 1.0,  # > 0: the model prefers real frame order
         "motion_gain": off / ordered - 1.0,  # > 0: the motion modules help at all
+        "by_timestep": by_t,
     }
 
 
@@ -104,6 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--lr", type=float, help="default: the config's train.lr")
     ap.add_argument("--fit", choices=("val", "train"), default="val", help="clips to finetune on")
+    ap.add_argument("--lever", choices=levers.LEVERS, default="none", help="see bench/levers.py")
+    ap.add_argument(
+        "--timestep-power", type=float, default=1.0, help="train t with density ~ t^(p-1); 1 = uniform"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -135,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         image_pretrain=False,
     )
+    added = levers.attach(model, args.lever)
     scheduler_config = A.arm_scheduler_config(sched0, recipe, trained=True)
     clips = load_eval_clips(data, None, embed_dim=int(model.config.cross_attention_dim))
     text_spec = {"kind": "minilm", "max_length": int(clips.cond.shape[1])}
@@ -142,9 +168,16 @@ def main(argv: list[str] | None = None) -> dict:
     val = (clips.frames, clips.cond.astype(np.float32), clips.mask)
     fit = val if args.fit == "val" else A.load_train_tensors(data)
     t_fit = time.perf_counter()
-    losses = A.finetune(
-        model, scheduler_config, recipe, prior, fit, seed=args.seed, text_encoder=load_text_encoder(text_spec)
-    )
+    with levers.power_timesteps(DiffusionLoss, args.timestep_power):
+        losses = A.finetune(
+            model,
+            scheduler_config,
+            recipe,
+            prior,
+            fit,
+            seed=args.seed,
+            text_encoder=load_text_encoder(text_spec),
+        )
     t_fit = time.perf_counter() - t_fit
     loss_fn = DiffusionLoss(scheduler_config, prediction_type=recipe.prediction_type, caption_dropout=0.0)
     probes = {"fitted": probe(model, loss_fn, prior, fit, seed=100)}
@@ -180,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "args": vars(args),
         "prompts": n,
+        "lever_parameters": added,
         "fit_seconds": round(t_fit, 1),
         "loss_first10": float(np.mean(losses[:10])),
         "loss_last10": float(np.mean(losses[-10:])),

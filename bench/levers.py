@@ -1,0 +1,152 @@
+"""Issue 10 experiments: two ways to give the demo's video model a path from the caption (or the frame's
+position) to what each frame draws, attached to an inflated `pyoco.model.VideoDenoiser` for
+``bench/frame_order.py --lever``. They live here, not in `pyoco.model`, because neither has been shown to help
+(the measured figures are in the README's frame-order section); the product model stays diffusers-loadable.
+
+- ``caption-motion``: after every AnimateDiff motion module, a cross-attention from each (frame, pixel) to the
+  caption's token states, with the frame's sinusoidal position added to the query. Output projection
+  zero-initialised, so at step 0 the model is exactly the inflated one. Its parameters sit under
+  ``.motion_modules.``, so ``train_layers: temporal`` trains them.
+- ``frame-bias``: every ResNet block's time-embedding projection gains a learned per-frame bias
+  ``(max_frames, C)``, zero-initialised: the spatial layers (which read the caption) learn which frame they
+  draw. Trained only with ``--layers all``.
+
+Both read the current call's text and frame count from a forward pre-hook on the denoiser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LEVERS = ("none", "caption-motion", "frame-bias")
+
+
+def _sinusoid(n: int, dim: int) -> torch.Tensor:
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    table = torch.zeros(n, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table
+
+
+class CaptionMotion(nn.Module):
+    """``motion(h) + proj_out(cross_attention(norm(motion(h)) + pos_t, caption tokens))``."""
+
+    def __init__(self, motion: nn.Module, text_dim: int, heads: int, max_frames: int):
+        super().__init__()
+        channels = motion.in_channels
+        if channels % heads:
+            raise ValueError(f"caption-motion: {heads} heads do not divide {channels} channels")
+        self.motion, self.heads = motion, heads
+        self.norm = nn.GroupNorm(motion.norm.num_groups, channels, eps=1e-6)
+        self.to_q = nn.Linear(channels, channels, bias=False)
+        self.to_k = nn.Linear(text_dim, channels, bias=False)
+        self.to_v = nn.Linear(text_dim, channels, bias=False)
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+        self.register_buffer("pos", _sinusoid(max_frames, channels), persistent=False)
+        self.text: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def forward(
+        self,
+        hidden_states,
+        encoder_hidden_states=None,
+        timestep=None,
+        class_labels=None,
+        num_frames=1,
+        cross_attention_kwargs=None,
+    ):  # fmt: skip  (diffusers' positional call order)
+        h = self.motion(hidden_states, num_frames=num_frames)
+        text, bias = self.text
+        bt, c, height, width = h.shape
+        b, t, d = bt // num_frames, num_frames, c // self.heads
+        x = self.norm(h).reshape(b, t, c, height * width).permute(0, 1, 3, 2) + self.pos[:t, None, :]
+        q = self.to_q(x).reshape(b, -1, self.heads, d).transpose(1, 2)
+        k = self.to_k(text).reshape(b, -1, self.heads, d).transpose(1, 2)
+        v = self.to_v(text).reshape(b, -1, self.heads, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        o = self.proj_out(o.transpose(1, 2).reshape(b, t, height * width, c))
+        return h + o.permute(0, 1, 3, 2).reshape(bt, c, height, width)
+
+
+class FrameBias(nn.Module):
+    """``linear(temb) + bias[frame]`` for the frame-major rows ``b*T + t`` of a (B*T, E) time embedding."""
+
+    def __init__(self, linear: nn.Linear, max_frames: int):
+        super().__init__()
+        self.linear = linear
+        self.frame_bias = nn.Parameter(torch.zeros(max_frames, linear.out_features))
+        self.num_frames = 1
+
+    def forward(self, temb: torch.Tensor) -> torch.Tensor:
+        t = self.num_frames
+        return self.linear(temb) + self.frame_bias[:t].repeat(temb.shape[0] // t, 1)
+
+
+def attach(model, lever: str, *, heads: int = 4) -> int:
+    """Attach ``lever`` to the video denoiser ``model`` in place; returns the number of added parameters."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+    if lever == "none":
+        return 0
+    if lever not in LEVERS:
+        raise ValueError(f"lever must be one of {LEVERS}, got {lever!r}")
+    max_frames = int(model.max_num_frames)
+    added: list[nn.Module] = []
+    for parent in list(model.unet.modules()):
+        for name, child in list(parent.named_children()):
+            if lever == "caption-motion" and isinstance(child, AnimateDiffTransformer3D):
+                new = CaptionMotion(child, int(model.config.cross_attention_dim), heads, max_frames)
+            elif lever == "frame-bias" and isinstance(parent, ResnetBlock2D) and name == "time_emb_proj":
+                new = FrameBias(child, max_frames)
+            else:
+                continue
+            setattr(parent, name, new)  # ModuleList accepts "0", "1", ... as attribute names too
+            added.append(new)
+    if not added:
+        raise ValueError(f"lever {lever}: nothing to attach to in this model")
+
+    def set_call(_module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        text = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
+        mask = args[3] if len(args) > 3 else kwargs.get("encoder_attention_mask")
+        bias = None if mask is None else ((1.0 - mask.float()) * -10000.0)[:, None, None, :]
+        for m in added:
+            if isinstance(m, CaptionMotion):
+                m.text = (text.float(), bias)
+            else:
+                m.num_frames = int(sample.shape[2])
+
+    model.register_forward_pre_hook(set_call, with_kwargs=True)
+    own = {id(p) for m in added for p in m.parameters()} - {
+        id(p) for m in added for p in getattr(m, "motion", getattr(m, "linear", None)).parameters()
+    }
+    return sum(p.numel() for p in model.parameters() if id(p) in own)
+
+
+@contextlib.contextmanager
+def power_timesteps(loss_cls, power: float):
+    """Within the block, ``loss_cls.sample_timesteps`` draws t with density proportional to t^(power-1)
+    (1: uniform, unchanged): more of the training at high noise, where only the caption fixes the motion."""
+    if power == 1.0:
+        yield
+        return
+    original = loss_cls.sample_timesteps
+
+    def sample_timesteps(self, batch_size, generator, device):
+        u = torch.rand((batch_size,), generator=generator, device=generator.device if generator else "cpu")
+        t = (self.num_train_timesteps * u.pow(1.0 / power)).long().clamp(max=self.num_train_timesteps - 1)
+        return t.to(device)
+
+    loss_cls.sample_timesteps = sample_timesteps
+    try:
+        yield
+    finally:
+        loss_cls.sample_timesteps = original
