@@ -336,3 +336,45 @@ def test_every_step_names_each_input_of_its_key(tmp_path):
     for step in enabled:
         inputs = step.key_inputs(cfg, outs, ctx)
         assert len(step.key_names) == (len(inputs) if isinstance(inputs, list) else 1), step.name
+
+
+# The fields of run_evaluate's metrics that the console report reads (figures of a demo champion).
+EVAL_METRICS = {
+    "fvd": {"status": "computed", "value": 162.14, "ci_low": 142.68, "ci_high": 241.81, "num_generated": 64,
+            "num_real": 26, "real_halves": 151.59},
+    "prompt_accuracy": {
+        "color": {"value": 0.90625, "ci_low": 0.810, "ci_high": 0.956, "chance": 1 / 7, "videos": 64},
+        "direction": {"value": 0.15625, "ci_low": 0.087, "ci_high": 0.264, "chance": 0.25, "videos": 64},
+    },
+    "motion": {"motion_gap": 0.0258, "motion_gap_ci_low": 0.0223, "motion_gap_ci_high": 0.0293},
+    "val_loss": 0.11,
+}  # fmt: skip
+
+
+def test_evaluate_prints_its_sample_metrics_with_cis_when_it_runs_and_when_it_is_reused(
+    tmp_path, stub_steps, monkeypatch, capsys
+):
+    def evaluate(cfg, outs, ctx, *, key):
+        return {"metrics": EVAL_METRICS, "metrics_hash": f"metrics-{key}"}
+
+    monkeypatch.setattr(
+        runner,
+        "STEPS",
+        [dataclasses.replace(s, run=evaluate) if s.name == "evaluate" else s for s in runner.STEPS],
+    )
+    expected = [
+        "evaluate: FVD 162.1 [142.7, 241.8] (64 videos vs 26 val clips, real-vs-real 151.6)",
+        "evaluate: prompt accuracy color 0.91 [0.81, 0.96] (chance 0.14, 64 videos)",
+        "evaluate: prompt accuracy direction 0.16 [0.09, 0.26] (chance 0.25, 64 videos)",
+        "evaluate: motion gap 0.0258 [0.0223, 0.0293]",
+    ]
+    cfg = _cfg(tmp_path)
+    for attempt in ("ran", "reused"):
+        capsys.readouterr()
+        runner.run_workflow(cfg, use_mlflow=False)
+        lines = [line.strip() for line in capsys.readouterr().err.splitlines()]
+        assert [line for line in lines if line.startswith("evaluate:")] == expected, attempt
+    assert "- evaluate: unchanged" in "\n".join(lines)  # the second run reused evaluate's outputs
+    assert steps.evaluate_report({"fvd": {"status": "skipped", "reason": "no evaluator"}}) == [
+        "FVD skipped: no evaluator"
+    ]

@@ -158,6 +158,7 @@ def run_workflow(
                     )
                 outs[step.name] = prior.get("outputs", {})
                 console.print(f"[dim]- {step.name}: unchanged (key {key}), skipped[/dim]")
+                _report(step, outs[step.name])
                 summary[step.name] = {"status": "skipped", "seconds": 0.0, "outputs": outs[step.name]}
                 _mirror(mirror, step.name, "skipped", key, 0.0, outs[step.name])
                 continue
@@ -200,6 +201,7 @@ def run_workflow(
             summary[step.name] = {"status": "ran", "seconds": seconds, "outputs": result}
             _mirror(mirror, step.name, "ran", key, seconds, result)
             console.print(f"  {step.name} done in {seconds:.1f}s")
+            _report(step, result)
         status = "FINISHED"
         if mirror is not None:  # MLflow's own "View run at: URL" lines are off on a quiet console
             console.print(f"mlflow: workflow run {mirror.run_id} in experiment {mirror.experiment!r}")
@@ -210,6 +212,12 @@ def run_workflow(
         finally:
             session.close()
     return summary
+
+
+def _report(step, outputs: dict[str, Any]) -> None:
+    if step.report is not None:
+        for line in step.report(outputs):
+            console.print(f"  {step.name}: {line}", soft_wrap=True)
 
 
 def _why_stale(step, prior: dict, parts: list[str]) -> str:
