@@ -19,6 +19,10 @@ lines that Ray forwards from its worker, actor and controller processes; every l
 first (:func:`pipelines.tracking.scrub`). Training progress reaches the driver through ``ray.train.report``
 (:class:`TrainProgress`), never through worker prints.
 
+Native code that writes to file descriptor 2 itself (the C++ core worker that Ray runs inside this process:
+``core_worker.cc`` lines; gloo) bypasses every logger, so quiet_logs also points fd 2 at the log file, and
+``sys.stderr`` (pyoco's console) at a copy of the terminal's descriptor.
+
 Ray: a step calls :func:`ensure_ray` instead of ``ray.init``. Outside a session the caller that started Ray
 shuts it down (the single-step commands). Inside a :func:`ray_session` the first step that needs Ray starts it
 (workflows whose steps are all cached never pay for a Ray start), later steps reuse it, and the session shuts
@@ -277,6 +281,66 @@ def _write_ray_lines(data: dict) -> None:
 
 
 @contextlib.contextmanager
+def _native_stderr_to(log_file: str) -> Iterator[None]:
+    """fd 2 -> ``log_file`` (appended) while ``sys.stderr`` keeps writing where fd 2 went before."""
+    try:
+        sys.stderr.flush()
+        python_on_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a captured stream (CliRunner): not on fd 2 at all
+        python_on_fd2 = False
+    saved = os.dup(2)
+    target = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(target, 2)
+    os.close(target)
+    real = sys.stderr
+    if python_on_fd2:
+        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    try:
+        yield
+    finally:
+        if python_on_fd2:
+            sys.stderr.flush()
+            sys.stderr.close()
+            sys.stderr = real
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def _library_bars_off() -> Iterator[None]:
+    """tqdm reads ``TQDM_DISABLE`` and transformers ``HF_HUB_DISABLE_PROGRESS_BARS`` once, at import: a
+    library imported before quiet_logs (transformers' "Loading weights" bar) is switched off here."""
+    restore = []
+    for module, off, on, enabled in (
+        (
+            "transformers.utils.logging",
+            "disable_progress_bar",
+            "enable_progress_bar",
+            "is_progress_bar_enabled",
+        ),
+        ("diffusers.utils.logging", "disable_progress_bar", "enable_progress_bar", "is_progress_bar_enabled"),
+        (
+            "huggingface_hub.utils",
+            "disable_progress_bars",
+            "enable_progress_bars",
+            "are_progress_bars_disabled",
+        ),
+    ):
+        mod = sys.modules.get(module)
+        if mod is None or not hasattr(mod, off):
+            continue
+        was_on = getattr(mod, enabled)() if enabled.startswith("is_") else not getattr(mod, enabled)()
+        getattr(mod, off)()
+        if was_on:
+            restore.append(getattr(mod, on))
+    try:
+        yield
+    finally:
+        for enable in restore:
+            enable()
+
+
+@contextlib.contextmanager
 def quiet_logs(ctx: RunContext) -> Iterator[None]:
     """While active, Ray's, MLflow's and DeepSpeed's own output goes to ``ctx.log_file`` (scrubbed) and the
     console shows pyoco's lines only; does nothing with ``ctx.verbose`` or without a log file. Restores
@@ -304,7 +368,8 @@ def quiet_logs(ctx: RunContext) -> Iterator[None]:
         if "ray" in sys.modules:
             _route_ray_output()
         route_logs()
-        yield
+        with _library_bars_off(), _native_stderr_to(ctx.log_file):
+            yield
     finally:
         for k, v in saved_env.items():
             if v is None:
