@@ -369,7 +369,8 @@ def run_train(
         console.print(
             f"{kind}: {t.num_workers} worker(s), ZeRO-{t.zero_stage}, {steps} steps, "
             f"clips {geometry.num_frames}x{geometry.height}x{geometry.width} from {t.data}; run {t.run_name}"
-            + (f" (resuming from step {resume_step})" if resume_step is not None else "")
+            + (f" (resuming from step {resume_step})" if resume_step is not None else ""),
+            soft_wrap=True,  # one line however narrow the terminal (the data URI can be long)
         )
         t0 = time.perf_counter()
         try:

@@ -175,7 +175,7 @@ def _step_evaluator(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *,
             progress=lambda done, total, loss: bar.update(done, total, loss=loss),
         )
     acc = ", ".join(f"{k} {v:.2f}" for k, v in meta["heldout_accuracy"].items())
-    console.print(f"  evaluator held-out accuracy on {meta['val_clips']} val clips: {acc}")
+    console.print(f"  evaluator held-out accuracy on {meta['val_clips']} val clips: {acc}", soft_wrap=True)
     return {"path": meta["path"], "heldout_accuracy": meta["heldout_accuracy"], "stamp": _dir_stamp(out)}
 
 
