@@ -7,6 +7,9 @@ position) to what each frame draws, attached to an inflated `pyoco.model.VideoDe
   caption's token states, with the frame's sinusoidal position added to the query. Output projection
   zero-initialised, so at step 0 the model is exactly the inflated one. Its parameters sit under
   ``.motion_modules.``, so ``train_layers: temporal`` trains them.
+- ``st-attention``: after every motion module on a feature map of at most ``ST_MAX_TOKENS`` / T pixels, a
+  joint attention over all T x H x W positions of a clip (sinusoidal frame, row and column positions added),
+  so a frame can read where the shape is in another frame, not only at its own pixel. Zero-initialised.
 - ``frame-bias``: every ResNet block's time-embedding projection gains a learned per-frame bias
   ``(max_frames, C)``, zero-initialised: the spatial layers (which read the caption) learn which frame they
   draw. Trained only with ``--layers all``.
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LEVERS = ("none", "caption-motion", "frame-bias")
+LEVERS = ("none", "caption-motion", "frame-bias", "st-attention")
 
 
 def _sinusoid(n: int, dim: int) -> torch.Tensor:
@@ -75,6 +78,55 @@ class CaptionMotion(nn.Module):
         return h + o.permute(0, 1, 3, 2).reshape(bt, c, height, width)
 
 
+ST_MAX_TOKENS = 1024
+
+
+class SpaceTimeAttention(nn.Module):
+    """``motion(h) + proj_out(attention over the clip's T*H*W tokens of norm(motion(h)) + positions)``."""
+
+    def __init__(self, motion: nn.Module, heads: int, max_frames: int):
+        super().__init__()
+        channels = motion.in_channels
+        if channels % heads or channels % 4:
+            raise ValueError(f"st-attention: {heads} heads (and 4) must divide {channels} channels")
+        self.motion, self.heads = motion, heads
+        self.norm = nn.GroupNorm(motion.norm.num_groups, channels, eps=1e-6)
+        self.to_qkv = nn.Linear(channels, 3 * channels, bias=False)
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+        self.register_buffer("frame_pos", _sinusoid(max_frames, channels), persistent=False)
+        self.register_buffer("axis_pos", _sinusoid(256, channels // 2), persistent=False)
+
+    def forward(
+        self,
+        hidden_states,
+        encoder_hidden_states=None,
+        timestep=None,
+        class_labels=None,
+        num_frames=1,
+        cross_attention_kwargs=None,
+    ):  # fmt: skip  (diffusers' positional call order)
+        h = self.motion(hidden_states, num_frames=num_frames)
+        bt, c, height, width = h.shape
+        b, t = bt // num_frames, num_frames
+        if t * height * width > ST_MAX_TOKENS:
+            return h
+        yx = torch.cat(
+            [
+                self.axis_pos[:height, None, :].expand(height, width, -1),
+                self.axis_pos[None, :width, :].expand(height, width, -1),
+            ],
+            dim=-1,
+        ).reshape(1, 1, height * width, c)
+        x = self.norm(h).reshape(b, t, c, height * width).permute(0, 1, 3, 2)
+        x = (x + self.frame_pos[:t, None, :] + yx).reshape(b, t * height * width, c)
+        q, k, v = self.to_qkv(x).reshape(b, -1, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v)
+        o = self.proj_out(o.transpose(1, 2).reshape(b, t, height * width, c))
+        return h + o.permute(0, 1, 3, 2).reshape(bt, c, height, width)
+
+
 class FrameBias(nn.Module):
     """``linear(temb) + bias[frame]`` for the frame-major rows ``b*T + t`` of a (B*T, E) time embedding."""
 
@@ -104,6 +156,8 @@ def attach(model, lever: str, *, heads: int = 4) -> int:
         for name, child in list(parent.named_children()):
             if lever == "caption-motion" and isinstance(child, AnimateDiffTransformer3D):
                 new = CaptionMotion(child, int(model.config.cross_attention_dim), heads, max_frames)
+            elif lever == "st-attention" and isinstance(child, AnimateDiffTransformer3D):
+                new = SpaceTimeAttention(child, heads, max_frames)
             elif lever == "frame-bias" and isinstance(parent, ResnetBlock2D) and name == "time_emb_proj":
                 new = FrameBias(child, max_frames)
             else:
@@ -121,7 +175,7 @@ def attach(model, lever: str, *, heads: int = 4) -> int:
         for m in added:
             if isinstance(m, CaptionMotion):
                 m.text = (text.float(), bias)
-            else:
+            elif isinstance(m, FrameBias):
                 m.num_frames = int(sample.shape[2])
 
     model.register_forward_pre_hook(set_call, with_kwargs=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from torch.testing import assert_close
 
 from bench.levers import CaptionMotion, attach
@@ -26,7 +27,7 @@ def _inputs():
     return x, torch.tensor([10, 900]), torch.randn(B, L, 24, generator=g), torch.ones(B, L, dtype=torch.bool)
 
 
-@pytest.mark.parametrize("lever", ["caption-motion", "frame-bias"])
+@pytest.mark.parametrize("lever", ["caption-motion", "frame-bias", "st-attention"])
 def test_a_lever_starts_as_the_identity_and_then_learns(lever):
     model, (x, t, text, mask) = _model(), _inputs()
     with torch.no_grad():
@@ -36,9 +37,9 @@ def test_a_lever_starts_as_the_identity_and_then_learns(lever):
     with torch.no_grad():
         assert_close(model(x, t, text, mask), before, rtol=0, atol=1e-6)
 
-    model.set_trainable("temporal" if lever == "caption-motion" else "all")
+    model.set_trainable("all" if lever == "frame-bias" else "temporal")
     lever_params = [p for n, p in model.named_parameters() if "frame_bias" in n or ".motion_modules." in n
-                    and any(k in n for k in ("to_q", "to_k", "to_v", "proj_out"))]  # fmt: skip
+                    and any(k in n for k in ("to_q", "to_k", "to_v", "to_qkv", "proj_out"))]  # fmt: skip
     assert lever_params and all(p.requires_grad for p in lever_params)
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
     model(x, t, text, mask).square().mean().backward()
@@ -48,8 +49,19 @@ def test_a_lever_starts_as_the_identity_and_then_learns(lever):
         if lever == "caption-motion":
             assert any(isinstance(m, CaptionMotion) for m in model.modules())
             changed = model(x, t, torch.randn(text.shape, generator=torch.Generator().manual_seed(1)), mask)
-        else:
+        elif lever == "frame-bias":
             changed = model(x.flip(2), t, text, mask).flip(2)  # the same frames at other positions
+        else:  # st-attention: with the AnimateDiff modules made the identity, only the lever mixes frames,
+            # so changing frame 0 changes what the other frames output
+            for m in model.modules():
+                if isinstance(m, AnimateDiffTransformer3D):
+                    m.proj_out.weight.zero_()
+                    m.proj_out.bias.zero_()
+            out = model(x, t, text, mask)
+            shifted = x.clone()
+            shifted[:, :, 0] = x[:, :, 0].roll(1, dims=-1)
+            changed = model(shifted, t, text, mask)
+            out, changed = out[:, :, 1:], changed[:, :, 1:]
     assert (out - changed).abs().max() > 1e-4
 
 
