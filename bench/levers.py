@@ -20,6 +20,7 @@ Both read the current call's text and frame count from a forward pre-hook on the
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -37,66 +38,33 @@ def _sinusoid(n: int, dim: int) -> torch.Tensor:
     return table
 
 
-class CaptionMotion(nn.Module):
-    """``motion(h) + proj_out(cross_attention(norm(motion(h)) + pos_t, caption tokens))``."""
+class _AfterMotion(nn.Module):
+    """``motion(h) + proj_out(attend(tokens))``: the wrapped AnimateDiff module, then a zero-initialised
+    attention branch over ``tokens`` = norm(motion(h)) as (B, T, H*W, C). Called like the module it wraps."""
 
-    def __init__(self, motion: nn.Module, text_dim: int, heads: int, max_frames: int):
+    def __init__(self, motion: nn.Module, heads: int, max_frames: int, *, name: str, multiple: int = 1):
         super().__init__()
         channels = motion.in_channels
-        if channels % heads:
-            raise ValueError(f"caption-motion: {heads} heads do not divide {channels} channels")
+        if channels % heads or channels % multiple:
+            raise ValueError(f"{name}: {heads} heads (and {multiple}) must divide {channels} channels")
         self.motion, self.heads = motion, heads
         self.norm = nn.GroupNorm(motion.norm.num_groups, channels, eps=1e-6)
-        self.to_q = nn.Linear(channels, channels, bias=False)
-        self.to_k = nn.Linear(text_dim, channels, bias=False)
-        self.to_v = nn.Linear(text_dim, channels, bias=False)
-        self.proj_out = nn.Linear(channels, channels)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
-        self.register_buffer("pos", _sinusoid(max_frames, channels), persistent=False)
-        self.text: tuple[torch.Tensor, torch.Tensor | None] | None = None
-
-    def forward(
-        self,
-        hidden_states,
-        encoder_hidden_states=None,
-        timestep=None,
-        class_labels=None,
-        num_frames=1,
-        cross_attention_kwargs=None,
-    ):  # fmt: skip  (diffusers' positional call order)
-        h = self.motion(hidden_states, num_frames=num_frames)
-        text, bias = self.text
-        bt, c, height, width = h.shape
-        b, t, d = bt // num_frames, num_frames, c // self.heads
-        x = self.norm(h).reshape(b, t, c, height * width).permute(0, 1, 3, 2) + self.pos[:t, None, :]
-        q = self.to_q(x).reshape(b, -1, self.heads, d).transpose(1, 2)
-        k = self.to_k(text).reshape(b, -1, self.heads, d).transpose(1, 2)
-        v = self.to_v(text).reshape(b, -1, self.heads, d).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        o = self.proj_out(o.transpose(1, 2).reshape(b, t, height * width, c))
-        return h + o.permute(0, 1, 3, 2).reshape(bt, c, height, width)
-
-
-ST_MAX_TOKENS = 1024
-
-
-class SpaceTimeAttention(nn.Module):
-    """``motion(h) + proj_out(attention over the clip's T*H*W tokens of norm(motion(h)) + positions)``."""
-
-    def __init__(self, motion: nn.Module, heads: int, max_frames: int):
-        super().__init__()
-        channels = motion.in_channels
-        if channels % heads or channels % 4:
-            raise ValueError(f"st-attention: {heads} heads (and 4) must divide {channels} channels")
-        self.motion, self.heads = motion, heads
-        self.norm = nn.GroupNorm(motion.norm.num_groups, channels, eps=1e-6)
-        self.to_qkv = nn.Linear(channels, 3 * channels, bias=False)
-        self.proj_out = nn.Linear(channels, channels)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
         self.register_buffer("frame_pos", _sinusoid(max_frames, channels), persistent=False)
-        self.register_buffer("axis_pos", _sinusoid(256, channels // 2), persistent=False)
+
+    def _add_output(self) -> None:
+        """The zero-initialised output projection, made last so that the branch's layers draw their
+        initial weights in the order the README's measured runs did."""
+        channels = self.motion.in_channels
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def heads_of(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, heads, N, C / heads)."""
+        return x.reshape(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
+
+    def attend(self, tokens: torch.Tensor) -> torch.Tensor | None:  # (B, T, HW, C) -> (B, heads, T*HW, d)
+        raise NotImplementedError
 
     def forward(
         self,
@@ -110,21 +78,63 @@ class SpaceTimeAttention(nn.Module):
         h = self.motion(hidden_states, num_frames=num_frames)
         bt, c, height, width = h.shape
         b, t = bt // num_frames, num_frames
-        if t * height * width > ST_MAX_TOKENS:
+        o = self.attend(self.norm(h).reshape(b, t, c, height * width).permute(0, 1, 3, 2))
+        if o is None:
             return h
+        o = self.proj_out(o.transpose(1, 2).reshape(b, t, height * width, c))
+        return h + o.permute(0, 1, 3, 2).reshape(bt, c, height, width)
+
+
+class CaptionMotion(_AfterMotion):
+    """``motion(h) + proj_out(cross_attention(norm(motion(h)) + pos_t, caption tokens))``."""
+
+    def __init__(self, motion: nn.Module, text_dim: int, heads: int, max_frames: int):
+        super().__init__(motion, heads, max_frames, name="caption-motion")
+        channels = motion.in_channels
+        self.to_q = nn.Linear(channels, channels, bias=False)
+        self.to_k = nn.Linear(text_dim, channels, bias=False)
+        self.to_v = nn.Linear(text_dim, channels, bias=False)
+        self._add_output()
+        self.text: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def attend(self, tokens):
+        text, bias = self.text
+        b, t, hw, c = tokens.shape
+        q = self.heads_of(self.to_q(tokens + self.frame_pos[:t, None, :]).reshape(b, t * hw, c))
+        return F.scaled_dot_product_attention(
+            q, self.heads_of(self.to_k(text)), self.heads_of(self.to_v(text)), attn_mask=bias
+        )
+
+
+ST_MAX_TOKENS = 1024
+
+
+class SpaceTimeAttention(_AfterMotion):
+    """``motion(h) + proj_out(attention over the clip's T*H*W tokens of norm(motion(h)) + positions)``; the
+    identity on feature maps with more than ``ST_MAX_TOKENS`` tokens per clip, and on non-square ones."""
+
+    def __init__(self, motion: nn.Module, heads: int, max_frames: int):
+        super().__init__(motion, heads, max_frames, name="st-attention", multiple=4)
+        channels = motion.in_channels
+        self.to_qkv = nn.Linear(channels, 3 * channels, bias=False)
+        self._add_output()
+        self.register_buffer("axis_pos", _sinusoid(256, channels // 2), persistent=False)
+
+    def attend(self, tokens):
+        b, t, hw, c = tokens.shape
+        height = width = math.isqrt(hw)
+        if t * hw > ST_MAX_TOKENS or height * width != hw:
+            return None
         yx = torch.cat(
             [
                 self.axis_pos[:height, None, :].expand(height, width, -1),
                 self.axis_pos[None, :width, :].expand(height, width, -1),
             ],
             dim=-1,
-        ).reshape(1, 1, height * width, c)
-        x = self.norm(h).reshape(b, t, c, height * width).permute(0, 1, 3, 2)
-        x = (x + self.frame_pos[:t, None, :] + yx).reshape(b, t * height * width, c)
-        q, k, v = self.to_qkv(x).reshape(b, -1, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v)
-        o = self.proj_out(o.transpose(1, 2).reshape(b, t, height * width, c))
-        return h + o.permute(0, 1, 3, 2).reshape(bt, c, height, width)
+        ).reshape(1, 1, hw, c)
+        x = (tokens + self.frame_pos[:t, None, :] + yx).reshape(b, t * hw, c)
+        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        return F.scaled_dot_product_attention(self.heads_of(q), self.heads_of(k), self.heads_of(v))
 
 
 class FrameBias(nn.Module):
