@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +186,24 @@ def _net():
             return self.b(torch.relu(self.norm(self.a(x))))
 
     return Net()
+
+
+def spawn_gloo(worker, *args, nprocs: int, attempts: int = 3) -> None:
+    """``torch.multiprocessing.spawn(worker, (world, port, *args))`` on a free 127.0.0.1 port. The port is
+    free when picked but is bound only later by rank 0's TCPStore; if something takes it in between
+    (EADDRINUSE, seen once in a full make test), the group is spawned again on a fresh port."""
+    import torch
+
+    for attempt in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            torch.multiprocessing.spawn(worker, args=(nprocs, port, *args), nprocs=nprocs, join=True)
+            return
+        except torch.multiprocessing.ProcessRaisedException as err:
+            if "EADDRINUSE" not in str(err) or attempt == attempts - 1:
+                raise
 
 
 def _gloo_init(rank: int, world: int, port: int) -> None:

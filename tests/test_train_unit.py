@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from tests.fixtures_train import (
     ema_zero3_worker,
     gather_worker,
     motion_lr_worker,
+    spawn_gloo,
     tiny_config,
     write_clips,
 )
@@ -148,12 +148,7 @@ def test_param_groups_default_is_the_trainable_list_and_split_only_a_video_model
 def test_motion_lr_multiplier_reaches_the_deepspeed_optimizer(tmp_path, zero_stage):
     """Through a real DeepSpeed engine (ZeRO-0 and the demo's ZeRO-2): after one Adam step (whose first update
     is about lr per weight) the motion modules moved ~10x as far as the spatial layers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(
-        motion_lr_worker, args=(1, port, str(tmp_path), zero_stage), nprocs=1, join=True
-    )
+    spawn_gloo(motion_lr_worker, str(tmp_path), zero_stage, nprocs=1)
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["lrs"][1] == pytest.approx(10 * r["lrs"][0])  # after the step the schedule scaled both alike
     assert r["spatial"] == pytest.approx(1e-3, rel=0.05) and r["motion"] == pytest.approx(1e-2, rel=0.05), r
@@ -206,10 +201,7 @@ def test_ema_is_exact_under_real_zero3_with_persistent_params(tmp_path):
     """Two gloo processes run DeepSpeed ZeRO-3: the sharded EMA, consolidated, equals an EMA of the gathered
     weights; inside swap() the model computes with the EMA (persistent and partitioned params alike), and the
     trained weights come back afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(ema_zero3_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(ema_zero3_worker, str(tmp_path), nprocs=2)
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["persistent"] >= 2 and r["partitioned"] >= 2  # both ZeRO-3 parameter kinds are exercised
     assert r["shard_numel"] == [120, 120]  # a.weight (40 x 6) split in two
@@ -224,10 +216,7 @@ def test_worker_side_export_gather_equals_zero_to_fp32_and_the_consolidated_ema(
     """Two gloo processes under real DeepSpeed: the weights the workers gather for the export (fp32 masters,
     frozen params and buffers; then with the sharded EMA) equal what zero_to_fp32 and ema.consolidate read
     back from the checkpoint files, which the driver therefore never needs to download."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(gather_worker, args=(2, port, str(tmp_path), zero_stage), nprocs=2, join=True)
+    spawn_gloo(gather_worker, str(tmp_path), zero_stage, nprocs=2)
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["same_keys"] and r["shapes_ok"]
     assert r["frozen"] > 0 and r["trainable"] > 0 and r["buffers"] > 0  # every kind of tensor is covered
