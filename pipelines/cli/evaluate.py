@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from pipelines.common import cli_errors, console
+from pipelines.evaluate.summary import summary_lines
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -85,39 +85,6 @@ def evaluate_cmd(
     for line in summary_lines(results):
         console.print(line)
     print(json.dumps(results["metrics"], sort_keys=True))
-
-
-def summary_lines(results: dict[str, Any]) -> list[str]:
-    """Human-readable lines: FVD, prompt accuracy, class score and motion gap with CIs, then val_loss."""
-    lines = []
-    fvd = results["fvd"]
-    if fvd["status"] == "computed":
-        ref = f"; real-vs-real halves {fvd['real_halves']:.3f}" if fvd.get("real_halves") is not None else ""
-        lines.append(
-            f"FVD {fvd['value']:.3f} [95% CI {fvd['ci_low']:.3f}, {fvd['ci_high']:.3f}] over "
-            f"{fvd['num_generated']} generated vs {fvd['num_real']} val clips{ref}"
-        )
-    else:
-        lines.append(f"FVD: skipped ({fvd['reason']})")
-    if results["prompt_accuracy"].get("status") != "skipped":
-        for name, acc in results["prompt_accuracy"].items():
-            if acc.get("value") is None:
-                lines.append(f"prompt accuracy {name}: n/a ({acc['reason']})")
-                continue
-            score = results["inception_score"][name]
-            lines.append(
-                f"prompt accuracy {name}: {acc['value']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}] "
-                f"(chance {acc['chance']:.3f}; evaluator on real val {acc['evaluator_accuracy_on_real']:.3f}); "
-                f"class score {score['value']:.2f} [{score['ci_low']:.2f}, {score['ci_high']:.2f}] of {score['max']}"
-            )
-    m = results["motion"]
-    lines.append(
-        f"motion gap {m['motion_gap']:.4f} [{m['motion_gap_ci_low']:.4f}, {m['motion_gap_ci_high']:.4f}] "
-        f"(mean |Δframe| generated {m['motion_mean_generated']:.4f}, real {m['motion_mean_real']:.4f})"
-    )
-    per_t = ", ".join(f"t={t}: {v:.5f}" for t, v in results["val_loss_per_timestep"].items())
-    lines.append(f"val_loss {results['val_loss']:.6f} under the model's own prior ({per_t})")
-    return lines
 
 
 def register(app: typer.Typer) -> None:
