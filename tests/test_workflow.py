@@ -57,6 +57,27 @@ def _cfg(tmp_path, **changes):
     return parse_config(data)
 
 
+# run_evaluate's metrics, in the fields the console summary reads (figures of a demo champion).
+EVAL_METRICS = {
+    "fvd": {"status": "computed", "value": 162.14, "ci_low": 142.68, "ci_high": 241.81, "num_generated": 64,
+            "num_real": 26, "real_halves": 151.59},
+    "prompt_accuracy": {
+        "color": {"value": 0.90625, "ci_low": 0.810, "ci_high": 0.956, "chance": 1 / 7, "videos": 64,
+                  "evaluator_accuracy_on_real": 1.0},
+        "direction": {"value": 0.15625, "ci_low": 0.087, "ci_high": 0.264, "chance": 0.25, "videos": 64,
+                      "evaluator_accuracy_on_real": 1.0},
+    },
+    "inception_score": {
+        "color": {"value": 3.97, "ci_low": 3.27, "ci_high": 4.38, "max": 7},
+        "direction": {"value": 1.81, "ci_low": 1.62, "ci_high": 1.95, "max": 4},
+    },
+    "motion": {"motion_gap": 0.0258, "motion_gap_ci_low": 0.0223, "motion_gap_ci_high": 0.0293,
+               "motion_mean_generated": 0.0430, "motion_mean_real": 0.0159},
+    "val_loss": 0.11,
+    "val_loss_per_timestep": {"100": 0.2, "900": 0.1},
+}  # fmt: skip
+
+
 def _fake_outputs(name: str, cfg, outs: dict, key: str) -> dict:
     """What each real step returns, in the fields that later steps' keys and inputs read."""
     return {
@@ -66,7 +87,7 @@ def _fake_outputs(name: str, cfg, outs: dict, key: str) -> dict:
         "pretrain": lambda: {"model_dir": f"{cfg.output}/pretrain/model", "stamp": f"pre-{key}"},
         "noise_fit": lambda: {"kind": "mixed" if cfg.noise.kind == "auto" else cfg.noise.kind, "alpha": 0.25},
         "train": lambda: {"model_dir": f"{cfg.output}/train/{key}", "stamp": f"train-{key}"},
-        "evaluate": lambda: {"metrics": {"val_loss": 0.5}, "metrics_hash": f"metrics-{key}"},
+        "evaluate": lambda: {"metrics": EVAL_METRICS, "metrics_hash": f"metrics-{key}"},
         "register": lambda: {"version": str(next(VERSIONS))},  # the registry numbers versions 1, 2, ...
         "promote": lambda: {"champion_version": outs["register"]["version"]},
         "sample": lambda: {"mp4": f"{cfg.output}/sample.mp4"},
@@ -338,35 +359,18 @@ def test_every_step_names_each_input_of_its_key(tmp_path):
         assert len(step.key_names) == (len(inputs) if isinstance(inputs, list) else 1), step.name
 
 
-# The fields of run_evaluate's metrics that the console report reads (figures of a demo champion).
-EVAL_METRICS = {
-    "fvd": {"status": "computed", "value": 162.14, "ci_low": 142.68, "ci_high": 241.81, "num_generated": 64,
-            "num_real": 26, "real_halves": 151.59},
-    "prompt_accuracy": {
-        "color": {"value": 0.90625, "ci_low": 0.810, "ci_high": 0.956, "chance": 1 / 7, "videos": 64},
-        "direction": {"value": 0.15625, "ci_low": 0.087, "ci_high": 0.264, "chance": 0.25, "videos": 64},
-    },
-    "motion": {"motion_gap": 0.0258, "motion_gap_ci_low": 0.0223, "motion_gap_ci_high": 0.0293},
-    "val_loss": 0.11,
-}  # fmt: skip
-
-
 def test_evaluate_prints_its_sample_metrics_with_cis_when_it_runs_and_when_it_is_reused(
-    tmp_path, stub_steps, monkeypatch, capsys
+    tmp_path, stub_steps, capsys
 ):
-    def evaluate(cfg, outs, ctx, *, key):
-        return {"metrics": EVAL_METRICS, "metrics_hash": f"metrics-{key}"}
-
-    monkeypatch.setattr(
-        runner,
-        "STEPS",
-        [dataclasses.replace(s, run=evaluate) if s.name == "evaluate" else s for s in runner.STEPS],
-    )
     expected = [
-        "evaluate: FVD 162.1 [142.7, 241.8] (64 videos vs 26 val clips, real-vs-real 151.6)",
-        "evaluate: prompt accuracy color 0.91 [0.81, 0.96] (chance 0.14, 64 videos)",
-        "evaluate: prompt accuracy direction 0.16 [0.09, 0.26] (chance 0.25, 64 videos)",
-        "evaluate: motion gap 0.0258 [0.0223, 0.0293]",
+        "evaluate: FVD 162.140 [95% CI 142.680, 241.810] over 64 generated vs 26 val clips; real-vs-real "
+        "halves 151.590",
+        "evaluate: prompt accuracy color: 0.906 [0.810, 0.956] (chance 0.143; evaluator on real val 1.000); "
+        "class score 3.97 [3.27, 4.38] of 7",
+        "evaluate: prompt accuracy direction: 0.156 [0.087, 0.264] (chance 0.250; evaluator on real val "
+        "1.000); class score 1.81 [1.62, 1.95] of 4",
+        "evaluate: motion gap 0.0258 [0.0223, 0.0293] (mean |Δframe| generated 0.0430, real 0.0159)",
+        "evaluate: val_loss 0.110000 under the model's own prior (t=100: 0.20000, t=900: 0.10000)",
     ]
     cfg = _cfg(tmp_path)
     for attempt in ("ran", "reused"):
@@ -375,6 +379,3 @@ def test_evaluate_prints_its_sample_metrics_with_cis_when_it_runs_and_when_it_is
         lines = [line.strip() for line in capsys.readouterr().err.splitlines()]
         assert [line for line in lines if line.startswith("evaluate:")] == expected, attempt
     assert "- evaluate: unchanged" in "\n".join(lines)  # the second run reused evaluate's outputs
-    assert steps.evaluate_report({"fvd": {"status": "skipped", "reason": "no evaluator"}}) == [
-        "FVD skipped: no evaluator"
-    ]

@@ -13,6 +13,7 @@ from typing import Any
 
 from pipelines.common import ProgressLine, PyocoError, console
 from pipelines.context import RunContext, ensure_ray
+from pipelines.evaluate.summary import summary_lines
 from pipelines.workflow.state import _fs, join
 from pyoco.config import PyocoConfig, config_hash
 
@@ -42,33 +43,6 @@ class Step:
     key_names: tuple[str, ...] = ()
     # Console lines that say what the step's outputs mean (run or reused), e.g. evaluate's metrics.
     report: Callable[[dict[str, Any]], list[str]] | None = None
-
-
-def evaluate_report(m: dict[str, Any]) -> list[str]:
-    """evaluate's sample metrics in a few console lines: FVD, prompt accuracy per label, motion gap (95 % CIs)."""
-    lines = []
-    fvd = m.get("fvd") or {}
-    if fvd.get("status") == "computed":
-        ref = f", real-vs-real {fvd['real_halves']:.1f}" if fvd.get("real_halves") is not None else ""
-        lines.append(
-            f"FVD {fvd['value']:.1f} [{fvd['ci_low']:.1f}, {fvd['ci_high']:.1f}] "
-            f"({fvd['num_generated']} videos vs {fvd['num_real']} val clips{ref})"
-        )
-    elif fvd:
-        lines.append(f"FVD skipped: {fvd.get('reason')}")
-    for label, acc in (m.get("prompt_accuracy") or {}).items():
-        if isinstance(acc, dict) and acc.get("value") is not None:
-            lines.append(
-                f"prompt accuracy {label} {acc['value']:.2f} [{acc['ci_low']:.2f}, {acc['ci_high']:.2f}] "
-                f"(chance {acc['chance']:.2f}, {acc['videos']} videos)"
-            )
-    motion = m.get("motion") or {}
-    if "motion_gap" in motion:
-        lines.append(
-            f"motion gap {motion['motion_gap']:.4f} [{motion['motion_gap_ci_low']:.4f}, "
-            f"{motion['motion_gap_ci_high']:.4f}]"
-        )
-    return lines
 
 
 def _section(cfg: PyocoConfig, name: str) -> Any:
@@ -436,7 +410,7 @@ STEPS = [
             "the evaluator",
             "the MLflow settings",
         ),
-        report=lambda out: evaluate_report(out.get("metrics") or {}),
+        report=lambda out: summary_lines(out["metrics"]),
     ),
     Step(
         "register",
