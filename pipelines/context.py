@@ -311,25 +311,20 @@ def _library_bars_off() -> Iterator[None]:
     """tqdm reads ``TQDM_DISABLE`` and transformers ``HF_HUB_DISABLE_PROGRESS_BARS`` once, at import: a
     library imported before quiet_logs (transformers' "Loading weights" bar) is switched off here."""
     restore = []
-    for module, off, on, enabled in (
+    for module, is_on, off, on in (
         (
             "transformers.utils.logging",
+            "is_progress_bar_enabled",
             "disable_progress_bar",
             "enable_progress_bar",
-            "is_progress_bar_enabled",
         ),
-        ("diffusers.utils.logging", "disable_progress_bar", "enable_progress_bar", "is_progress_bar_enabled"),
-        (
-            "huggingface_hub.utils",
-            "disable_progress_bars",
-            "enable_progress_bars",
-            "are_progress_bars_disabled",
-        ),
+        ("diffusers.utils.logging", "is_progress_bar_enabled", "disable_progress_bar", "enable_progress_bar"),
+        ("huggingface_hub.utils", None, "disable_progress_bars", "enable_progress_bars"),
     ):
         mod = sys.modules.get(module)
         if mod is None or not hasattr(mod, off):
             continue
-        was_on = getattr(mod, enabled)() if enabled.startswith("is_") else not getattr(mod, enabled)()
+        was_on = getattr(mod, is_on)() if is_on else not mod.are_progress_bars_disabled()
         getattr(mod, off)()
         if was_on:
             restore.append(getattr(mod, on))
