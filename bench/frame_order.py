@@ -57,7 +57,10 @@ def motion_off(model):
 
     saved = []
     for m in model.modules():
-        if isinstance(m, AnimateDiffTransformer3D | levers.CaptionMotion | levers.SpaceTimeAttention):
+        if isinstance(
+            m,
+            AnimateDiffTransformer3D | levers.CaptionMotion | levers.SpaceTimeAttention | levers.TemporalConv,
+        ):
             saved.append((m.proj_out, {k: v.clone() for k, v in m.proj_out.state_dict().items()}))
             for p in m.proj_out.parameters():
                 p.data.zero_()

@@ -1,4 +1,4 @@
-"""Issue 10 experiments: two ways to give the demo's video model a path from the caption (or the frame's
+"""Issue 10 experiments: ways to give the demo's video model a path from the caption (or the frame's
 position) to what each frame draws, attached to an inflated `pyoco.model.VideoDenoiser` for
 ``bench/frame_order.py --lever``. They live here, not in `pyoco.model`, because neither has been shown to help
 (the measured figures are in the README's frame-order section); the product model stays diffusers-loadable.
@@ -13,6 +13,9 @@ position) to what each frame draws, attached to an inflated `pyoco.model.VideoDe
 - ``frame-bias``: every ResNet block's time-embedding projection gains a learned per-frame bias
   ``(max_frames, C)``, zero-initialised: the spatial layers (which read the caption) learn which frame they
   draw. Trained only with ``--layers all``.
+- ``temporal-conv`` / ``temporal-conv-caption``: after every motion module, a zero-initialised residual
+  3 x 3 x 3 (frames x pixels) convolution branch, local and order-aware; the ``-caption`` variant scales and
+  shifts its features by a linear map of the caption's mean token state (FiLM).
 
 Both read the current call's text and frame count from a forward pre-hook on the denoiser.
 """
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LEVERS = ("none", "caption-motion", "frame-bias", "st-attention")
+LEVERS = ("none", "caption-motion", "frame-bias", "st-attention", "temporal-conv", "temporal-conv-caption")
 
 
 def _sinusoid(n: int, dim: int) -> torch.Tensor:
@@ -137,6 +140,55 @@ class SpaceTimeAttention(_AfterMotion):
         return F.scaled_dot_product_attention(self.heads_of(q), self.heads_of(k), self.heads_of(v))
 
 
+class TemporalConv(nn.Module):
+    """``motion(h) + conv3d_out(silu(film(conv3d(silu(norm(motion(h)))))))``: a (2+1)-D-style residual branch
+    whose first convolution spans 3 frames x 3 x 3 pixels, so a frame reads its neighbours' pixels around its
+    own (order-aware and local, unlike the motion module's attention over all frames at one pixel). With
+    ``caption=True`` its features are scaled and shifted by a linear map of the caption's masked-mean token
+    state (FiLM), so the branch can draw the caption's direction. The last convolution (3 x 1 x 1) is
+    zero-initialised: at step 0 the model is exactly the inflated one."""
+
+    def __init__(self, motion: nn.Module, text_dim: int | None):
+        super().__init__()
+        channels = motion.in_channels
+        self.motion = motion
+        self.norm = nn.GroupNorm(motion.norm.num_groups, channels, eps=1e-6)
+        self.conv_in = nn.Conv3d(channels, channels, (3, 3, 3), padding=1)
+        self.film = None if text_dim is None else nn.Linear(text_dim, 2 * channels)
+        if self.film is not None:
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
+        self.conv_out = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+        self.proj_out = self.conv_out  # what frame_order.motion_off zeroes
+        self.text: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def forward(
+        self,
+        hidden_states,
+        encoder_hidden_states=None,
+        timestep=None,
+        class_labels=None,
+        num_frames=1,
+        cross_attention_kwargs=None,
+    ):  # fmt: skip  (diffusers' positional call order)
+        h = self.motion(hidden_states, num_frames=num_frames)
+        bt, c, height, width = h.shape
+        b = bt // num_frames
+        x = h.reshape(b, num_frames, c, height, width).permute(0, 2, 1, 3, 4)  # (B, C, T, H, W)
+        y = self.conv_in(F.silu(self.norm(x)))
+        if self.film is not None:
+            text, keep = self.text
+            pooled = (
+                text.mean(1) if keep is None else (text * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+            )
+            scale, shift = self.film(pooled).chunk(2, dim=-1)
+            y = y * (1 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
+        y = self.conv_out(F.silu(y))
+        return h + y.permute(0, 2, 1, 3, 4).reshape(bt, c, height, width)
+
+
 class FrameBias(nn.Module):
     """``linear(temb) + bias[frame]`` for the frame-major rows ``b*T + t`` of a (B*T, E) time embedding."""
 
@@ -168,6 +220,9 @@ def attach(model, lever: str, *, heads: int = 4) -> int:
                 new = CaptionMotion(child, int(model.config.cross_attention_dim), heads, max_frames)
             elif lever == "st-attention" and isinstance(child, AnimateDiffTransformer3D):
                 new = SpaceTimeAttention(child, heads, max_frames)
+            elif lever.startswith("temporal-conv") and isinstance(child, AnimateDiffTransformer3D):
+                text_dim = int(model.config.cross_attention_dim) if lever.endswith("caption") else None
+                new = TemporalConv(child, text_dim)
             elif lever == "frame-bias" and isinstance(parent, ResnetBlock2D) and name == "time_emb_proj":
                 new = FrameBias(child, max_frames)
             else:
@@ -185,6 +240,8 @@ def attach(model, lever: str, *, heads: int = 4) -> int:
         for m in added:
             if isinstance(m, CaptionMotion):
                 m.text = (text.float(), bias)
+            elif isinstance(m, TemporalConv):
+                m.text = (text.float(), None if mask is None else mask.float())
             elif isinstance(m, FrameBias):
                 m.num_frames = int(sample.shape[2])
 

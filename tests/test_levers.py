@@ -1,6 +1,6 @@
 """bench/levers.py (issue 10 experiments): each lever starts as the identity on the inflated model, its
 parameters are the ones ``train_layers`` trains, and a step on them makes the output depend on the caption
-(caption-motion) or on the frame index (frame-bias)."""
+(caption-motion) or on the frame index (frame-bias), or mixes frames (st-attention, temporal-conv)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def _inputs():
     return x, torch.tensor([10, 900]), torch.randn(B, L, 24, generator=g), torch.ones(B, L, dtype=torch.bool)
 
 
-@pytest.mark.parametrize("lever", ["caption-motion", "frame-bias", "st-attention"])
+@pytest.mark.parametrize(
+    "lever", ["caption-motion", "frame-bias", "st-attention", "temporal-conv", "temporal-conv-caption"]
+)
 def test_a_lever_starts_as_the_identity_and_then_learns(lever):
     model, (x, t, text, mask) = _model(), _inputs()
     with torch.no_grad():
@@ -39,11 +41,16 @@ def test_a_lever_starts_as_the_identity_and_then_learns(lever):
 
     model.set_trainable("all" if lever == "frame-bias" else "temporal")
     lever_params = [p for n, p in model.named_parameters() if "frame_bias" in n or ".motion_modules." in n
-                    and any(k in n for k in ("to_q", "to_k", "to_v", "to_qkv", "proj_out"))]  # fmt: skip
+                    and any(k in n for k in ("to_q", "to_k", "to_v", "to_qkv", "proj_out", "conv_in", "conv_out", "film"))]  # fmt: skip
     assert lever_params and all(p.requires_grad for p in lever_params)
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
-    model(x, t, text, mask).square().mean().backward()
-    opt.step()
+    for _ in range(2):  # two steps: a zero-initialised FiLM only gets a gradient once conv_out is non-zero
+        opt.zero_grad()
+        model(x, t, text, mask).square().mean().backward()
+        opt.step()
+    if lever == "temporal-conv-caption":
+        films = [p for n, p in model.named_parameters() if ".film." in n]
+        assert films and all(p.abs().max() > 0 for p in films)
     with torch.no_grad():
         out = model(x, t, text, mask)
         if lever == "caption-motion":
@@ -51,7 +58,7 @@ def test_a_lever_starts_as_the_identity_and_then_learns(lever):
             changed = model(x, t, torch.randn(text.shape, generator=torch.Generator().manual_seed(1)), mask)
         elif lever == "frame-bias":
             changed = model(x.flip(2), t, text, mask).flip(2)  # the same frames at other positions
-        else:  # st-attention: with the AnimateDiff modules made the identity, only the lever mixes frames,
+        else:  # st-attention, temporal-conv: with the AnimateDiff modules made the identity, only the lever mixes frames,
             # so changing frame 0 changes what the other frames output
             for m in model.modules():
                 if isinstance(m, AnimateDiffTransformer3D):
