@@ -11,6 +11,11 @@ cross-attention block, on the same noisy input, at several timesteps.
     PYTHONPATH=. .venv/bin/python bench/text_signal.py [--model pipelines/assets/tiny-image-16px]
 
 Prints one line per timestep and a JSON summary (the mean over blocks and timesteps, per changed word).
+
+With ``--data DIR`` (a preprocessed folder with labels, such as ``demo/out/data``) it also checks that the
+text encoder itself carries the labels: a linear probe (softmax regression, seed 0) on the masked-mean token
+states of the train clips' captions, scored on the val clips' captions, per label, and the spread of the
+per-class means relative to the states' norm.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 
 import numpy as np
 import torch
@@ -39,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="pipelines/assets/tiny-image-16px", help="An image UNet folder.")
     ap.add_argument("--timesteps", default="999,700,400,100")
     ap.add_argument("--seeds", type=int, default=8, help="Noisy inputs averaged over.")
+    ap.add_argument("--data", help="Preprocessed clips with labels: also probe the caption states per label.")
     args = ap.parse_args(argv)
 
     unet = load_unet2d(args.model).eval()
@@ -78,10 +85,55 @@ def main(argv: list[str] | None = None) -> dict:
         "relative_feature_change": {k: round(float(np.mean(v)), 4) for k, v in rows.items()},
         "blocks": [n for n, _ in blocks],
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
-        "reproduce": "PYTHONPATH=. .venv/bin/python bench/text_signal.py " + " ".join(argv or []),
+        "reproduce": "PYTHONPATH=. .venv/bin/python bench/text_signal.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
     }
+    if args.data:
+        summary["caption_probe"] = caption_probe(args.data)
     print(json.dumps(summary))
     return summary
+
+
+def caption_probe(data: str, labels: tuple[str, ...] = ("direction", "color", "shape", "speed")) -> dict:
+    """Per label: val accuracy of a linear probe trained on the train captions' masked-mean token states,
+    and the mean distance of the class means from their centre over the mean state norm."""
+    from pyoco import clips as C
+
+    def pooled(split: str):
+        table = C.read_clips(data, split).sort_by("clip_id")
+        cond, mask = C.embedding_arrays(table)
+        x = (cond * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+        return torch.tensor(x, dtype=torch.float32), [
+            json.loads(s) for s in table.column("labels").to_pylist()
+        ]
+
+    (x_tr, l_tr), (x_va, l_va) = pooled("train"), pooled("val")
+    out = {}
+    for key in labels:
+        names = sorted({str(lab.get(key)) for lab in l_tr})
+        y_tr = torch.tensor([names.index(str(lab.get(key))) for lab in l_tr])
+        keep = [i for i, lab in enumerate(l_va) if str(lab.get(key)) in names]
+        y_va = torch.tensor([names.index(str(l_va[i].get(key))) for i in keep])
+        torch.manual_seed(0)
+        probe = torch.nn.Linear(x_tr.shape[1], len(names))
+        opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+        for _ in range(500):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(probe(x_tr), y_tr).backward()
+            opt.step()
+        with torch.no_grad():
+            acc = float((probe(x_va[keep]).argmax(1) == y_va).float().mean())
+        means = torch.stack([x_tr[y_tr == i].mean(0) for i in range(len(names))])
+        spread = float((means - means.mean(0)).norm(dim=1).mean() / x_tr.norm(dim=1).mean())
+        out[key] = {
+            "classes": len(names),
+            "val_accuracy": round(acc, 3),
+            "class_mean_spread": round(spread, 3),
+        }
+        print(
+            f"caption probe {key}: {len(names)} classes, val accuracy {acc:.3f}, class-mean spread {spread:.3f}"
+        )
+    return out
 
 
 if __name__ == "__main__":
