@@ -51,16 +51,13 @@ PROBE_TIMESTEPS = (500, 900, 970, 999)  # per-t probe: where (if anywhere) frame
 
 @contextlib.contextmanager
 def motion_off(model):
-    """Every AnimateDiff motion module (and a ``caption-motion`` lever's path) made the identity (its
+    """Every AnimateDiff motion module (and every lever branch after one) made the identity (its
     ``proj_out`` zeroed), restored on exit."""
     from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
     saved = []
     for m in model.modules():
-        if isinstance(
-            m,
-            AnimateDiffTransformer3D | levers.CaptionMotion | levers.SpaceTimeAttention | levers.TemporalConv,
-        ):
+        if isinstance(m, AnimateDiffTransformer3D | levers.MotionBranch):
             saved.append((m.proj_out, {k: v.clone() for k, v in m.proj_out.state_dict().items()}))
             for p in m.proj_out.parameters():
                 p.data.zero_()

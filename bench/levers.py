@@ -41,7 +41,29 @@ def _sinusoid(n: int, dim: int) -> torch.Tensor:
     return table
 
 
-class _AfterMotion(nn.Module):
+class MotionBranch(nn.Module):
+    """``motion(h) + branch(motion(h))`` for a wrapped AnimateDiff motion module ``self.motion``, called the way
+    diffusers calls the module it replaces. Subclasses define ``branch(h, num_frames)`` on the (B*T, C, H, W)
+    output, returning the residual to add or None (the identity)."""
+
+    def branch(self, h: torch.Tensor, num_frames: int) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        hidden_states,
+        encoder_hidden_states=None,
+        timestep=None,
+        class_labels=None,
+        num_frames=1,
+        cross_attention_kwargs=None,
+    ):  # fmt: skip  (diffusers' positional call order)
+        h = self.motion(hidden_states, num_frames=num_frames)
+        residual = self.branch(h, num_frames)
+        return h if residual is None else h + residual
+
+
+class _AfterMotion(MotionBranch):
     """``motion(h) + proj_out(attend(tokens))``: the wrapped AnimateDiff module, then a zero-initialised
     attention branch over ``tokens`` = norm(motion(h)) as (B, T, H*W, C). Called like the module it wraps."""
 
@@ -69,23 +91,14 @@ class _AfterMotion(nn.Module):
     def attend(self, tokens: torch.Tensor) -> torch.Tensor | None:  # (B, T, HW, C) -> (B, heads, T*HW, d)
         raise NotImplementedError
 
-    def forward(
-        self,
-        hidden_states,
-        encoder_hidden_states=None,
-        timestep=None,
-        class_labels=None,
-        num_frames=1,
-        cross_attention_kwargs=None,
-    ):  # fmt: skip  (diffusers' positional call order)
-        h = self.motion(hidden_states, num_frames=num_frames)
+    def branch(self, h, num_frames):
         bt, c, height, width = h.shape
         b, t = bt // num_frames, num_frames
         o = self.attend(self.norm(h).reshape(b, t, c, height * width).permute(0, 1, 3, 2))
         if o is None:
-            return h
+            return None
         o = self.proj_out(o.transpose(1, 2).reshape(b, t, height * width, c))
-        return h + o.permute(0, 1, 3, 2).reshape(bt, c, height, width)
+        return o.permute(0, 1, 3, 2).reshape(bt, c, height, width)
 
 
 class CaptionMotion(_AfterMotion):
@@ -140,7 +153,7 @@ class SpaceTimeAttention(_AfterMotion):
         return F.scaled_dot_product_attention(self.heads_of(q), self.heads_of(k), self.heads_of(v))
 
 
-class TemporalConv(nn.Module):
+class TemporalConv(MotionBranch):
     """``motion(h) + conv3d_out(silu(film(conv3d(silu(norm(motion(h)))))))``: a (2+1)-D-style residual branch
     whose first convolution spans 3 frames x 3 x 3 pixels, so a frame reads its neighbours' pixels around its
     own (order-aware and local, unlike the motion module's attention over all frames at one pixel). With
@@ -164,16 +177,7 @@ class TemporalConv(nn.Module):
         self.proj_out = self.conv_out  # what frame_order.motion_off zeroes
         self.text: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def forward(
-        self,
-        hidden_states,
-        encoder_hidden_states=None,
-        timestep=None,
-        class_labels=None,
-        num_frames=1,
-        cross_attention_kwargs=None,
-    ):  # fmt: skip  (diffusers' positional call order)
-        h = self.motion(hidden_states, num_frames=num_frames)
+    def branch(self, h, num_frames):
         bt, c, height, width = h.shape
         b = bt // num_frames
         x = h.reshape(b, num_frames, c, height, width).permute(0, 2, 1, 3, 4)  # (B, C, T, H, W)
@@ -186,7 +190,7 @@ class TemporalConv(nn.Module):
             scale, shift = self.film(pooled).chunk(2, dim=-1)
             y = y * (1 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
         y = self.conv_out(F.silu(y))
-        return h + y.permute(0, 2, 1, 3, 4).reshape(bt, c, height, width)
+        return y.permute(0, 2, 1, 3, 4).reshape(bt, c, height, width)
 
 
 class FrameBias(nn.Module):
