@@ -147,7 +147,8 @@ def test_quiet_logs_send_library_logs_to_the_scrubbed_file_and_restore_them(tmp_
 
     import mlflow  # noqa: F401 - gives the mlflow logger its console handler
 
-    from pipelines.context import RunContext, quiet_logs
+    from pipelines.console import quiet_logs
+    from pipelines.context import RunContext
 
     before = list(logging.getLogger("mlflow").handlers)
     ctx = RunContext("sqlite:///x", "e", "m", log_file=str(tmp_path / "logs" / "run.log"))

@@ -300,7 +300,7 @@ def run_train(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.context import TrainProgress
+    from pipelines.console import TrainProgress
 
     started = _ensure_ray(cfg.ray.address)
     try:

@@ -22,7 +22,7 @@ Every step gets the same :class:`pipelines.context.RunContext`, built once from 
 (``mlflow.tracking_uri`` else ``$MLFLOW_TRACKING_URI``): train, evaluate, register, promote and sample all use
 that one MLflow server and experiment, and the keys of the steps that read or write MLflow cover it. The whole
 workflow shares one Ray (:func:`pipelines.context.ray_session`), and, unless ``ctx.verbose`` (``pyoco run -v``),
-one log file for Ray's, MLflow's and DeepSpeed's own output (:func:`pipelines.context.quiet_logs`): the console
+one log file for Ray's, MLflow's and DeepSpeed's own output (:func:`pipelines.console.quiet_logs`): the console
 gets a start and an end line per step and the steps' progress lines.
 
 Adding a step: write ``_step_x(cfg, outs, ctx) -> dict`` and insert ``Step("x", enabled, key_inputs, _step_x)``
@@ -40,14 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.common import PyocoError, console
-from pipelines.context import (
-    RunContext,
-    log_exception,
-    quiet_logs,
-    ray_session,
-    route_logs,
-    stdout_to_log,
-)
+from pipelines.console import log_exception, quiet_logs, route_logs, stdout_to_log
+from pipelines.context import RunContext, ray_session
 from pipelines.workflow.state import WorkflowState
 from pipelines.workflow.steps import STEP_ORDER, STEPS, _resolved
 from pyoco.config import PyocoConfig, config_hash
