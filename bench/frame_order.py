@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--timestep-power", type=float, default=1.0, help="train t with density ~ t^(p-1); 1 = uniform"
     )
+    ap.add_argument(
+        "--guidance", type=float, nargs="+", help="guidance scales to sample with (default: the config's)"
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="videos per val prompt (distinct noise each)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -192,22 +196,31 @@ def main(argv: list[str] | None = None) -> dict:
         ),
     )
     n = len(clips.frames)
-    videos = generate_for_prompts(
-        package,
-        clips,
-        prior,
-        num_videos=n,
-        steps=recipe.sample_steps,
-        guidance=recipe.guidance,
-        seed=args.seed,
-    )
     ev = load_evaluator(evaluator)
-    _, probs = ev.run(videos)
     _, real = ev.run(clips.frames)
-    accuracy = {k: float((probs[k].argmax(1) == real[k].argmax(1)).mean()) for k in ("color", "direction")}
+    by_guidance = {}
+    for g in args.guidance or [recipe.guidance]:
+        videos = generate_for_prompts(
+            package,
+            clips,
+            prior,
+            num_videos=n * args.repeats,
+            steps=recipe.sample_steps,
+            guidance=g,
+            seed=args.seed,
+        )
+        _, probs = ev.run(videos)
+        src = np.arange(len(videos)) % n  # video i was prompted with val clip i mod n
+        by_guidance[g] = {
+            k: float((probs[k].argmax(1) == real[k][src].argmax(1)).mean()) for k in ("color", "direction")
+        }
+        if len(by_guidance) == 1:
+            first = videos
+    accuracy = next(iter(by_guidance.values()))
+    torch.save(model.state_dict(), out / "model.pt")  # for later sampling sweeps (load after levers.attach)
     from PIL import Image
 
-    Image.fromarray(frame_strip([[clips.frames[i], videos[i]] for i in range(min(8, n))])).save(
+    Image.fromarray(frame_strip([[clips.frames[i], first[i]] for i in range(min(8, n))])).save(
         out / "strip.png"
     )
     report = {
@@ -219,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
         "loss_last10": float(np.mean(losses[-10:])),
         "probe": probes,
         "prompt_accuracy_on_" + ("fitted" if args.fit == "val" else "val") + "_clips": accuracy,
+        "prompt_accuracy_by_guidance": {str(g): a for g, a in by_guidance.items()},
+        "videos_per_guidance": n * args.repeats,
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "machine": A.machine(),
         "reproduce": "PYTHONPATH=. .venv/bin/python bench/frame_order.py " + shlex.join(sys.argv[1:] or ()),

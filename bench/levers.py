@@ -15,7 +15,10 @@ position) to what each frame draws, attached to an inflated `pyoco.model.VideoDe
   draw. Trained only with ``--layers all``.
 - ``temporal-conv`` / ``temporal-conv-caption``: after every motion module, a zero-initialised residual
   3 x 3 x 3 (frames x pixels) convolution branch, local and order-aware; the ``-caption`` variant scales and
-  shifts its features by a linear map of the caption's mean token state (FiLM).
+  shifts its features by a linear map of the caption's mean token state (FiLM). ``-caption-pos`` also feeds
+  the branch's first convolution three coordinate channels (frame, row, column, each in [-1, 1]), so that
+  at the highest noise, where the input is pure noise and a translation-equivariant UNet has no place to
+  put the shape, the branch can draw the caption's mean trajectory (a fast shape's start and end are fixed).
 
 Both read the current call's text and frame count from a forward pre-hook on the denoiser.
 """
@@ -29,7 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LEVERS = ("none", "caption-motion", "frame-bias", "st-attention", "temporal-conv", "temporal-conv-caption")
+LEVERS = (
+    "none",
+    "caption-motion",
+    "frame-bias",
+    "st-attention",
+    "temporal-conv",
+    "temporal-conv-caption",
+    "temporal-conv-caption-pos",
+)
 
 
 def _sinusoid(n: int, dim: int) -> torch.Tensor:
@@ -159,14 +170,15 @@ class TemporalConv(MotionBranch):
     own (order-aware and local, unlike the motion module's attention over all frames at one pixel). With
     ``caption=True`` its features are scaled and shifted by a linear map of the caption's masked-mean token
     state (FiLM), so the branch can draw the caption's direction. The last convolution (3 x 1 x 1) is
-    zero-initialised: at step 0 the model is exactly the inflated one."""
+    zero-initialised: at step 0 the model is exactly the inflated one. With ``coords=True`` the first
+    convolution also reads (frame, row, column) coordinate channels in [-1, 1] (CoordConv)."""
 
-    def __init__(self, motion: nn.Module, text_dim: int | None):
+    def __init__(self, motion: nn.Module, text_dim: int | None, *, coords: bool = False):
         super().__init__()
         channels = motion.in_channels
-        self.motion = motion
+        self.motion, self.coords = motion, coords
         self.norm = nn.GroupNorm(motion.norm.num_groups, channels, eps=1e-6)
-        self.conv_in = nn.Conv3d(channels, channels, (3, 3, 3), padding=1)
+        self.conv_in = nn.Conv3d(channels + (3 if coords else 0), channels, (3, 3, 3), padding=1)
         self.film = None if text_dim is None else nn.Linear(text_dim, 2 * channels)
         if self.film is not None:
             nn.init.zeros_(self.film.weight)
@@ -181,7 +193,17 @@ class TemporalConv(MotionBranch):
         bt, c, height, width = h.shape
         b = bt // num_frames
         x = h.reshape(b, num_frames, c, height, width).permute(0, 2, 1, 3, 4)  # (B, C, T, H, W)
-        y = self.conv_in(F.silu(self.norm(x)))
+        x = F.silu(self.norm(x))
+        if self.coords:
+            grids = torch.meshgrid(
+                *(
+                    torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype)
+                    for n in (num_frames, height, width)
+                ),
+                indexing="ij",
+            )
+            x = torch.cat([x, torch.stack(grids)[None].expand(b, -1, -1, -1, -1)], dim=1)
+        y = self.conv_in(x)
         if self.film is not None:
             text, keep = self.text
             pooled = (
@@ -225,8 +247,8 @@ def attach(model, lever: str, *, heads: int = 4) -> int:
             elif lever == "st-attention" and isinstance(child, AnimateDiffTransformer3D):
                 new = SpaceTimeAttention(child, heads, max_frames)
             elif lever.startswith("temporal-conv") and isinstance(child, AnimateDiffTransformer3D):
-                text_dim = int(model.config.cross_attention_dim) if lever.endswith("caption") else None
-                new = TemporalConv(child, text_dim)
+                text_dim = int(model.config.cross_attention_dim) if "caption" in lever else None
+                new = TemporalConv(child, text_dim, coords=lever.endswith("-pos"))
             elif lever == "frame-bias" and isinstance(parent, ResnetBlock2D) and name == "time_emb_proj":
                 new = FrameBias(child, max_frames)
             else:

@@ -28,7 +28,15 @@ def _inputs():
 
 
 @pytest.mark.parametrize(
-    "lever", ["caption-motion", "frame-bias", "st-attention", "temporal-conv", "temporal-conv-caption"]
+    "lever",
+    [
+        "caption-motion",
+        "frame-bias",
+        "st-attention",
+        "temporal-conv",
+        "temporal-conv-caption",
+        "temporal-conv-caption-pos",
+    ],
 )
 def test_a_lever_starts_as_the_identity_and_then_learns(lever):
     model, (x, t, text, mask) = _model(), _inputs()
@@ -48,7 +56,7 @@ def test_a_lever_starts_as_the_identity_and_then_learns(lever):
         opt.zero_grad()
         model(x, t, text, mask).square().mean().backward()
         opt.step()
-    if lever == "temporal-conv-caption":
+    if lever.startswith("temporal-conv-caption"):
         films = [p for n, p in model.named_parameters() if ".film." in n]
         assert films and all(p.abs().max() > 0 for p in films)
     with torch.no_grad():
@@ -75,3 +83,25 @@ def test_a_lever_starts_as_the_identity_and_then_learns(lever):
 def test_unknown_lever_is_refused():
     with pytest.raises(ValueError, match="lever must be one of"):
         attach(_model(), "wings")
+
+
+def test_the_coordinate_branch_can_place_a_shape_where_the_input_has_none():
+    """temporal-conv-caption-pos: on a constant input (no place to read from it), the branch's output varies
+    over frames and pixels once its weights are non-zero; without coordinates it is the same at every interior
+    pixel of every interior frame (only zero padding breaks the symmetry)."""
+    from bench.levers import TemporalConv
+
+    motion = inflate(build_unet2d(CFG, seed=0), motion_num_attention_heads=4, seed=0).down_blocks[0]
+    motion = motion.motion_modules[0]
+    text = (torch.randn(1, L, 24, generator=torch.Generator().manual_seed(0)), None)
+    h = torch.full((T, 16, 6, 6), 0.3)  # (B*T, C, H, W), B = 1
+    spread = {}
+    for coords in (False, True):
+        torch.manual_seed(0)
+        branch = TemporalConv(motion, 24, coords=coords)
+        torch.nn.init.normal_(branch.conv_out.weight, std=0.1)
+        branch.text = text
+        with torch.no_grad():
+            out = branch.branch(h, T)[1:-1, :, 1:-1, 1:-1]  # interior frames and pixels
+        spread[coords] = (out - out[:1, :, :1, :1]).abs().max().item()
+    assert spread[False] < 1e-5 < 1e-2 < spread[True]
