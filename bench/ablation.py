@@ -199,7 +199,13 @@ def prepare_data(cfg, out: Path, *, videos: int, evaluator_steps: int) -> tuple[
     manifest = run_preprocess(pre, progress=False)
     t_pre = time.perf_counter() - t0 - t_synth
     meta = run_evaluator_train(
-        str(data), str(evaluator_dir), labels=e.labels, steps=evaluator_steps, size=e.size, seed=e.seed
+        str(data),
+        str(evaluator_dir),
+        labels=e.labels,
+        steps=evaluator_steps,
+        size=e.size,
+        seed=e.seed,
+        lr=e.lr,
     )
     marker.write_text(json.dumps(request))
     info = {

@@ -10,11 +10,25 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pipelines.evaluate.evaluator import unread_labels
 from pyoco import evaluator as E
 from tests.fixtures_eval import EVAL_VAL_VIDEOS, make_labelled_clips_dir
 from tests.fixtures_registry import TINY_FRAMES, TINY_SIZE
 
 pytest_plugins = ("tests.fixtures_eval", "tests.fixtures_registry")
+
+
+def test_unread_labels_are_those_below_halfway_from_chance():
+    vocab = {
+        "direction": ["down", "left", "right", "up"],
+        "speed": ["fast", "slow"],
+        "shape": ["a", "b", "c"],
+    }
+    # halfway from chance: direction 0.625, speed 0.75, shape 0.667; None (no val clip) is not flagged
+    assert unread_labels({"direction": 0.35, "speed": 0.75, "shape": None}, vocab) == ["direction"]
+    assert unread_labels({"direction": 0.625, "speed": 0.74, "shape": 0.9}, vocab) == ["speed"]
+
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -27,6 +41,11 @@ def test_evaluator_learns_held_out_labels_and_exports_torchscript(trained_evalua
     assert acc["color"] >= 0.8 and acc["direction"] >= 0.8 and acc["speed"] >= 0.75, acc
     assert set(meta["labels"]) == {"shape", "color", "direction", "speed"}
     assert meta["labels"]["direction"] == ["down", "left", "right", "up"]
+    # a label it does not read on held-out clips is named (shape, at 16 px), the others are not
+    assert "direction" not in meta["unread_labels"] and "color" not in meta["unread_labels"]
+    assert set(meta["unread_labels"]) == {
+        n for n in meta["labels"] if n in unread_labels(acc, meta["labels"])
+    }
     assert meta["input"]["num_frames"] == TINY_FRAMES and meta["input"]["height"] == TINY_SIZE
     assert "uint8 (B, T, H, W, 3)" in meta["input"]["layout"] and len(meta["train_data_hash"]) == 16
     assert meta["train_clips"] == 96 and meta["val_clips"] == EVAL_VAL_VIDEOS

@@ -23,10 +23,14 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
                 lines.append(f"prompt accuracy {name}: n/a ({acc['reason']})")
                 continue
             score = results["inception_score"][name]
+            real = acc["evaluator_accuracy_on_real"]
+            # the same rule as pipelines/evaluate/evaluator.unread_labels, on this run's val clips
+            unread = real is not None and real < acc["chance"] + 0.5 * (1.0 - acc["chance"])
             lines.append(
                 f"prompt accuracy {name}: {acc['value']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}] "
                 f"(chance {acc['chance']:.3f}; evaluator on real val {acc['evaluator_accuracy_on_real']:.3f}); "
                 f"class score {score['value']:.2f} [{score['ci_low']:.2f}, {score['ci_high']:.2f}] of {score['max']}"
+                + ("; the evaluator does not read this label, so this is not a measure" if unread else "")
             )
     m = results["motion"]
     lines.append(

@@ -134,7 +134,7 @@ def _evaluator_path(cfg: PyocoConfig, outs: dict[str, dict]) -> str | None:
 
 def _step_evaluator(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, key: str) -> dict[str, Any]:
     """Train the learned evaluator on the preprocessed clips (train split; held-out accuracy on val)."""
-    from pipelines.evaluate.evaluator import run_evaluator_train
+    from pipelines.evaluate.evaluator import run_evaluator_train, unread_line
 
     e = cfg.evaluator
     out = e.output or join(cfg.output, "evaluator")
@@ -146,10 +146,14 @@ def _step_evaluator(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *,
             steps=e.steps,
             size=e.size,
             seed=e.seed,
+            lr=e.lr,
             progress=lambda done, total, loss: bar.update(done, total, loss=loss),
         )
     acc = ", ".join(f"{k} {v:.2f}" for k, v in meta["heldout_accuracy"].items())
     console.print(f"  evaluator held-out accuracy on {meta['val_clips']} val clips: {acc}", soft_wrap=True)
+    warning = unread_line(meta)
+    if warning:
+        console.print(warning, soft_wrap=True)
     return {"path": meta["path"], "heldout_accuracy": meta["heldout_accuracy"], "stamp": _dir_stamp(out)}
 
 
