@@ -283,3 +283,39 @@ def test_gpu_tasks_on_a_cluster_without_a_gpu_fail_in_one_line_not_a_hang(
     assert time.perf_counter() - t0 < 60  # refused, not waiting for a GPU
     res = runner.invoke(app, [*sample, "--device", "tpu"])
     assert res.exit_code == 2 and "--device must be cpu or gpu (got 'tpu')" in res.output
+
+
+def test_summary_says_when_the_evaluator_does_not_read_a_label():
+    """A prompt accuracy scored by an evaluator that cannot read the label on real val clips (below halfway
+    from chance to 1) is flagged as not a measure; one it reads is printed plainly."""
+    from pipelines.evaluate.summary import summary_lines
+
+    def acc(real: float, chance: float) -> dict:
+        return {
+            "value": 0.3,
+            "ci_low": 0.2,
+            "ci_high": 0.4,
+            "chance": chance,
+            "evaluator_accuracy_on_real": real,
+        }
+
+    score = {"value": 1.5, "ci_low": 1.4, "ci_high": 1.6, "max": 4}
+    results = {
+        "fvd": {"status": "skipped", "reason": "fewer than 32 videos"},
+        "prompt_accuracy": {"direction": acc(0.35, 0.25), "color": acc(1.0, 1 / 7)},
+        "inception_score": {"direction": score, "color": score},
+        "motion": {
+            "motion_gap": 0.01,
+            "motion_gap_ci_low": 0.0,
+            "motion_gap_ci_high": 0.02,
+            "motion_mean_generated": 0.02,
+            "motion_mean_real": 0.02,
+        },
+        "val_loss_per_timestep": {"500": 0.1},
+        "val_loss": 0.1,
+    }
+    lines = {ln.split(":")[0]: ln for ln in summary_lines(results)}
+    assert lines["prompt accuracy direction"].endswith(
+        "the evaluator does not read this label, so this is not a measure"
+    )
+    assert "does not read" not in lines["prompt accuracy color"]
