@@ -19,6 +19,7 @@ from typing import Any
 import typer
 
 from pipelines.common import PyocoError, cli_errors, console
+from pipelines.evaluate.summary import label_unread
 
 evaluator_app = typer.Typer(
     help="The learned video evaluator used by `pyoco evaluate`.", no_args_is_help=True
@@ -70,16 +71,8 @@ def _manifest(data: str) -> dict[str, Any]:
 
 
 def unread_labels(heldout: dict[str, float | None], vocab: dict[str, list[str]]) -> list[str]:
-    """Labels the evaluator does not read on held-out clips: accuracy below halfway from chance to 1.
-
-    A prompt accuracy for such a label says nothing about the generator (a classifier that cannot tell
-    left from right on real clips scores every model near chance), so it is flagged wherever it is shown."""
-    out = []
-    for name, acc in heldout.items():
-        chance = 1.0 / len(vocab[name])
-        if acc is not None and acc < chance + 0.5 * (1.0 - chance):
-            out.append(name)
-    return out
+    """The labels the evaluator does not read on held-out clips (`summary.label_unread`)."""
+    return [n for n, acc in heldout.items() if label_unread(acc, 1.0 / len(vocab[n]))]
 
 
 def unread_line(meta: dict[str, Any]) -> str | None:
@@ -89,7 +82,7 @@ def unread_line(meta: dict[str, Any]) -> str | None:
         return None
     held = meta["heldout_accuracy"]
     parts = ", ".join(f"{n} {held[n]:.2f} (chance {meta['chance'][n]:.2f})" for n in unread)
-    return f"  warning: the evaluator does not read {parts} on val clips: its prompt accuracy there is not a measure"
+    return f"warning: the evaluator does not read {parts} on val clips: its prompt accuracy there is not a measure"
 
 
 def run_evaluator_train(
@@ -228,7 +221,7 @@ def train_cmd(
         )
     warning = unread_line(meta)
     if warning:
-        console.print(warning.strip(), soft_wrap=True)
+        console.print(warning, soft_wrap=True)
     console.print(f"wrote {meta['path']} ({meta['seconds']} s)")
     print(json.dumps({"heldout_accuracy": meta["heldout_accuracy"], "path": meta["path"]}, sort_keys=True))
 

@@ -5,6 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 
+def label_unread(accuracy: float | None, chance: float) -> bool:
+    """Whether an evaluator with this accuracy on real val clips does not read the label: below halfway
+    from chance to 1. A prompt accuracy for such a label says nothing about the generator (a classifier
+    that cannot tell left from right on real clips scores every model near chance)."""
+    return accuracy is not None and accuracy < chance + 0.5 * (1.0 - chance)
+
+
 def summary_lines(results: dict[str, Any]) -> list[str]:
     """Human-readable lines: FVD, prompt accuracy, class score and motion gap with CIs, then val_loss."""
     lines = []
@@ -23,9 +30,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
                 lines.append(f"prompt accuracy {name}: n/a ({acc['reason']})")
                 continue
             score = results["inception_score"][name]
-            real = acc["evaluator_accuracy_on_real"]
-            # the same rule as pipelines/evaluate/evaluator.unread_labels, on this run's val clips
-            unread = real is not None and real < acc["chance"] + 0.5 * (1.0 - acc["chance"])
+            unread = label_unread(acc["evaluator_accuracy_on_real"], acc["chance"])
             lines.append(
                 f"prompt accuracy {name}: {acc['value']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}] "
                 f"(chance {acc['chance']:.3f}; evaluator on real val {acc['evaluator_accuracy_on_real']:.3f}); "

@@ -153,7 +153,7 @@ def _step_evaluator(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *,
     console.print(f"  evaluator held-out accuracy on {meta['val_clips']} val clips: {acc}", soft_wrap=True)
     warning = unread_line(meta)
     if warning:
-        console.print(warning, soft_wrap=True)
+        console.print("  " + warning, soft_wrap=True)
     return {"path": meta["path"], "heldout_accuracy": meta["heldout_accuracy"], "stamp": _dir_stamp(out)}
 
 
