@@ -20,6 +20,10 @@ import typer
 
 from pipelines.common import PyocoError, cli_errors, console
 from pipelines.evaluate.summary import label_unread
+from pyoco.config import EvaluatorConfig
+
+# The evaluator section's defaults (pyoco/config.py says why these), for the function and the CLI alike.
+_DEFAULT = EvaluatorConfig()
 
 evaluator_app = typer.Typer(
     help="The learned video evaluator used by `pyoco evaluate`.", no_args_is_help=True
@@ -90,11 +94,11 @@ def run_evaluator_train(
     out: str,
     *,
     labels: list[str] | None = None,
-    steps: int = 600,
-    size: int = 16,
-    seed: int = 0,
+    steps: int = _DEFAULT.steps,
+    size: int = _DEFAULT.size,
+    seed: int = _DEFAULT.seed,
     batch_size: int = 16,
-    lr: float = 2e-3,
+    lr: float = _DEFAULT.lr,
     progress=None,
 ) -> dict[str, Any]:
     """Train, score and export the evaluator; returns the JSON written next to it."""
@@ -176,10 +180,12 @@ def train_cmd(
     labels: str | None = typer.Option(
         None, "--labels", help="Comma-separated label names (default: every categorical label)."
     ),
-    steps: int = typer.Option(600, "--steps", min=1, help="Optimiser steps."),
+    steps: int = typer.Option(_DEFAULT.steps, "--steps", min=1, help="Optimiser steps."),
     size: int = typer.Option(16, "--size", min=8, help="Input size (px) the clips are resized to."),
     seed: int = typer.Option(0, "--seed", help="Seed for init, batches and augmentation."),
-    lr: float = typer.Option(2e-3, "--lr", min=1e-6, help="AdamW learning rate (cosine, 10 warm-up steps)."),
+    lr: float = typer.Option(
+        _DEFAULT.lr, "--lr", min=1e-6, help="AdamW learning rate (cosine, 10 warm-up steps)."
+    ),
 ) -> None:
     """Train the video classifier on the clips' labels; print held-out accuracy per label."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
