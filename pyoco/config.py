@@ -291,6 +291,9 @@ class EvaluateConfig(_Section):
     sample_steps: int = Field(10, ge=1)
     sample_batch_size: int = Field(16, ge=1)
     guidance: float = 3.0
+    # DDIM's eta: 0 is deterministic DDIM, 1 re-draws part of the noise at every step (from the prior, on each
+    # video's own seeded stream, so the videos stay reproducible).
+    eta: float = Field(0.0, ge=0)
     evaluator: str | None = None  # TorchScript evaluator (pyoco evaluator train, or a user's I3D)
     num_bootstrap: int = Field(200, ge=10)
     output: str | None = None
@@ -324,6 +327,7 @@ class SampleConfig(_Section):
     num_frames: int = Field(8, ge=1)
     steps: int = Field(20, ge=1)
     guidance: float = 3.0
+    eta: float = Field(0.0, ge=0)  # as evaluate.eta
     seed: int = 0
     fps: int = Field(8, ge=1)
 

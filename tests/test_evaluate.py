@@ -222,6 +222,20 @@ def test_evaluate_is_deterministic_for_the_same_model_data_and_seed(
         str(tiny_package), str(labelled_clips), cfg.model_copy(update={"seed": 1}), log_to_mlflow=False
     )
     assert d["metrics"]["fvd"] != a["metrics"]["fvd"]  # the seed is really used
+    # stochastic DDIM (eta > 0) draws its step noise from the same per-video streams: still reproducible
+    # and independent of the batch, and really different from eta = 0
+    stochastic = cfg.model_copy(update={"eta": 1.0})
+    e = run_evaluate(str(tiny_package), str(labelled_clips), stochastic, log_to_mlflow=False)
+    f = run_evaluate(
+        str(tiny_package),
+        str(labelled_clips),
+        stochastic.model_copy(update={"sample_batch_size": 5}),
+        log_to_mlflow=False,
+    )
+    assert e["sample"]["eta"] == 1.0 and a["sample"]["eta"] == 0.0
+    assert e["metrics"]["fvd"] != a["metrics"]["fvd"]
+    for key in ("fvd", "motion_gap", "prompt_accuracy_color", "prompt_accuracy_direction"):
+        assert f["metrics"][key] == pytest.approx(e["metrics"][key], rel=1e-3, abs=1e-4), key
 
 
 def test_fvd_refuses_fewer_than_32_videos(tmp_path, tiny_package, labelled_clips, trained_evaluator):

@@ -9,7 +9,8 @@ Generated videos. ``num_videos`` videos (default: as many as there are val clips
 is prompted with the caption of val clip ``i mod n_val`` (its stored caption states, so the prompt's
 labels are that clip's labels), sampled by ``pyoco.sampling.sample_video`` under the model's own prior
 with the noise stream ``clip_generators(seed, [i])``: a video does not depend on the batch it was drawn
-in, and the same model + data + seed give the same videos (DDIM, eta = 0).
+in, and the same model + data + seed give the same videos (DDIM; with ``eta`` > 0 its step noise comes
+from the same per-video stream).
 
 Metrics (``results["metrics"]``, also logged to MLflow as ``eval.<name>``):
 
@@ -183,6 +184,7 @@ def evaluate_model(
         steps=cfg.sample_steps,
         guidance=cfg.guidance,
         seed=cfg.seed,
+        eta=cfg.eta,
         batch_size=cfg.sample_batch_size,
         progress=progress,
         device=device,
@@ -245,6 +247,7 @@ def evaluate_model(
             "prompts": "val clip captions in clip_id order, cycled",
             "steps": cfg.sample_steps,
             "guidance": cfg.guidance,
+            "eta": cfg.eta,
             "batch_size": cfg.sample_batch_size,
         },
         "motion": sm["motion"],

@@ -298,6 +298,7 @@ def _step_sample(cfg: PyocoConfig, outs: dict[str, dict], ctx: RunContext, *, ke
         frames=cfg.sample.num_frames,
         steps=cfg.sample.steps,
         guidance=cfg.sample.guidance,
+        eta=cfg.sample.eta,
         seed=cfg.sample.seed,
         fps=cfg.sample.fps,
         gif=True,
