@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--steps", type=int, default=10, help="DDIM steps.")
     ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta (the demo samples with 1).")
     ap.add_argument("--sample-seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
             width=size,
             steps=args.steps,
             guidance=args.guidance,
+            eta=args.eta,
             seed=args.sample_seed + start,
             scheduler_config=pkg.scheduler_config,
         )
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sample_s": round(sample_s, 1),
         "steps": args.steps,
         "guidance": args.guidance,
+        "eta": args.eta,
         "noise": pkg.info.noise,
         "scheduler_overrides": args.scheduler,
     }
