@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--guidance", type=float, nargs="+", help="guidance scales to sample with (default: the config's)"
     )
+    ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta of the samples (0: deterministic)")
+    ap.add_argument("--sample-steps", type=int, help="DDIM steps of the samples (default: the recipe's, 20)")
     ap.add_argument("--repeats", type=int, default=1, help="videos per val prompt (distinct noise each)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -205,9 +207,10 @@ def main(argv: list[str] | None = None) -> dict:
             clips,
             prior,
             num_videos=n * args.repeats,
-            steps=recipe.sample_steps,
+            steps=args.sample_steps or recipe.sample_steps,
             guidance=g,
             seed=args.seed,
+            eta=args.eta,
         )
         _, probs = ev.run(videos)
         src = np.arange(len(videos)) % n  # video i was prompted with val clip i mod n
