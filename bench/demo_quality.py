@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--steps", type=int, default=10, help="DDIM steps.")
     ap.add_argument("--guidance", type=float, default=3.0)
-    ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta (the demo samples with 1).")
+    ap.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM eta (0: deterministic, as the demo samples)."
+    )
     ap.add_argument("--sample-seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)

@@ -197,6 +197,10 @@ def test_untrained_model_is_near_chance_and_far_worse_on_fvd_than_real_vs_real(
 def test_evaluate_is_deterministic_for_the_same_model_data_and_seed(
     tiny_package, labelled_clips, trained_evaluator
 ):
+    def assert_same_videos(x, y):  # the same videos up to float round-off, judged by their metrics
+        for key in ("fvd", "motion_gap", "prompt_accuracy_color", "prompt_accuracy_direction"):
+            assert x["metrics"][key] == pytest.approx(y["metrics"][key], rel=1e-3, abs=1e-4), key
+
     cfg = EvaluateConfig(
         num_clips=4,
         timesteps=[500],
@@ -216,8 +220,7 @@ def test_evaluate_is_deterministic_for_the_same_model_data_and_seed(
         cfg.model_copy(update={"sample_batch_size": 5}),
         log_to_mlflow=False,
     )
-    for key in ("fvd", "motion_gap", "prompt_accuracy_color", "prompt_accuracy_direction"):
-        assert c["metrics"][key] == pytest.approx(a["metrics"][key], rel=1e-3, abs=1e-4), key
+    assert_same_videos(c, a)
     d = run_evaluate(
         str(tiny_package), str(labelled_clips), cfg.model_copy(update={"seed": 1}), log_to_mlflow=False
     )
@@ -234,8 +237,7 @@ def test_evaluate_is_deterministic_for_the_same_model_data_and_seed(
     )
     assert e["sample"]["eta"] == 1.0 and a["sample"]["eta"] == 0.0
     assert e["metrics"]["fvd"] != a["metrics"]["fvd"]
-    for key in ("fvd", "motion_gap", "prompt_accuracy_color", "prompt_accuracy_direction"):
-        assert f["metrics"][key] == pytest.approx(e["metrics"][key], rel=1e-3, abs=1e-4), key
+    assert_same_videos(f, e)
 
 
 def test_fvd_refuses_fewer_than_32_videos(tmp_path, tiny_package, labelled_clips, trained_evaluator):
