@@ -715,7 +715,9 @@ def plot(report: dict, path: Path) -> None:
             else ("tab:blue" if r["sampled"] == IID.name else "tab:orange")
             for r in rows
         ]
-        ax.errorbar(means, y, xerr=[means - lo, hi - means], fmt="none", ecolor="k", capsize=2, lw=1)
+        # The interval itself, not errorbar's offsets from the mean: a percentile-bootstrap CI of a biased
+        # statistic (FVD over resampled videos) can lie wholly above the point estimate.
+        ax.hlines(y, lo, hi, colors="k", lw=1)
         ax.scatter(means, y, c=colors, zorder=3)
         for j, r in enumerate(rows):
             ax.scatter(

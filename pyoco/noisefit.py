@@ -220,8 +220,9 @@ def plot(result: NoiseFitResult, path: str) -> None:
     r = np.asarray(result.lag_correlation)
     ci = np.asarray(result.lag_correlation_ci).reshape(-1, 2)
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
-    ax.errorbar(lags, r, yerr=[r - ci[:, 0], ci[:, 1] - r], fmt="o", color="k", capsize=3,
-                label="DDIM-inverted frames (95% CI)")  # fmt: skip
+    # The interval as drawn lines, not errorbar's offsets: a percentile CI need not contain the mean.
+    ax.vlines(lags, ci[:, 0], ci[:, 1], colors="k", lw=1)
+    ax.plot(lags, r, "o", color="k", label="DDIM-inverted frames (95% CI)")
     fine = np.linspace(1, max(lags.max(), 1), 200)
     mixed, prog = result.fit["params"]["mixed"], result.fit["params"]["progressive"]
     ax.plot(fine, np.full_like(fine, mixed["rho"]), "--", label=f"mixed, alpha={mixed['alpha']:.2f}")

@@ -128,3 +128,36 @@ def test_finetuned_arms_sample_with_the_recipes_prediction_type_and_step0_with_t
     assert arm_scheduler_config(image, recipe, trained=True)["prediction_type"] == "v_prediction"
     assert arm_scheduler_config(image, recipe, trained=False)["prediction_type"] == "epsilon"
     assert image["prediction_type"] == "epsilon"  # the pretrained config itself is not mutated
+
+
+def test_plot_draws_a_ci_that_lies_wholly_above_its_point_estimate(tmp_path):
+    """CI ran red on this: FVD's percentile-bootstrap CI over resampled videos sat above the point
+    estimate, and matplotlib's errorbar refuses negative offsets."""
+    from bench.ablation import IID, STEP0, plot
+
+    def metric(mean, lo, hi):
+        return {"mean": mean, "ci_low": lo, "ci_high": hi, "per_seed": [mean]}
+
+    def row(trained, sampled, fvd):
+        return {
+            "trained": trained,
+            "sampled": sampled,
+            "metrics": {
+                **{m: metric(0.5, 0.25, 0.75) for m in ACCURACY},
+                "fvd": fvd,
+                "motion_gap": metric(1, 0, 2),
+            },
+        }
+
+    report = {
+        "summary": {
+            "metric_names": list(METRICS),
+            "cells": {
+                "a": row(IID.name, IID.name, metric(100.0, 120.0, 180.0)),  # CI above the estimate
+                "b": row(STEP0, IID.name, metric(300.0, 250.0, 400.0)),
+            },
+        }
+    }
+    out = tmp_path / "ablation.png"
+    plot(report, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
