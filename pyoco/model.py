@@ -399,10 +399,13 @@ class VideoDenoiser(nn.Module):
       denoised independently: the T=1 image pretraining model and the per-frame baseline; or
     - a `UNetMotionModel` (``is_video=True``): the inflated video model.
 
+    ``motion_branch`` (video models only): pyoco's own layers after every motion module
+    (`pyoco.branch`, e.g. ``"caption-conv"``), zero-initialised, owned here as ``branches``.
+
     The prediction target (ε or v) is the training objective's business, not this module's.
     """
 
-    def __init__(self, unet: UNet2DConditionModel | UNetMotionModel):
+    def __init__(self, unet: UNet2DConditionModel | UNetMotionModel, *, motion_branch: str | None = None):
         super().__init__()
         if not isinstance(unet, UNet2DConditionModel | UNetMotionModel):
             raise TypeError(
@@ -419,6 +422,16 @@ class VideoDenoiser(nn.Module):
             )
         self.unet = unet
         self.is_video = isinstance(unet, UNetMotionModel)
+        self.motion_branch = motion_branch
+        self.branches = None
+        if motion_branch is not None:
+            from pyoco.branch import CallContext, build_branches, hook_branches
+
+            if not self.is_video:
+                raise InputError(f"motion_branch {motion_branch!r} needs a video model; got an image UNet")
+            self.branches = build_branches(motion_branch, unet)
+            self._call = CallContext()
+            hook_branches(unet, self.branches, self._call)
 
     @property
     def config(self):
@@ -476,6 +489,10 @@ class VideoDenoiser(nn.Module):
             keep = encoder_attention_mask.to(device=sample.device, dtype=self.unet.dtype)
             keep = keep.repeat_interleave(num_frames, dim=0)
 
+        if self.branches is not None:  # what this call's branches read (pyoco.branch)
+            self._call.num_frames = num_frames
+            self._call.text = encoder_hidden_states
+            self._call.keep = None if keep is None else keep[::num_frames]
         if self.is_video:
             # The same bias UNet2DConditionModel.forward makes from a 0/1 mask: (B*T, 1, L), -10000 = masked.
             bias = None if keep is None else ((1.0 - keep) * -10000.0).unsqueeze(1)
@@ -511,9 +528,14 @@ class VideoDenoiser(nn.Module):
             raise ValueError(f"set_trainable: mode must be 'temporal' or 'all', got {mode!r}")
 
     def named_motion_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The motion modules' parameters (names relative to the unet), then any motion branch's
+        (``branches.<i>.*``): what ``train_layers: temporal`` trains and ``motion_lr_multiplier`` scales."""
         for name, p in self.unet.named_parameters():
             if ".motion_modules." in name:
                 yield name, p
+        if self.branches is not None:
+            for name, p in self.branches.named_parameters():
+                yield f"branches.{name}", p
 
     def motion_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_motion_parameters()]
@@ -541,12 +563,16 @@ class VideoDenoiser(nn.Module):
             "is_video": self.is_video,
             "metadata": metadata or {},
         }
+        if self.branches is not None:
+            from pyoco.branch import BRANCH_FILE
+
+            info["motion_branch"] = {"kind": self.motion_branch, "file": BRANCH_FILE}
         fs, root = _url_to_fs(str(path), storage_options)
         if _is_local(fs):
-            _save_local(self.unet, Path(root), info)
+            _save_local(self, Path(root), info)
             return
         with tempfile.TemporaryDirectory(prefix="pyoco-save-") as tmp:
-            _save_local(self.unet, Path(tmp), info)
+            _save_local(self, Path(tmp), info)
             fs.put(tmp.rstrip("/") + "/", root.rstrip("/") + "/", recursive=True)
 
     @classmethod
@@ -558,22 +584,53 @@ class VideoDenoiser(nn.Module):
         storage_options: dict | None = None,
     ) -> VideoDenoiser:
         """Load what `save_pretrained` wrote, or any diffusers UNet2DConditionModel / UNetMotionModel folder
-        (bare, or a pipeline folder's ``unet/``), local or remote."""
+        (bare, or a pipeline folder's ``unet/``), local or remote. A folder whose ``pyoco_model.json`` names a
+        motion branch loads it from its weights file, and is refused without it (never silently the model
+        without its branch)."""
         folder, component_uri = _local_component(path, "unet", cache_dir, storage_options)
         class_name = _read_config(folder, component_uri).get("_class_name")
         info_file = folder / PYOCO_MODEL_FILE
-        if info_file.exists():
-            class_name = json.loads(info_file.read_text()).get("unet_class", class_name)
+        info = json.loads(info_file.read_text()) if info_file.exists() else {}
+        class_name = info.get("unet_class", class_name)
         if class_name not in _MODEL_CLASSES:
             raise InputError(
                 f"{component_uri} holds a {class_name!r}; expected one of {sorted(_MODEL_CLASSES)}"
             )
-        return cls(_MODEL_CLASSES[class_name].from_pretrained(folder, local_files_only=True))
+        branch = info.get("motion_branch")
+        branch_file = None
+        if branch is not None:
+            branch_file = folder / str(branch.get("file", ""))
+            if not branch.get("file") or not branch_file.is_file():
+                raise InputError(
+                    f"{component_uri}: {PYOCO_MODEL_FILE} names motion branch {branch.get('kind')!r} but its "
+                    f"weights file {branch.get('file')!r} is missing"
+                )
+        unet = _MODEL_CLASSES[class_name].from_pretrained(folder, local_files_only=True)
+        try:
+            model = cls(unet, motion_branch=None if branch is None else branch.get("kind"))
+        except ValueError as err:
+            raise InputError(f"{component_uri}: {err}") from None
+        if branch_file is not None:
+            from safetensors.torch import load_file
+
+            try:
+                model.branches.load_state_dict(load_file(str(branch_file)), strict=True)
+            except RuntimeError as err:
+                first = str(err).strip().splitlines()[0]
+                raise InputError(
+                    f"{branch_file}: does not fit this model's motion branch ({first})"
+                ) from None
+        return model
 
 
-def _save_local(unet: nn.Module, folder: Path, info: dict) -> None:
+def _save_local(model: VideoDenoiser, folder: Path, info: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(folder, safe_serialization=True)
+    model.unet.save_pretrained(folder, safe_serialization=True)
+    if model.branches is not None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in model.branches.state_dict().items()}
+        save_file(state, str(folder / info["motion_branch"]["file"]))
     (folder / PYOCO_MODEL_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
 
 
