@@ -90,6 +90,7 @@ class DiffusionLoss:
         min_snr_gamma: float | None = None,
         caption_dropout: float = 0.0,
         num_train_timesteps: int | None = None,
+        timestep_power: float = 1.0,
     ):
         self.scheduler_config = make_scheduler_config(scheduler_config, num_train_timesteps)
         self.prediction_type = prediction_type or self.scheduler_config.get("prediction_type", "epsilon")
@@ -101,8 +102,11 @@ class DiffusionLoss:
             raise ValueError(f"min_snr_gamma must be > 0 (got {min_snr_gamma!r})")
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1] (got {caption_dropout!r})")
+        if not timestep_power > 0:
+            raise ValueError(f"timestep_power must be > 0 (got {timestep_power!r})")
         self.min_snr_gamma = min_snr_gamma
         self.caption_dropout = caption_dropout
+        self.timestep_power = float(timestep_power)
         self.alphas_cumprod = alphas_cumprod(self.scheduler_config)
         self.num_train_timesteps = len(self.alphas_cumprod)
 
@@ -130,8 +134,15 @@ class DiffusionLoss:
         return w.to(torch.float32)
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        """Uniform over [0, T), or with ``timestep_power`` p != 1 a density proportional to t^(p-1) (p = 3: t^2,
+        more of the training at high noise, where only the caption says where the shape goes)."""
         gen_device = generator.device if generator is not None else "cpu"
-        t = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=gen_device)
+        n = self.num_train_timesteps
+        if self.timestep_power == 1.0:  # the same draws as before the option existed (golden loss curve)
+            t = torch.randint(0, n, (batch_size,), generator=generator, device=gen_device)
+        else:
+            u = torch.rand((batch_size,), generator=generator, device=gen_device)
+            t = (n * u.pow(1.0 / self.timestep_power)).long().clamp(max=n - 1)
         return t.to(device)
 
     def drop_captions(self, cond, cond_mask, null_cond, null_mask, generator):
