@@ -202,6 +202,10 @@ class ModelConfig(_Section):
     # Heads of each inflated motion module's temporal attention; must divide every block_out_channels entry.
     # 1 is ~2x faster than 8 on CPU at 16-32 channels.
     motion_num_attention_heads: int = Field(8, ge=1)
+    # pyoco's own layers after every motion module (pyoco.branch): "caption-conv" is a caption-conditioned,
+    # position-aware 3-D convolution, zero-initialised. None: the inflated model has none, and a pretrained
+    # video model keeps whatever it has; set, a pretrained video model must have this branch.
+    motion_branch: Literal["caption-conv"] | None = None
     cache_dir: str | None = None
 
 
@@ -230,6 +234,9 @@ class TrainConfig(_Section):
     ema_decay: float | None = Field(0.999, gt=0, lt=1)
     caption_dropout: float = Field(0.1, ge=0, le=1)
     min_snr_gamma: float | None = Field(None, gt=0)
+    # Training timesteps drawn with density proportional to t^(power - 1): 1 uniform; 3 (t^2) puts more of the
+    # training at high noise, where the caption alone says where the shape goes (README: frame order).
+    timestep_power: float = Field(1.0, gt=0)
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: from the scheduler config
     num_train_timesteps: int = Field(1000, ge=1)
     shuffle_buffer: int = Field(64, ge=0)

@@ -22,6 +22,7 @@ from pipelines import tracking
 from pipelines.train.data import manifest_hash
 from pipelines.train.driver import run_train
 from pipelines.train.engine import build_denoiser
+from pyoco.branch import BRANCH_FILE
 from pyoco.config import parse_config
 from pyoco.package import load_package
 from tests.fault_injection import FAULT_MARKER, FaultInjection
@@ -148,7 +149,9 @@ def test_zero2_two_workers_overfit_mlflow_server_export_no_secrets(
 def test_zero3_s3_storage_resume_after_clean_stop_then_fault_injection(
     ray_local, moto_s3, tmp_path, monkeypatch
 ):
-    """Checkpoints, the fault marker and the run record live on S3 (moto); data and export stay local."""
+    """Checkpoints, the fault marker and the run record live on S3 (moto); data and export stay local. The
+    model carries the caption-conv motion branch (pyoco.branch) and draws t ~ t^2: ZeRO-3 partitions, gathers,
+    checkpoints, averages (EMA) and exports the branch like the rest of the model."""
     from pyoco import storage
     from tests.conftest import TEST_AWS_SECRET
 
@@ -157,16 +160,29 @@ def test_zero3_s3_storage_resume_after_clean_stop_then_fault_injection(
     bucket = moto_s3.make_bucket(f"pyoco-train-{tmp_path.name.lower().replace('_', '-')[:30]}")
     store = f"s3://{bucket}/ray"
     clips = write_clips(tmp_path / "data", num_clips=8, num_frames=4, size=8)
-    base = {"zero_stage": 3, "checkpoint_every": 2, "num_to_keep": 1, "ema_decay": 0.5, "storage_path": store}
+    base = {
+        "zero_stage": 3,
+        "checkpoint_every": 2,
+        "num_to_keep": 1,
+        "ema_decay": 0.5,
+        "storage_path": store,
+        "timestep_power": 3.0,
+    }
+
+    def config(**train):
+        cfg = tiny_config(tmp_path, clips, **base, **train)
+        cfg["model"]["motion_branch"] = "caption-conv"
+        return parse_config(cfg)
+
     _driver_never_opens_a_checkpoint(monkeypatch)
-    first = run_train(parse_config(tiny_config(tmp_path, clips, max_steps=2, **base)))
+    first = run_train(config(max_steps=2))
     assert first["final_step"] == 2 and first["metrics"]["attempt_start_step"] == 0
     assert (tmp_path / "mlflow.db").is_file() and first["tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"
 
     # Same run name + storage: resumes at 2. Rank 1 dies before step 5; Ray restarts the workers from the
     # checkpoint at step 4, and the run ends at 6.
     second = run_train(
-        parse_config(tiny_config(tmp_path, clips, max_steps=6, max_failures=1, sample_every=6, **base)),
+        config(max_steps=6, max_failures=1, sample_every=6),
         callbacks=[FaultInjection(at_step=5)],
     )
     assert second["final_step"] == 6
@@ -202,11 +218,14 @@ def test_zero3_s3_storage_resume_after_clean_stop_then_fault_injection(
     assert not list((ckpt / "pyoco").glob("*.pt"))  # pyoco's own state holds no pickles
     pkg = load_package(second["model_dir"])
     assert pkg.info.weights == "ema" and pkg.info.lineage["zero_stage"] == 3 and pkg.info.lineage["step"] == 6
+    assert pkg.denoiser.motion_branch == "caption-conv"
+    assert (Path(second["model_dir"]) / "unet" / BRANCH_FILE).is_file()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     raw = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ds")
     exported = pkg.denoiser.state_dict()  # parameters + the motion modules' positional-embedding buffers
     assert set(raw) == set(exported)
+    assert any(k.startswith("branches.") for k in raw)
     # EMA (decay 0.5, 6 updates) is close to, but not the same as, the last weights.
     diffs = [float((exported[k] - raw[k]).abs().max()) for k in raw]
     assert 0 < max(diffs) < 0.1
@@ -217,6 +236,8 @@ def test_zero3_s3_storage_resume_after_clean_stop_then_fault_injection(
     assert set(ema) == {n for n, _ in pkg.denoiser.named_parameters()}
     for k in raw:
         torch.testing.assert_close(exported[k], ema.get(k, raw[k]), rtol=0, atol=0)
+    # The branch trained: its zero-initialised output layers moved off zero.
+    assert max(float(raw[k].abs().max()) for k in raw if k.startswith("branches.") and ".conv_out." in k) > 0
 
     # The S3 secret reached the workers (they wrote to S3) but no log or MLflow record.
     import ray

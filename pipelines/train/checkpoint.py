@@ -184,6 +184,7 @@ def train_state(tr) -> dict:
         "world_size": tr.world,
         "image_pretrain": tr.t.image_pretrain,
         "unet_class": type(tr.module.unet).__name__,
+        "motion_branch": tr.module.motion_branch,
         "ema": tr.ema is not None,
         "ema_decay": tr.t.ema_decay,
         "trainable": tr.trainable_names,

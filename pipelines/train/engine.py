@@ -35,9 +35,14 @@ def build_denoiser(model_cfg, *, image_pretrain: bool):
                 motion_max_seq_length=model_cfg.motion_max_seq_length,
                 motion_num_attention_heads=model_cfg.motion_num_attention_heads,
                 seed=model_cfg.seed,
-            )
+            ),
+            motion_branch=model_cfg.motion_branch,
         )
 
+    if image_pretrain and model_cfg.motion_branch:
+        raise PyocoError(
+            f"model.motion_branch {model_cfg.motion_branch!r}: image pretraining has no motion layers"
+        )
     if model_cfg.pretrained:
         info = pyoco_model_info(model_cfg.pretrained) or {}
         if info.get("is_video"):
@@ -47,6 +52,11 @@ def build_denoiser(model_cfg, *, image_pretrain: bool):
                     "needs an image UNet (or none)"
                 )
             model = VideoDenoiser.from_pretrained(model_cfg.pretrained, cache_dir=model_cfg.cache_dir)
+            if model_cfg.motion_branch and model.motion_branch != model_cfg.motion_branch:
+                raise PyocoError(
+                    f"model.motion_branch is {model_cfg.motion_branch!r} but the video model "
+                    f"{model_cfg.pretrained} has {model.motion_branch or 'none'}"
+                )
         else:
             model = video(load_unet2d(model_cfg.pretrained, cache_dir=model_cfg.cache_dir))
         return model, load_scheduler_config(model_cfg.pretrained)

@@ -113,7 +113,8 @@ def write_package(
     cls = {"UNetMotionModel": UNetMotionModel, "UNet2DConditionModel": UNet2DConditionModel}[
         state["unet_class"]
     ]
-    model = VideoDenoiser(cls.from_config(unet_config))
+    # .get: checkpoints written before motion branches existed have none
+    model = VideoDenoiser(cls.from_config(unet_config), motion_branch=state.get("motion_branch"))
     model.load_state_dict(weights, strict=True)
     geo = state["geometry"]
     info = PackageInfo(

@@ -107,6 +107,7 @@ class Trainer:
             self.scheduler_config,
             min_snr_gamma=self.t.min_snr_gamma,
             caption_dropout=self.t.caption_dropout,
+            timestep_power=self.t.timestep_power,
         )
         self.prior = make_prior(self.cfg.noise.kind, self.cfg.noise.alpha)  # iid for image pretraining
         # Per-rank stream for the diffusion noise, timesteps and dropout (pyoco.noise.rank_generator), on the
