@@ -30,7 +30,7 @@ from pyoco import synth  # noqa: E402
 from pyoco.config import load_config  # noqa: E402
 from pyoco.video import decode  # noqa: E402
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "demo.yaml"
+RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "bench_image16.yaml"
 KEYS = ("shape", "color", "direction", "speed")
 
 
@@ -68,7 +68,7 @@ def oracle_means(labels: list[dict], cfg, *, draws: int, seed: int = 0) -> dict[
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="preprocess output (clips/val with synth labels)")
-    ap.add_argument("--config", default=str(DEMO_CONFIG))
+    ap.add_argument("--config", default=str(RECIPE_CONFIG))
     ap.add_argument("--clips", type=int, help="only the first N val clips (frame_order.py probes 16)")
     ap.add_argument("--draws", type=int, default=128, help="rendered videos per caption for each mean")
     args = ap.parse_args(argv)

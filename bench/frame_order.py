@@ -118,7 +118,7 @@ def probe(model, loss_fn, prior, data, *, seed: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="Folder for data, evaluator, frame_order.json, strip.png.")
-    ap.add_argument("--config", default=str(A.DEMO_CONFIG))
+    ap.add_argument("--config", default=str(A.RECIPE_CONFIG))
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--layers", choices=("all", "temporal"), default="all")
     ap.add_argument("--prior", default="progressive", help="iid | mixed | progressive")

@@ -120,10 +120,10 @@ def test_quick_statistics_are_consistent(quick_report):
 def test_finetuned_arms_sample_with_the_recipes_prediction_type_and_step0_with_the_image_models():
     """A v-trained arm sampled as epsilon scored below chance on colour (every video washed out to
     'white'); the step-0 model is the shipped epsilon image model and must keep epsilon."""
-    from bench.ablation import DEMO_CONFIG, arm_scheduler_config, demo_recipe
+    from bench.ablation import RECIPE_CONFIG, arm_scheduler_config, demo_recipe
     from pyoco.config import load_config
 
-    recipe = demo_recipe(load_config(str(DEMO_CONFIG)), prediction_type="v_prediction")
+    recipe = demo_recipe(load_config(str(RECIPE_CONFIG)), prediction_type="v_prediction")
     image = {"prediction_type": "epsilon", "num_train_timesteps": 1000}
     assert arm_scheduler_config(image, recipe, trained=True)["prediction_type"] == "v_prediction"
     assert arm_scheduler_config(image, recipe, trained=False)["prediction_type"] == "epsilon"
