@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: the whole workflow on embedded defaults (local Ray, sqlite MLflow in ./demo, local folders):
-# synth -> preprocess -> pretrain image UNet -> finetune with the progressive prior -> evaluate ->
+# synth -> preprocess -> finetune the shipped tiny video model with the progressive prior -> evaluate ->
 # register -> promote -> sample demo/out/sample.mp4 (+ GIF). Re-running skips unchanged steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."

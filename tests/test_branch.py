@@ -116,3 +116,22 @@ def test_bad_branch_settings_are_refused(motion):
         VideoDenoiser(copy.deepcopy(motion), motion_branch="nope")
     with pytest.raises(InputError, match="needs a video model"):
         VideoDenoiser(build_unet2d(CFG, seed=0), motion_branch="caption-conv")
+
+
+def test_the_shipped_video_model_is_what_the_demo_config_asks_for():
+    """pipelines/assets/tiny-video-16px (scripts/build_tiny_video.sh) loads with its trained branch, the
+    demo's prior and prediction type, and samples at the demo's clip size."""
+    from pathlib import Path
+
+    from pyoco.config import load_config
+    from pyoco.package import load_package
+
+    root = Path(__file__).resolve().parents[1]
+    demo = load_config(root / "pipelines" / "configs" / "demo.yaml")
+    pkg = load_package(str(root / demo.model.pretrained))
+    assert pkg.denoiser.is_video and pkg.denoiser.motion_branch == demo.model.motion_branch == "caption-conv"
+    assert pkg.info.noise == {"kind": demo.noise.kind, "alpha": demo.noise.alpha}
+    assert pkg.scheduler_config["prediction_type"] == demo.train.prediction_type
+    assert (pkg.info.num_frames, pkg.info.height) == (demo.preprocess.num_frames, demo.preprocess.size)
+    trained = [p for n, p in pkg.denoiser.branches.named_parameters() if ".conv_out." in n]
+    assert trained and all(float(p.abs().max()) > 0 for p in trained)  # not the zero-initialised branch

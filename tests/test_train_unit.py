@@ -280,9 +280,15 @@ def test_shipped_tiny_configs_validate():
     from pyoco.config import load_config
 
     root = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
-    for name in ("train_tiny.yaml", "pretrain_tiny.yaml"):
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert {"demo.yaml", "pretrain_video16.yaml", "bench_image16.yaml", "train_tiny.yaml"} <= set(names)
+    for name in names:
         cfg = load_config(root / name)
-        assert cfg.train.max_steps and cfg.train.num_workers >= 1
+        assert cfg.train.max_steps and cfg.train.num_workers >= 1, name
+    # The demo finetunes the shipped video model, which has the branch its config asks for.
+    demo, video = load_config(root / "demo.yaml"), load_config(root / "pretrain_video16.yaml")
+    assert demo.model.motion_branch == video.model.motion_branch == "caption-conv"
+    assert demo.noise == video.noise and demo.train.prediction_type == video.train.prediction_type
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
