@@ -599,8 +599,13 @@ class VideoDenoiser(nn.Module):
         branch = info.get("motion_branch")
         branch_file = None
         if branch is not None:
-            branch_file = folder / str(branch.get("file", ""))
-            if not branch.get("file") or not branch_file.is_file():
+            name = str(branch.get("file") or "")
+            if Path(name).name != name or name in ("", ".", ".."):  # a file in this folder, nowhere else
+                raise InputError(
+                    f"{component_uri}: {PYOCO_MODEL_FILE} motion_branch file {name!r} is not a file name"
+                )
+            branch_file = folder / name
+            if not branch_file.is_file():
                 raise InputError(
                     f"{component_uri}: {PYOCO_MODEL_FILE} names motion branch {branch.get('kind')!r} but its "
                     f"weights file {branch.get('file')!r} is missing"

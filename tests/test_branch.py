@@ -109,6 +109,12 @@ def test_a_folder_naming_a_branch_without_its_weights_is_refused(motion, tmp_pat
         InputError, match=f"names motion branch 'caption-conv' but its weights file '{BRANCH_FILE}'"
     ):
         VideoDenoiser.from_pretrained(tmp_path / "unet")
+    info_file = tmp_path / "unet" / PYOCO_MODEL_FILE
+    info = json.loads(info_file.read_text())
+    info["motion_branch"]["file"] = "../elsewhere.safetensors"  # never read outside the model folder
+    info_file.write_text(json.dumps(info))
+    with pytest.raises(InputError, match="is not a file name"):
+        VideoDenoiser.from_pretrained(tmp_path / "unet")
 
 
 def test_bad_branch_settings_are_refused(motion):
