@@ -1,5 +1,6 @@
-"""Issue 10 diagnostic: can the demo's inflated model memorise the clips it is finetuned on, and does it use
-frame order at all?
+"""Issue 10 diagnostic: can the inflated image model memorise the clips it is finetuned on, and does it use
+frame order at all? "The demo" below is ``pipelines/configs/bench_image16.yaml`` (``--config``), the demo's
+image -> video recipe until issue 10; ``make demo`` now finetunes the shipped video model instead.
 
     PYTHONPATH=. .venv/bin/python bench/frame_order.py --out /tmp/frame-order              # 600 steps, ~8 min
     PYTHONPATH=. .venv/bin/python bench/frame_order.py --out /tmp/frame-order --steps 1800
