@@ -1,7 +1,9 @@
 """Issue 10 experiments: ways to give the demo's video model a path from the caption (or the frame's
 position) to what each frame draws, attached to an inflated `pyoco.model.VideoDenoiser` for
-``bench/frame_order.py --lever``. They live here, not in `pyoco.model`, because neither has been shown to help
-(the measured figures are in the README's frame-order section); the product model stays diffusers-loadable.
+``bench/frame_order.py --lever``. The measured figures are in the README's frame-order section. The one that
+reached the goal, ``temporal-conv-caption-pos``, is now the product's ``model.motion_branch: caption-conv``
+(`pyoco.branch`, which it shares its coordinate grid and caption pooling with); it stays here, in the bench's
+parameter layout, so the README's bench rows reproduce.
 
 - ``caption-motion``: after every AnimateDiff motion module, a cross-attention from each (frame, pixel) to the
   caption's token states, with the frame's sinusoidal position added to the query. Output projection
@@ -31,6 +33,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pyoco.branch import coordinate_grid
+from pyoco.text import masked_mean
 
 LEVERS = (
     "none",
@@ -195,21 +200,11 @@ class TemporalConv(MotionBranch):
         x = h.reshape(b, num_frames, c, height, width).permute(0, 2, 1, 3, 4)  # (B, C, T, H, W)
         x = F.silu(self.norm(x))
         if self.coords:
-            grids = torch.meshgrid(
-                *(
-                    torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype)
-                    for n in (num_frames, height, width)
-                ),
-                indexing="ij",
-            )
-            x = torch.cat([x, torch.stack(grids)[None].expand(b, -1, -1, -1, -1)], dim=1)
+            x = torch.cat([x, coordinate_grid(x)], dim=1)
         y = self.conv_in(x)
         if self.film is not None:
             text, keep = self.text
-            pooled = (
-                text.mean(1) if keep is None else (text * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
-            )
-            scale, shift = self.film(pooled).chunk(2, dim=-1)
+            scale, shift = self.film(masked_mean(text, keep)).chunk(2, dim=-1)
             y = y * (1 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
         y = self.conv_out(F.silu(y))
         return y.permute(0, 2, 1, 3, 4).reshape(bt, c, height, width)
@@ -287,10 +282,9 @@ def power_timesteps(loss_cls, power: float):
         return
     original = loss_cls.sample_timesteps
 
-    def sample_timesteps(self, batch_size, generator, device):
-        u = torch.rand((batch_size,), generator=generator, device=generator.device if generator else "cpu")
-        t = (self.num_train_timesteps * u.pow(1.0 / power)).long().clamp(max=self.num_train_timesteps - 1)
-        return t.to(device)
+    def sample_timesteps(self, batch_size, generator, device):  # the product's draw (train.timestep_power)
+        self.timestep_power = float(power)
+        return original(self, batch_size, generator, device)
 
     loss_cls.sample_timesteps = sample_timesteps
     try:

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyoco.text import masked_mean
+
 BRANCHES = ("caption-conv",)
 BRANCH_FILE = "pyoco_branch.safetensors"
 
@@ -71,19 +73,18 @@ class CaptionConv(nn.Module):
         b = bt // t
         x = h.reshape(b, t, c, height, width).permute(0, 2, 1, 3, 4)  # (B, C, T, H, W)
         x = F.silu(self.norm(x))
-        axes = (torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype) for n in (t, height, width))
-        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None].expand(b, -1, -1, -1, -1)
-        y = self.conv_in(torch.cat([x, grid], dim=1))
-        text = ctx.text.to(y.dtype)
-        if ctx.keep is None:
-            pooled = text.mean(1)
-        else:
-            keep = ctx.keep.to(y.dtype)
-            pooled = (text * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1.0)
-        scale, shift = self.film(pooled).chunk(2, dim=-1)
+        y = self.conv_in(torch.cat([x, coordinate_grid(x)], dim=1))
+        scale, shift = self.film(masked_mean(ctx.text.to(y.dtype), ctx.keep)).chunk(2, dim=-1)
         y = y * (1 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
         y = self.conv_out(F.silu(y))
         return y.permute(0, 2, 1, 3, 4).reshape(bt, c, height, width)
+
+
+def coordinate_grid(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, T, H, W)`` frame, row and column coordinates in [-1, 1] for clips ``x`` (B, C, T, H, W)."""
+    b, _, t, height, width = x.shape
+    axes = (torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype) for n in (t, height, width))
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None].expand(b, -1, -1, -1, -1)
 
 
 def motion_modules(unet: nn.Module) -> list[nn.Module]:

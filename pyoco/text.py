@@ -151,12 +151,19 @@ class MiniLMTextEncoder(TextEncoder):
         """``(B, 384)`` sentence embeddings: masked mean of the token states over up to 256 tokens, then
         L2-normalised, i.e. what ``SentenceTransformer("all-MiniLM-L6-v2").encode`` returns."""
         states, mask = self._hidden(_check_prompts(prompts), MINILM_POOLED_MAX_LENGTH)
-        weights = mask.unsqueeze(-1).float()
-        mean = (states * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
-        return torch.nn.functional.normalize(mean, dim=-1)
+        return torch.nn.functional.normalize(masked_mean(states, mask), dim=-1)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "minilm", "name": MINILM_NAME, "dim": self.dim, "max_length": self.max_length}
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``(B, D)`` mean of token ``states`` (B, L, D) over the tokens ``mask`` (B, L) keeps (1 = keep; None: all);
+    a caption with no kept token pools to zeros."""
+    if mask is None:
+        return states.mean(1)
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    return (states * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
 
 
 # ----------------------------------------------------------------------------------------------------------
