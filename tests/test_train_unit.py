@@ -305,10 +305,33 @@ def test_cli_bad_input_is_one_line(tmp_path):
     cfg.write_text(json.dumps(tiny_config(tmp_path, tmp_path / "no-clips")))
     res = runner.invoke(app, ["train", "--config", str(cfg)])
     assert res.exit_code == 2 and "clips folder not found" in res.output
+    for bad_set, why in (("lr=1", "expected SECTION.FIELD=VALUE"), ("train.lr=", "null value"),
+                         ("train.lr=[1", "not YAML"), ("train.wings=1", "train.wings")):  # fmt: skip
+        res = runner.invoke(app, ["train", "--config", str(cfg), "--set", bad_set])
+        assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, res.output
     help_text = runner.invoke(app, ["train", "--help"]).output
-    for flag in ("--config", "--data", "--max-steps", "--num-workers", "--zero-stage", "--storage-path"):
+    for flag in (
+        "--config",
+        "--data",
+        "--max-steps",
+        "--num-workers",
+        "--zero-stage",
+        "--storage-path",
+        "--set",
+    ):
         assert flag in help_text
     assert "--config" in runner.invoke(app, ["pretrain-image", "--help"]).output
+
+
+def test_train_set_overrides_any_field_as_yaml():
+    from pipelines.cli.train import parse_sets
+    from pyoco.config import load_config
+
+    root = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
+    sets = ["model.pretrained=./x", "train.lr=5e-4", "train.seed=1", "train.betas=[0.9, 0.99]"]
+    cfg = load_config(root / "pretrain_video16.yaml", parse_sets(sets))
+    assert (cfg.model.pretrained, cfg.train.lr, cfg.train.seed) == ("./x", 5e-4, 1)
+    assert tuple(cfg.train.betas) == (0.9, 0.99) and cfg.train.max_steps == 1600  # the rest as the file says
 
 
 def test_typed_config_rejects_unknown_train_field():

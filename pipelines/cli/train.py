@@ -16,6 +16,28 @@ def _overrides(prefix: str, **values) -> dict:
     return {f"{prefix}.{k}": v for k, v in values.items() if v is not None}
 
 
+def parse_sets(items: list[str]) -> dict:
+    """``["train.lr=5e-4", "model.pretrained=./x"]`` -> dotted overrides, each value read as YAML (numbers,
+    booleans, lists); a malformed item is a one-line ConfigError."""
+    import yaml
+
+    from pyoco.config import ConfigError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. train.lr=5e-4")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not YAML ({err.problem})") from None
+        if parsed is None:  # load_config skips None overrides: refuse rather than ignore it
+            raise ConfigError(f"--set {item!r}: an empty or null value cannot be set here; edit the config")
+        out[key.strip()] = parsed
+    return out
+
+
 def register(app: typer.Typer) -> None:
     @app.command("train")
     @cli_errors
@@ -35,9 +57,12 @@ def register(app: typer.Typer) -> None:
         ),
         num_workers: int | None = typer.Option(None, "--num-workers", help="Ray Train workers."),
         zero_stage: int | None = typer.Option(None, "--zero-stage", help="DeepSpeed ZeRO stage 0-3."),
+        sets: list[str] = typer.Option(
+            [], "--set", help="Any config field, SECTION.FIELD=VALUE (repeatable), e.g. --set train.lr=5e-4."
+        ),
     ) -> None:
         """Finetune the inflated video model on Ray Train + DeepSpeed; export it and log to MLflow."""
-        over = _overrides(
+        over = parse_sets(sets) | _overrides(
             "train",
             data=data,
             output=output,
