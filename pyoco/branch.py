@@ -26,11 +26,13 @@ model): load pyoco packages with `pyoco.package.load_package`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyoco.errors import InputError
 from pyoco.text import masked_mean
 
 BRANCHES = ("caption-conv",)
@@ -114,3 +116,39 @@ def hook_branches(unet: nn.Module, branches: nn.ModuleList, ctx: CallContext) ->
     for b in branches:
         b.ctx = ctx
     return [m.register_forward_hook(b.after_motion) for m, b in zip(modules, branches, strict=True)]
+
+
+# ------------------------------------------------------------------------------------------------ persistence
+def branch_record(kind: str) -> dict:
+    """What ``pyoco_model.json`` says of a model's branch: ``{"kind", "file"}``."""
+    return {"kind": kind, "file": BRANCH_FILE}
+
+
+def save_branch_weights(branches: nn.ModuleList, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in branches.state_dict().items()}, str(path))
+
+
+def branch_weights_file(folder: Path, record: dict, *, where: str) -> Path:
+    """The weights file ``record`` (a `branch_record`) names in ``folder``; a one-line InputError (prefixed by
+    ``where``) if the name leaves the folder or the file is missing."""
+    name = str(record.get("file") or "")
+    if Path(name).name != name or name in ("", ".", ".."):  # a file in this folder, nowhere else
+        raise InputError(f"{where} motion_branch file {name!r} is not a file name")
+    path = folder / name
+    if not path.is_file():
+        raise InputError(
+            f"{where} names motion branch {record.get('kind')!r} but its weights file {name!r} is missing"
+        )
+    return path
+
+
+def load_branch_weights(branches: nn.ModuleList, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    try:
+        branches.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise InputError(f"{path}: does not fit this model's motion branch ({first})") from None

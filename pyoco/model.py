@@ -564,9 +564,9 @@ class VideoDenoiser(nn.Module):
             "metadata": metadata or {},
         }
         if self.branches is not None:
-            from pyoco.branch import BRANCH_FILE
+            from pyoco.branch import branch_record
 
-            info["motion_branch"] = {"kind": self.motion_branch, "file": BRANCH_FILE}
+            info["motion_branch"] = branch_record(self.motion_branch)
         fs, root = _url_to_fs(str(path), storage_options)
         if _is_local(fs):
             _save_local(self, Path(root), info)
@@ -599,32 +599,18 @@ class VideoDenoiser(nn.Module):
         branch = info.get("motion_branch")
         branch_file = None
         if branch is not None:
-            name = str(branch.get("file") or "")
-            if Path(name).name != name or name in ("", ".", ".."):  # a file in this folder, nowhere else
-                raise InputError(
-                    f"{component_uri}: {PYOCO_MODEL_FILE} motion_branch file {name!r} is not a file name"
-                )
-            branch_file = folder / name
-            if not branch_file.is_file():
-                raise InputError(
-                    f"{component_uri}: {PYOCO_MODEL_FILE} names motion branch {branch.get('kind')!r} but its "
-                    f"weights file {branch.get('file')!r} is missing"
-                )
+            from pyoco.branch import branch_weights_file
+
+            branch_file = branch_weights_file(folder, branch, where=f"{component_uri}: {PYOCO_MODEL_FILE}")
         unet = _MODEL_CLASSES[class_name].from_pretrained(folder, local_files_only=True)
         try:
             model = cls(unet, motion_branch=None if branch is None else branch.get("kind"))
         except ValueError as err:
             raise InputError(f"{component_uri}: {err}") from None
         if branch_file is not None:
-            from safetensors.torch import load_file
+            from pyoco.branch import load_branch_weights
 
-            try:
-                model.branches.load_state_dict(load_file(str(branch_file)), strict=True)
-            except RuntimeError as err:
-                first = str(err).strip().splitlines()[0]
-                raise InputError(
-                    f"{branch_file}: does not fit this model's motion branch ({first})"
-                ) from None
+            load_branch_weights(model.branches, branch_file)
         return model
 
 
@@ -632,10 +618,9 @@ def _save_local(model: VideoDenoiser, folder: Path, info: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.unet.save_pretrained(folder, safe_serialization=True)
     if model.branches is not None:
-        from safetensors.torch import save_file
+        from pyoco.branch import save_branch_weights
 
-        state = {k: v.detach().contiguous().cpu() for k, v in model.branches.state_dict().items()}
-        save_file(state, str(folder / info["motion_branch"]["file"]))
+        save_branch_weights(model.branches, folder / info["motion_branch"]["file"])
     (folder / PYOCO_MODEL_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
 
 
